@@ -1,0 +1,63 @@
+# The two commands: `make demo` (whole pipeline on the built-in synthetic data) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
+STATE := $(CURDIR)/.state
+
+export HF_HUB_OFFLINE := 1
+export DO_NOT_TRACK := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+export PREFECT_HOME := $(STATE)/prefect
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: install demo test test-fast serve run-full ui repro clean
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
+	@touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	@mkdir -p $(STATE)
+	$(PY) -m flows.diht --params params.yaml
+	@dvc commit -f -q 2>/dev/null && echo "dvc: outputs recorded in dvc.lock (dvc repro has nothing to rerun)" || true
+	@echo
+	@echo "Results:  metrics/*.json   plots/   models/model.pt   data/"
+	@echo "Headline: $$($(PY) -c 'import json;b=json.load(open("metrics/benchmark.json"));print(", ".join(f"{k}={v[\"main\"]:.3f} (chance {v[\"chance\"]:.3f})" for k,v in b["tasks"].items() if "main" in v))')"
+	@echo "MLflow:   make ui   (or: .venv/bin/mlflow ui --backend-store-uri sqlite:///.state/mlflow.db --host 127.0.0.1) then open http://127.0.0.1:$(MLFLOW_PORT)"
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+repro: install
+	dvc repro
+
+# A local Prefect server on 127.0.0.1 and the served deployment `full`.
+# In another shell: PREFECT_HOME=.state/prefect PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/prefect deployment run diht/full
+serve: install
+	@mkdir -p $(STATE)
+	@prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) > $(STATE)/prefect-server.log 2>&1 & echo $$! > $(STATE)/prefect-server.pid; \
+	trap 'kill $$(cat $(STATE)/prefect-server.pid) 2>/dev/null' EXIT INT TERM; \
+	for i in $$(seq 90); do curl -sf http://127.0.0.1:$(PREFECT_PORT)/api/health >/dev/null && break; sleep 1; done; \
+	echo "Prefect server on http://127.0.0.1:$(PREFECT_PORT) (log: .state/prefect-server.log)"; \
+	echo "Run:  make run-full   (= PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api prefect deployment run diht/full)"; \
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(PY) -m flows.diht --serve --params params.yaml
+
+run-full:
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api prefect deployment run diht/full --watch
+
+ui: install
+	mlflow ui --backend-store-uri sqlite:///$(STATE)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+clean:
+	rm -rf data models metrics plots .state/checkpoints

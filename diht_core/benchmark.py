@@ -1,0 +1,110 @@
+"""The synthetic zero-shot tasks: classification (shape, colour, count), retrieval and VQA.
+
+Each task reads CLIP_benchmark's wds layout written by the download stage and reports its
+metrics, its main metric and the chance level of that metric.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data.shards import decode_image, read_samples, shard_paths
+from .eval.retrieval import retrieval_metrics
+from .eval.vqa import vqa_accuracy
+from .eval.zeroshot import build_classifier, zero_shot_classification
+from .train import image_to_uint8, normalize_images
+
+MAIN_METRIC = {
+    "synthetic_shape": "acc1",
+    "synthetic_colour": "acc1",
+    "synthetic_count": "acc1",
+    "synthetic_retrieval": "mean_recall@1",
+    "synthetic_vqa": "accuracy",
+}
+
+
+@torch.no_grad()
+def encode_images(model, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    out = [model.encode_image(normalize_images(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
+    return F.normalize(torch.cat(out).float(), dim=-1)
+
+
+def text_encoder(model, tokenizer, batch_size: int = 256):
+    @torch.no_grad()
+    def encode(texts: list[str]) -> torch.Tensor:
+        out = [model.encode_text(tokenizer(texts[i:i + batch_size])) for i in range(0, len(texts), batch_size)]
+        return F.normalize(torch.cat(out).float(), dim=-1)
+    return encode
+
+
+def load_split(directory: str | Path, image_size: int) -> dict:
+    """Images (uint8 at the model's size) and the other fields of a wds split."""
+    paths = shard_paths(directory)
+    if not paths:
+        raise FileNotFoundError(f"no shards in {directory}")
+    images, cls, txt, meta = [], [], [], []
+    for p in paths:
+        for s in read_samples(p):
+            images.append(image_to_uint8(decode_image(s["image_bytes"]), image_size))
+            cls.append(s.get("cls", -1))
+            txt.append(s.get("txt", ""))
+            meta.append(s.get("json", {}))
+    return {"images": torch.stack(images), "cls": torch.tensor(cls), "txt": txt, "json": meta}
+
+
+def read_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def classification_features(model, tokenizer, task_dir: Path, split: str, image_size: int, batch_size: int):
+    """(image embeddings, labels, zero-shot classifier W0 [d, C]) for one split of a task."""
+    data = load_split(task_dir / split, image_size)
+    classnames = read_lines(task_dir / "classnames.txt")
+    templates = read_lines(task_dir / "zeroshot_classification_templates.txt")
+    W0 = build_classifier(text_encoder(model, tokenizer, batch_size), classnames, templates)
+    return encode_images(model, data["images"], batch_size), data["cls"], W0
+
+
+def run_task(name: str, model, tokenizer, eval_root: str | Path, image_size: int, batch_size: int = 256) -> dict:
+    """Metrics of one synthetic task, with "main" and "chance" added."""
+    task_dir = Path(eval_root) / name
+    if not task_dir.exists():
+        return {"skipped": f"data not found at {task_dir}"}
+    model.eval()
+    if name in ("synthetic_shape", "synthetic_colour", "synthetic_count"):
+        emb, labels, W0 = classification_features(model, tokenizer, task_dir, "test", image_size, batch_size)
+        metrics = zero_shot_classification(emb, W0, labels)
+        chance = 1.0 / W0.shape[1]
+    elif name == "synthetic_retrieval":
+        data = load_split(task_dir / "test", image_size)
+        captions, text_to_image = [], []
+        for i, t in enumerate(data["txt"]):
+            for c in t.split("\n"):
+                captions.append(c)
+                text_to_image.append(i)
+        img = encode_images(model, data["images"], batch_size)
+        txt = text_encoder(model, tokenizer, batch_size)(captions)
+        metrics = retrieval_metrics(img, txt, torch.tensor(text_to_image), ks=(1, 5, 10))
+        chance = 1.0 / len(data["images"])  # R@1 of a random ranking, both directions
+    elif name == "synthetic_vqa":
+        data = load_split(task_dir / "test", image_size)
+        encode = text_encoder(model, tokenizer, batch_size)
+        statements = [q["statements"] for q in data["json"]]
+        flat = encode([s for row in statements for s in row])
+        st = torch.full((len(statements), max(map(len, statements)), flat.shape[1]), float("nan"))
+        offset = 0
+        for i, row in enumerate(statements):  # questions have different numbers of answers: NaN rows pad
+            st[i, :len(row)] = flat[offset:offset + len(row)]
+            offset += len(row)
+        img = encode_images(model, data["images"], batch_size)
+        labels = torch.tensor([q["label"] for q in data["json"]])
+        metrics = vqa_accuracy(img, st, labels, [q["qtype"] for q in data["json"]])
+        chance = float(np.mean([1.0 / len(q["answers"]) for q in data["json"]]))
+    else:
+        raise ValueError(f"unknown task {name!r}")
+    metrics = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+    return {**metrics, "main": float(metrics[MAIN_METRIC[name]]), "chance": float(chance)}

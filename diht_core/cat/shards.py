@@ -1,0 +1,99 @@
+"""CAT filtering of one webdataset shard: per-sample decisions (parquet) + the filtered shard.
+
+A shard is done when its parquet exists with the same config digest; a killed run redoes
+only unfinished shards (outputs are written atomically, parquet last).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..data.shards import decode_image, iter_shard, write_shard
+from .filter import caption_decision, decide
+from .parser import parse_captions
+
+
+@dataclass(frozen=True)
+class CatConfig:
+    min_complexity: int = 1
+    require_action: bool = True
+    text_spotting: bool = True
+    spotter: str = "rapidocr"
+    min_confidence: float = 0.8
+    min_chars: int = 5
+    parse_batch_size: int = 256
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+COLUMNS = ["key", "caption", "noise", "complexity", "has_action", "objects", "attributes", "spotted_text",
+           "matched_text", "kept", "reason"]
+
+
+def shard_done(parquet_path: Path, cfg: CatConfig) -> bool:
+    if not parquet_path.exists():
+        return False
+    try:
+        meta = pq.read_schema(parquet_path).metadata or {}
+    except Exception:
+        return False
+    return meta.get(b"cat_digest", b"").decode() == cfg.digest()
+
+
+def filter_shard(in_path: str | Path, out_tar: str | Path, out_parquet: str | Path, cfg: CatConfig) -> dict:
+    """Filter one shard; returns the per-reason counts."""
+    out_tar, out_parquet = Path(out_tar), Path(out_parquet)
+    if shard_done(out_parquet, cfg) and out_tar.exists():
+        return {"skipped_done": 1}
+    raw = list(iter_shard(in_path))
+    captions = [s.get("txt", b"").decode("utf-8", errors="replace") for s in raw]
+    parsed = parse_captions(captions, batch_size=cfg.parse_batch_size)
+    spotter = None
+    if cfg.text_spotting:
+        from .spotting import get_spotter
+
+        spotter = get_spotter(cfg.spotter)
+    rows, kept = [], []
+    for s, cap, pc in zip(raw, captions, parsed):
+        meta = json.loads(s["json"]) if "json" in s else {}
+        spotted: list = []
+        try:
+            image = decode_image(s.get("jpg") or s.get("png") or s.get("webp") or b"")
+        except ValueError:
+            d = None
+            reason, keep, matched = "corrupt_image", False, None
+        else:
+            d = caption_decision(pc, cfg.min_complexity, cfg.require_action)
+            if d is None and spotter is not None:
+                spotted = spotter(image)  # spot only pairs that survived the caption rules
+            d = d or decide(pc, spotted, min_complexity=cfg.min_complexity, require_action=cfg.require_action,
+                            min_chars=cfg.min_chars, min_confidence=cfg.min_confidence)
+            reason, keep, matched = d.reason, d.kept, d.matched
+        rows.append({
+            "key": s["__key__"], "caption": cap, "noise": meta.get("noise"), "complexity": pc.complexity,
+            "has_action": pc.has_action, "objects": list(pc.objects), "attributes": [a for _, a in pc.attributes],
+            "spotted_text": " | ".join(t for t, _ in spotted), "matched_text": matched, "kept": keep,
+            "reason": reason,
+        })
+        if keep:
+            kept.append({k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"})
+    write_shard(out_tar, kept)
+    table = pa.Table.from_pandas(pd.DataFrame(rows, columns=COLUMNS), preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"cat_digest": cfg.digest().encode()})
+    out_parquet.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_parquet.with_suffix(".parquet.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, out_parquet)
+    counts: dict = {"in": len(rows)}
+    for r in rows:
+        counts[r["reason"]] = counts.get(r["reason"], 0) + 1
+    return counts

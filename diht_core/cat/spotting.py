@@ -1,0 +1,115 @@
+"""Text spotting: a TextSpotter interface with RapidOCR (offline default) and docTR backends."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+
+class TextSpotter(Protocol):
+    name: str
+
+    def __call__(self, image: Image.Image) -> list[tuple[str, float]]:
+        """Spotted (text, confidence) pairs; empty when no text is found."""
+
+
+class RapidOCRSpotter:
+    """RapidOCR on onnxruntime; its models ship in the wheel. Recognition runs only on detected boxes."""
+
+    name = "rapidocr"
+
+    def __init__(self, limit_side_len: int = 960):
+        from rapidocr_onnxruntime import RapidOCR
+
+        # limit_type "max": large images are scaled down, small ones are not blown up to 736 px
+        self.engine = RapidOCR(use_cls=False, det_limit_side_len=limit_side_len, det_limit_type="max")
+
+    def __call__(self, image: Image.Image) -> list[tuple[str, float]]:
+        arr = np.asarray(image.convert("RGB"))[:, :, ::-1]  # BGR, as OpenCV
+        result, _ = self.engine(arr, use_cls=False)
+        if not result:
+            return []
+        return [(str(text), float(score)) for _box, text, score in result]
+
+
+class DocTRSpotter:
+    """docTR's detection + recognition predictor with weights from a local path (never downloaded).
+
+    ``weights`` is a directory holding ``det.pt`` and ``reco.pt`` (state dicts for
+    db_resnet50 and crnn_vgg16_bn); default: ``$DOCTR_CACHE_DIR/diht``.
+    """
+
+    name = "doctr"
+
+    def __init__(self, weights: str | os.PathLike | None = None, det_arch: str = "db_resnet50",
+                 reco_arch: str = "crnn_vgg16_bn"):
+        root = Path(weights) if weights else (
+            Path(os.environ["DOCTR_CACHE_DIR"]) / "diht" if os.environ.get("DOCTR_CACHE_DIR") else None)
+        det, reco = (root / "det.pt", root / "reco.pt") if root else (None, None)
+        if det is None or not det.exists() or not reco.exists():
+            raise FileNotFoundError(
+                "docTR weights not found: put det.pt and reco.pt in $DOCTR_CACHE_DIR/diht or pass "
+                f"cat_filter.spotter=rapidocr (looked in {root})")
+        import torch
+        from doctr.models import detection, ocr_predictor, recognition
+
+        det_model = detection.__dict__[det_arch](pretrained=False, pretrained_backbone=False)
+        det_model.load_state_dict(torch.load(det, map_location="cpu", weights_only=True))
+        reco_model = recognition.__dict__[reco_arch](pretrained=False, pretrained_backbone=False)
+        reco_model.load_state_dict(torch.load(reco, map_location="cpu", weights_only=True))
+        self.predictor = ocr_predictor(det_model, reco_model, pretrained=False)
+
+    def __call__(self, image: Image.Image) -> list[tuple[str, float]]:
+        doc = self.predictor([np.asarray(image.convert("RGB"))])
+        out = []
+        for page in doc.pages:
+            for block in page.blocks:
+                for line in block.lines:
+                    for word in line.words:
+                        out.append((word.value, float(word.confidence)))
+        return out
+
+
+@lru_cache(maxsize=2)
+def get_spotter(name: str = "rapidocr", weights: str | None = None) -> TextSpotter:
+    if name == "rapidocr":
+        return RapidOCRSpotter()
+    if name == "doctr":
+        return DocTRSpotter(weights)
+    raise ValueError(f"unknown text spotter {name!r}; use 'rapidocr' or 'doctr'")
+
+
+def spot_text(image: Image.Image, spotter: str = "rapidocr") -> list[tuple[str, float]]:
+    """Spot text in one image with the named backend."""
+    return get_spotter(spotter)(image)
+
+
+def _norm(s: str) -> str:
+    return "".join(s.lower().split())
+
+
+def caption_text_match(spotted, caption: str, min_chars: int = 5, min_confidence: float = 0.8) -> bool:
+    """True if some confident spotted text shares >= min_chars consecutive characters with the caption.
+
+    The comparison is a sliding window over the spotted text, ignoring case and whitespace.
+    """
+    return matched_text(spotted, caption, min_chars, min_confidence) is not None
+
+
+def matched_text(spotted, caption: str, min_chars: int = 5, min_confidence: float = 0.8) -> str | None:
+    """The first matching window, or None."""
+    cap = _norm(caption)
+    for text, conf in spotted:
+        if conf < min_confidence:
+            continue
+        t = _norm(text)
+        for i in range(len(t) - min_chars + 1):
+            window = t[i:i + min_chars]
+            if window in cap:
+                return window
+    return None

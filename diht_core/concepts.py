@@ -1,0 +1,43 @@
+"""Concept vocabulary (objects, attributes) from parsed captions, and caption multi-hot targets."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterable
+
+import numpy as np
+
+
+def build_vocabulary(objects: Iterable[Iterable[str]], attributes: Iterable[Iterable[str]],
+                     min_count: int = 5, max_size: int = 1000) -> dict:
+    """Count lemmatised concepts (once per caption) and keep the frequent ones, most frequent first."""
+    vocab = {}
+    for name, rows in (("objects", objects), ("attributes", attributes)):
+        counts = Counter(c for row in rows for c in set(row))
+        kept = [(c, n) for c, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_count]
+        vocab[name] = dict(kept[:max_size])
+    return vocab
+
+
+def multi_hot(rows: Iterable[Iterable[str]], names: list[str]) -> np.ndarray:
+    """[N, V] float32 0/1 matrix of which vocabulary concepts each caption mentions."""
+    index = {c: i for i, c in enumerate(names)}
+    rows = list(rows)
+    out = np.zeros((len(rows), len(names)), dtype=np.float32)
+    for r, row in enumerate(rows):
+        for c in row:
+            if c in index:
+                out[r, index[c]] = 1.0
+    return out
+
+
+def sqrt_resampling_weights(targets: np.ndarray) -> np.ndarray:
+    """Per-sample weights that re-sample low-frequency concepts by the square root of their frequency.
+
+    A concept seen f times is drawn about sqrt(f) times instead of f: each sample gets the
+    largest 1/sqrt(f_c) over its concepts (samples without concepts get weight 0).
+    """
+    freq = targets.sum(0)
+    inv = np.where(freq > 0, 1.0 / np.sqrt(np.maximum(freq, 1)), 0.0)
+    w = (targets * inv[None, :]).max(1)
+    return w / w.sum() if w.sum() > 0 else w

@@ -1,0 +1,241 @@
+"""The built-in synthetic image-caption dataset, deterministic from a seed.
+
+Training pairs carry planted noise of known kinds (recorded in each sample's json):
+``clean``, ``junk`` (boilerplate caption, no action), ``text_in_image`` (caption words
+painted into the image) and ``mismatched`` (another image's caption). A share of clean
+pairs carries several paraphrased captions (``captions`` in the json, for FFF).
+
+Evaluation splits are clean and use CLIP_benchmark's ``wds/`` layout:
+``<root>/<task>/<split>/{0..n-1}.tar`` + ``nshards.txt``, ``classnames.txt``,
+``zeroshot_classification_templates.txt``.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from .captions import caption, junk_caption, painted_words, paraphrases
+from .scenes import COLOURS, COUNT_WORDS, RELATIONS, SHAPES, Scene, render, sample_scene
+from .shards import encode_jpg, write_shard
+
+NOISE_KINDS = ("clean", "junk", "text_in_image", "mismatched")
+
+CLASSIFICATION_TASKS = {
+    "synthetic_shape": {
+        "classnames": list(SHAPES),
+        "templates": ["a photo of a {c}.", "a {c}.", "a drawing of a {c}.", "a {c} shape."],
+    },
+    "synthetic_colour": {
+        "classnames": list(COLOURS),
+        "templates": ["a photo of a {c} shape.", "a {c} shape.", "something {c}.", "a drawing of a {c} object."],
+    },
+    "synthetic_count": {
+        "classnames": ["one shape", "two shapes", "three shapes"],
+        "templates": ["a photo of {c}.", "{c}.", "a picture of {c}.", "a drawing of {c}."],
+    },
+}
+
+
+def rng_for(seed: int, name: str) -> np.random.Generator:
+    """An independent, stable generator per (seed, split name)."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    seed: int = 0
+    num_train: int = 4000
+    shard_size: int = 500
+    image_size: int = 128
+    junk: float = 0.15
+    text_in_image: float = 0.15
+    mismatched: float = 0.10
+    multi_caption: float = 0.30
+    max_captions: int = 3
+    teacher_samples: int = 2000
+    per_class: int = 40
+    retrieval_images: int = 200
+    vqa_questions: int = 300
+    fewshot_per_class: int = 16
+
+
+def _noise_kinds(cfg: SyntheticConfig, rng) -> list[str]:
+    """Exactly the configured fraction of each kind, in shuffled order."""
+    n = cfg.num_train
+    counts = {k: int(round(getattr(cfg, k) * n)) for k in ("junk", "text_in_image", "mismatched")}
+    kinds = [k for k, c in counts.items() for _ in range(c)]
+    kinds += ["clean"] * (n - len(kinds))
+    rng.shuffle(kinds)
+    return kinds
+
+
+def train_samples(cfg: SyntheticConfig):
+    """Yield training samples (dicts ready for a TarWriter), deterministic from cfg.seed."""
+    rng = rng_for(cfg.seed, "train")
+    kinds = _noise_kinds(cfg, rng)
+    for i, kind in enumerate(kinds):
+        scene = sample_scene(rng)
+        caps = [caption(scene, rng)]
+        if kind == "clean" and rng.random() < cfg.multi_caption:
+            caps = paraphrases(scene, rng, int(rng.integers(2, cfg.max_captions + 1)))
+        if kind == "junk":
+            caps = [junk_caption(rng)]
+        elif kind == "mismatched":
+            caps = [caption(sample_scene(rng), rng)]
+        elif kind == "text_in_image":
+            scene.painted_text = painted_words(scene, rng)
+        img = render(scene, cfg.image_size, rng)
+        key = f"{i:09d}"
+        meta = {"key": key, "caption": caps[0], "captions": caps, "noise": kind,
+                "multi_caption": len(caps) > 1, "status": "success",
+                "width": cfg.image_size, "height": cfg.image_size, **scene.to_json()}
+        yield {"__key__": key, "jpg": encode_jpg(img), "txt": caps[0], "json": json.dumps(meta).encode()}
+
+
+def teacher_labels(scene: Scene) -> dict:
+    """Multi-label ground truth used to pre-train the stand-in teacher."""
+    return {
+        "shapes": sorted({s.shape for s in scene.shapes}),
+        "colours": sorted({s.colour for s in scene.shapes}),
+        "sizes": sorted({s.size for s in scene.shapes}),
+        "relation": scene.relation["type"] if scene.relation else None,
+        "count": scene.count,
+    }
+
+
+def teacher_samples(cfg: SyntheticConfig):
+    """Clean, labelled scenes disjoint from the training pairs (the SWAG stand-in's data)."""
+    rng = rng_for(cfg.seed, "teacher")
+    for i in range(cfg.teacher_samples):
+        scene = sample_scene(rng)
+        img = render(scene, cfg.image_size, rng)
+        key = f"t{i:08d}"
+        meta = {"key": key, **scene.to_json(), "labels": teacher_labels(scene)}
+        yield {"__key__": key, "jpg": encode_jpg(img), "json": json.dumps(meta).encode()}
+
+
+def _classification_split(task: str, n_per_class: int, cfg: SyntheticConfig, split: str):
+    rng = rng_for(cfg.seed, f"{task}/{split}")
+    classnames = CLASSIFICATION_TASKS[task]["classnames"]
+    order = [c for c in range(len(classnames)) for _ in range(n_per_class)]
+    rng.shuffle(order)
+    for i, cls in enumerate(order):
+        if task == "synthetic_count":
+            scene = sample_scene(rng, count=cls + 1)
+        else:
+            scene = sample_scene(rng, count=1)
+            s = scene.shapes[0]
+            if task == "synthetic_shape":
+                s.shape = SHAPES[cls]
+            else:
+                s.colour = list(COLOURS)[cls]
+        img = render(scene, cfg.image_size, rng)
+        yield {"__key__": f"{i:08d}", "jpg": encode_jpg(img), "cls": str(cls).encode(),
+               "json": json.dumps(scene.to_json()).encode()}
+
+
+def _retrieval_split(cfg: SyntheticConfig):
+    rng = rng_for(cfg.seed, "synthetic_retrieval/test")
+    for i in range(cfg.retrieval_images):
+        scene = sample_scene(rng)
+        caps = paraphrases(scene, rng, 2)
+        img = render(scene, cfg.image_size, rng)
+        yield {"__key__": f"{i:08d}", "jpg": encode_jpg(img), "txt": "\n".join(caps),
+               "json": json.dumps(scene.to_json()).encode()}
+
+
+def vqa_question(scene: Scene, rng) -> dict:
+    """A question with candidate answers and one declarative statement per answer."""
+    qtype = "relation" if scene.relation else str(rng.choice(["colour", "shape"]))
+    if scene.relation is None and rng.random() < 0.25:
+        qtype = "count"
+    if scene.relation is not None and rng.random() < 0.25:
+        qtype = "count"
+    if qtype == "colour":
+        s = scene.shapes[0]
+        answers = list(COLOURS)
+        statements = [f"a {c} {s.shape}" for c in answers]
+        return {"qtype": qtype, "question": f"what colour is the {s.shape}?", "answers": answers,
+                "statements": statements, "label": answers.index(s.colour)}
+    if qtype == "shape":
+        s = scene.shapes[0]
+        answers = list(SHAPES)
+        statements = [f"a {s.colour} {a}" for a in answers]
+        return {"qtype": qtype, "question": f"what shape is the {s.colour} object?", "answers": answers,
+                "statements": statements, "label": answers.index(s.shape)}
+    if qtype == "count":
+        answers = [COUNT_WORDS[k] for k in (1, 2, 3)]
+        statements = [f"{w} shape" if w == "one" else f"{w} shapes" for w in answers]
+        return {"qtype": qtype, "question": "how many shapes are there?", "answers": answers,
+                "statements": statements, "label": scene.count - 1}
+    rel = scene.relation
+    a, b = scene.shapes[rel["subject"]], scene.shapes[rel["object"]]
+    answers = list(RELATIONS)
+    statements = [f"a {a.colour} {a.shape} {v} a {b.colour} {b.shape}" for v in answers]
+    return {"qtype": "relation", "question": f"what is the {a.colour} {a.shape} doing to the {b.colour} {b.shape}?",
+            "answers": answers, "statements": statements, "label": answers.index(rel["type"])}
+
+
+def _vqa_split(cfg: SyntheticConfig):
+    rng = rng_for(cfg.seed, "synthetic_vqa/test")
+    for i in range(cfg.vqa_questions):
+        scene = sample_scene(rng)
+        q = vqa_question(scene, rng)
+        img = render(scene, cfg.image_size, rng)
+        yield {"__key__": f"{i:08d}", "jpg": encode_jpg(img), "json": json.dumps({**q, **scene.to_json()}).encode()}
+
+
+def _write_split(samples, directory: Path, shard_size: int, desc: str, total: int) -> int:
+    directory.mkdir(parents=True, exist_ok=True)
+    buf, shard, n = [], 0, 0
+    for s in tqdm(samples, total=total, desc=desc, leave=False, mininterval=1.0):
+        buf.append(s)
+        n += 1
+        if len(buf) == shard_size:
+            write_shard(directory / f"{shard}.tar", buf)
+            buf, shard = [], shard + 1
+    if buf:
+        write_shard(directory / f"{shard}.tar", buf)
+        shard += 1
+    (directory / "nshards.txt").write_text(f"{shard}\n")
+    return n
+
+
+def write_eval_splits(cfg: SyntheticConfig, root: Path) -> dict[str, int]:
+    """Write the clean evaluation tasks in CLIP_benchmark's wds layout."""
+    counts = {}
+    for task, spec in CLASSIFICATION_TASKS.items():
+        base = root / task
+        base.mkdir(parents=True, exist_ok=True)
+        (base / "classnames.txt").write_text("\n".join(spec["classnames"]) + "\n")
+        (base / "zeroshot_classification_templates.txt").write_text(
+            "\n".join(spec["templates"]) + "\n")
+        k = len(spec["classnames"])
+        for split, per in (("test", cfg.per_class), ("val", max(2, cfg.per_class // 2)),
+                           ("train", cfg.fewshot_per_class)):
+            counts[f"{task}/{split}"] = _write_split(
+                _classification_split(task, per, cfg, split), base / split, 10_000, f"{task}/{split}", per * k)
+    counts["synthetic_retrieval/test"] = _write_split(
+        _retrieval_split(cfg), root / "synthetic_retrieval" / "test", 10_000, "retrieval", cfg.retrieval_images)
+    counts["synthetic_vqa/test"] = _write_split(
+        _vqa_split(cfg), root / "synthetic_vqa" / "test", 10_000, "vqa", cfg.vqa_questions)
+    return counts
+
+
+def generate(cfg: SyntheticConfig, root: str | Path, progress: Callable | None = None) -> dict:
+    """Materialise the whole synthetic source under root: raw/train, raw/teacher, eval/<task>/<split>."""
+    root = Path(root)
+    stats = {
+        "train": _write_split(train_samples(cfg), root / "raw" / "train", cfg.shard_size, "train", cfg.num_train),
+        "teacher": _write_split(teacher_samples(cfg), root / "raw" / "teacher", cfg.shard_size, "teacher",
+                                cfg.teacher_samples),
+    }
+    stats.update(write_eval_splits(cfg, root / "eval"))
+    return stats

@@ -1,0 +1,129 @@
+"""Few-shot adaptation (DiHT paper): PGD probe that stays near the zero-shot head, vs a scratch probe.
+
+Logits are 100 * normalize(x) @ W + b, so W = W0 (the zero-shot classifier), b = 0 reproduces
+zero-shot predictions exactly. PGD keeps ||W - W0||_F <= delta and ||b||_2 <= delta_b.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SCALE = 100.0
+
+
+@contextmanager
+def _one_thread():
+    """Tiny full-batch problems: intra-op threads only add sync cost (and stall badly on busy CPUs)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@_one_thread()
+def _train(x, y, W_init, W0, deltas, delta_bs, wds, steps, lr):
+    """Full-batch Adam on G probes at once (one per grid entry; Adam is elementwise so they don't interact).
+
+    deltas/delta_bs None: no projection. wds: per-probe L2 penalty 0.5 * wd * ||W||^2 (bias not decayed).
+    Returns W [G, d, C], b [G, C].
+    """
+    G = len(wds)
+    x = F.normalize(x.float(), dim=-1)
+    y = torch.as_tensor(y, device=x.device).long()
+    n, C = len(x), W_init.shape[1]
+    W = W_init.float().expand(G, -1, -1).clone().requires_grad_(True)
+    b = torch.zeros(G, C, device=x.device, requires_grad=True)
+    wd = torch.as_tensor(wds, dtype=torch.float32, device=x.device)[:, None, None]
+    opt = torch.optim.Adam([W, b], lr=lr)
+    if deltas is not None:
+        W0 = W0.float()
+        dW = torch.as_tensor(deltas, dtype=torch.float32, device=x.device)
+        db = torch.as_tensor(delta_bs, dtype=torch.float32, device=x.device)
+    for _ in range(steps):
+        logits = SCALE * x @ W + b[:, None, :]  # [G, n, C]
+        loss = F.cross_entropy(logits.reshape(G * n, C), y.repeat(G), reduction="sum") / n
+        loss = loss + 0.5 * (wd * W.square()).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if deltas is not None:
+            with torch.no_grad():  # project onto the L2 balls around W0 and 0
+                D = W - W0
+                nD = D.flatten(1).norm(dim=1)
+                s = torch.where(nD > dW, dW / nD.clamp_min(1e-30), torch.ones_like(nD))
+                W.copy_(W0 + D * s[:, None, None])
+                nb = b.norm(dim=1)
+                b.mul_(torch.where(nb > db, db / nb.clamp_min(1e-30), torch.ones_like(nb))[:, None])
+    return W.detach(), b.detach()
+
+
+def pgd_probe(train_x, train_y, W0, delta, delta_b, steps=200, lr=0.05):
+    """Linear probe initialised at W0, b=0, projected after every Adam step. delta=0 gives exactly W0."""
+    W, b = _train(train_x, train_y, W0, W0, [delta], [delta_b], [0.0], steps, lr)
+    return W[0], b[0]
+
+
+def scratch_probe(train_x, train_y, weight_decay, steps=200, lr=0.05, num_classes=None):
+    """Logistic-regression baseline from zero init (deterministic) with L2 weight decay on W."""
+    C = num_classes or int(torch.as_tensor(train_y).max()) + 1
+    W_init = torch.zeros(train_x.shape[1], C, device=train_x.device)
+    W, b = _train(train_x, train_y, W_init, None, None, None, [weight_decay], steps, lr)
+    return W[0], b[0]
+
+
+@torch.no_grad()
+def _accs(x, y, W, b) -> torch.Tensor:
+    """Accuracy of each of G probes (W [G, d, C], b [G, C])."""
+    logits = SCALE * F.normalize(x.float(), dim=-1) @ W + b[:, None, :]
+    return (logits.argmax(dim=-1) == torch.as_tensor(y, device=x.device).long()).double().mean(dim=1)
+
+
+def probe_accuracy(x, y, W, b) -> float:
+    """Top-1 accuracy of logits = 100 * normalize(x) @ W + b."""
+    return _accs(x, y, W[None], torch.as_tensor(b, dtype=torch.float32, device=x.device).reshape(1, -1)).item()
+
+
+def kshot_indices(labels, k: int, seed: int) -> torch.LongTensor:
+    """k random indices per class (all of a class with fewer than k), sorted; deterministic from seed."""
+    labels = torch.as_tensor(labels)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for c in torch.unique(labels):
+        idx = (labels == c).nonzero().flatten()
+        out.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    return torch.cat(out).sort().values
+
+
+def run_fewshot(train_x, train_y, val_x, val_y, test_x, test_y, W0, shots=(1, 2, 4, 8, 16), seeds=(0, 1, 2),
+                deltas=(0.0, 0.1, 0.3, 1.0, 3.0), weight_decays=(0.0, 1e-4, 1e-3, 1e-2), steps=200, lr=0.05) -> dict:
+    """Few-shot curve: per k and seed, pick delta (delta_b = delta) / weight decay on val, score on test.
+
+    best_delta / best_weight_decay are the per-seed choices (val ties go to the earliest grid entry);
+    std is the population std over seeds.
+    """
+    W0 = W0.float()
+    C = W0.shape[1]
+    curve = []
+    for k in shots:
+        pgd, scr, bd, bw = [], [], [], []
+        for seed in seeds:
+            idx = kshot_indices(train_y, k, seed)
+            x, y = train_x[idx], torch.as_tensor(train_y)[idx]
+            W, b = _train(x, y, W0, W0, deltas, deltas, [0.0] * len(deltas), steps, lr)
+            i = int(_accs(val_x, val_y, W, b).argmax())
+            pgd.append(_accs(test_x, test_y, W[i:i + 1], b[i:i + 1]).item())
+            bd.append(float(deltas[i]))
+            W, b = _train(x, y, torch.zeros(W0.shape[0], C), None, None, None, weight_decays, steps, lr)
+            i = int(_accs(val_x, val_y, W, b).argmax())
+            scr.append(_accs(test_x, test_y, W[i:i + 1], b[i:i + 1]).item())
+            bw.append(float(weight_decays[i]))
+        curve.append({"k": k, "pgd_mean": float(np.mean(pgd)), "pgd_std": float(np.std(pgd)),
+                      "scratch_mean": float(np.mean(scr)), "scratch_std": float(np.std(scr)),
+                      "best_delta": bd, "best_weight_decay": bw})
+    return {"zero_shot": probe_accuracy(test_x, test_y, W0, torch.zeros(C)), "curve": curve}

@@ -1,0 +1,58 @@
+"""Model registry: our tiny open_clip configs are registered next to open_clip's own.
+
+``create_model(name)`` takes any open_clip config name (``ViT-B-32``, ...) or one of ours
+(``diht-tiny-vit``). Weights only ever come from local paths.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import open_clip
+import torch
+from torch import nn
+
+CONFIG_DIR = Path(__file__).parent
+_registered = False
+
+
+def register_configs() -> None:
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+def list_models() -> list[str]:
+    register_configs()
+    return open_clip.list_models()
+
+
+def create_model(name: str, pretrained: str | None = None, device: str = "cpu"):
+    """An open_clip model, its eval preprocess and tokenizer. pretrained: a local state-dict path."""
+    register_configs()
+    if name not in open_clip.list_models():
+        raise ValueError(f"unknown model config {name!r}; known: ours {[p.stem for p in CONFIG_DIR.glob('*.json')]} "
+                         "plus open_clip's (open_clip.list_models())")
+    if pretrained is not None and not Path(pretrained).exists():
+        raise FileNotFoundError(f"checkpoint not found: {pretrained}")
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    tokenizer = open_clip.get_tokenizer(name)
+    return model, preprocess, tokenizer
+
+
+def image_size(model) -> int:
+    size = model.visual.image_size
+    return size[0] if isinstance(size, (tuple, list)) else int(size)
+
+
+class ConceptHeads(nn.Module):
+    """Two linear heads on the image embedding: objects and attributes (concept distillation)."""
+
+    def __init__(self, embed_dim: int, n_objects: int, n_attributes: int):
+        super().__init__()
+        self.objects = nn.Linear(embed_dim, n_objects)
+        self.attributes = nn.Linear(embed_dim, n_attributes)
+
+    def forward(self, image_features: torch.Tensor):
+        return self.objects(image_features), self.attributes(image_features)

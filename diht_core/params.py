@@ -1,0 +1,245 @@
+"""params.yaml schema. Validated before any work starts; errors name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ParamsError(ValueError):
+    """A params file that is unreadable or does not match the schema."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+
+Fraction = Field(ge=0.0, le=1.0)
+
+
+class Paths(_Strict):
+    data: str = "data"
+    models: str = "models"
+    metrics: str = "metrics"
+    plots: str = "plots"
+
+
+class MLflowParams(_Strict):
+    tracking_uri: str | None = None
+    experiment: str = Field(default="diht", min_length=1)
+
+
+class NoiseParams(_Strict):
+    junk: float = Field(default=0.15, ge=0, le=1)
+    text_in_image: float = Field(default=0.15, ge=0, le=1)
+    mismatched: float = Field(default=0.10, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sum(self):
+        if self.junk + self.text_in_image + self.mismatched > 1:
+            raise ValueError("noise fractions junk + text_in_image + mismatched must sum to <= 1")
+        return self
+
+
+class EvalSplitParams(_Strict):
+    per_class: int = Field(default=40, ge=2)
+    retrieval_images: int = Field(default=200, ge=10)
+    vqa_questions: int = Field(default=300, ge=10)
+    fewshot_per_class: int = Field(default=16, ge=1)
+
+
+class DownloadParams(_Strict):
+    source: Literal["synthetic"] = "synthetic"
+    num_train: int = Field(default=4000, ge=16)
+    shard_size: int = Field(default=500, ge=1)
+    image_size: int = Field(default=128, ge=32, le=1024)
+    noise: NoiseParams = NoiseParams()
+    multi_caption: float = Field(default=0.3, ge=0, le=1)
+    max_captions: int = Field(default=3, ge=2, le=10)
+    teacher_samples: int = Field(default=2000, ge=16)
+    eval: EvalSplitParams = EvalSplitParams()
+
+
+class CatFilterParams(_Strict):
+    min_complexity: int = Field(default=1, ge=0)
+    require_action: bool = True
+    text_spotting: bool = True
+    spotter: Literal["rapidocr", "doctr"] = "rapidocr"
+    min_confidence: float = Field(default=0.8, ge=0, le=1)
+    min_chars: int = Field(default=5, ge=1)
+    parse_batch_size: int = Field(default=256, ge=1)
+    workers: int = Field(default=2, ge=1)
+
+
+class ConceptParams(_Strict):
+    min_count: int = Field(default=5, ge=1)
+    max_size: int = Field(default=1000, ge=2)
+
+
+class TeacherParams(_Strict):
+    arch: str = "resnet18"
+    weights: str | None = None
+    image_size: int = Field(default=64, ge=16)
+    pretrain_epochs: int = Field(default=4, ge=0)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=2e-3, gt=0)
+    classifier_epochs: int = Field(default=60, ge=1)
+    classifier_lr: float = Field(default=0.05, gt=0)
+
+
+class PseudoLabelParams(_Strict):
+    top_k: int = Field(default=10, ge=1)
+    missing: Literal["error", "skip"] = "error"
+
+
+class TrainParams(_Strict):
+    model: str = "diht-tiny-vit"
+    steps: int = Field(default=500, ge=1)
+    batch_size: int = Field(default=128, ge=2)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    warmup_steps: int = Field(default=50, ge=0)
+    loss: Literal["infonce"] = "infonce"
+    lambda_obj: float = Field(default=0.0, ge=0)
+    lambda_attr: float = Field(default=0.0, ge=0)
+    checkpoint_every: int = Field(default=100, ge=1)
+    workers: int = Field(default=0, ge=0)
+    log_every: int = Field(default=10, ge=1)
+
+
+TASK_NAMES = ("synthetic_shape", "synthetic_colour", "synthetic_count", "synthetic_retrieval", "synthetic_vqa")
+
+
+class BenchmarkParams(_Strict):
+    tasks: list[str] = list(TASK_NAMES)
+    batch_size: int = Field(default=256, ge=1)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known(cls, v):
+        unknown = [t for t in v if t not in TASK_NAMES]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; known: {list(TASK_NAMES)}")
+        if not v:
+            raise ValueError("at least one task")
+        return v
+
+
+class FewshotParams(_Strict):
+    task: Literal["synthetic_shape", "synthetic_colour", "synthetic_count"] = "synthetic_shape"
+    shots: list[int] = [1, 2, 4, 8, 16]
+    seeds: int = Field(default=3, ge=1)
+    deltas: list[float] = [0.0, 0.25, 0.5, 1.0, 2.0]
+    weight_decays: list[float] = [0.0, 1e-4, 1e-3, 1e-2]
+    steps: int = Field(default=200, ge=1)
+    lr: float = Field(default=0.05, gt=0)
+
+    @field_validator("shots")
+    @classmethod
+    def _shots(cls, v):
+        if not v or any(k < 1 for k in v):
+            raise ValueError("shots must be a non-empty list of integers >= 1")
+        return sorted(set(v))
+
+    @field_validator("deltas", "weight_decays")
+    @classmethod
+    def _nonneg(cls, v):
+        if not v or any(x < 0 for x in v):
+            raise ValueError("must be a non-empty list of numbers >= 0")
+        return v
+
+
+class Params(_Strict):
+    seed: int = Field(default=0, ge=0)
+    paths: Paths = Paths()
+    mlflow: MLflowParams = MLflowParams()
+    download: DownloadParams = DownloadParams()
+    cat_filter: CatFilterParams = CatFilterParams()
+    concepts: ConceptParams = ConceptParams()
+    teacher: TeacherParams = TeacherParams()
+    pseudo_labels: PseudoLabelParams = PseudoLabelParams()
+    train: TrainParams = TrainParams()
+    benchmark: BenchmarkParams = BenchmarkParams()
+    fewshot: FewshotParams = FewshotParams()
+
+    @model_validator(mode="after")
+    def _cross(self):
+        if max(self.fewshot.shots) > self.download.eval.fewshot_per_class:
+            raise ValueError(
+                f"fewshot.shots: max shot {max(self.fewshot.shots)} exceeds "
+                f"download.eval.fewshot_per_class={self.download.eval.fewshot_per_class}"
+            )
+        return self
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = [f"invalid params in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = e.get("input")
+        lines.append(f"  {key}: {msg} (got {got!r})" if e["type"] != "missing" else f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def validate_params(raw: dict, source: str = "params") -> Params:
+    """Validate a params mapping; raise ParamsError naming every bad key."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: top level must be a mapping, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_format(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
+    """Read params.yaml, apply nested overrides, validate."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    return validate_params(raw, str(path))
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def stage_params(params: Params, stage: str) -> dict:
+    """Flat dict of the params a stage logs to MLflow."""
+    sections = {
+        "download": ["seed", "download"],
+        "cat_filter": ["cat_filter"],
+        "concepts": ["concepts"],
+        "teacher": ["seed", "teacher"],
+        "pseudo_labels": ["pseudo_labels"],
+        "train": ["seed", "train"],
+        "benchmark": ["benchmark"],
+        "fewshot": ["seed", "fewshot"],
+    }[stage]
+    dump = params.model_dump()
+    flat: dict = {}
+    for s in sections:
+        _flatten(dump[s], s, flat)
+    return flat
+
+
+def _flatten(v, prefix, out):
+    if isinstance(v, dict):
+        for k, x in v.items():
+            _flatten(x, f"{prefix}.{k}", out)
+    else:
+        out[prefix] = v

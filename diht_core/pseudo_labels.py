@@ -1,0 +1,44 @@
+"""Top-k sparsified teacher pseudo-labels: index int32, probability fp16, renormalised."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def sparsify(probs: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the top k of each row (in descending order) and renormalise them to sum to 1."""
+    k = min(k, probs.shape[1])
+    vals, idx = probs.float().topk(k, dim=1)
+    vals = vals / vals.sum(1, keepdim=True).clamp_min(1e-12)
+    return idx.to(torch.int32).numpy(), vals.to(torch.float16).numpy()
+
+
+def densify(idx: np.ndarray, vals: np.ndarray, size: int) -> torch.Tensor:
+    out = torch.zeros(idx.shape[0], size)
+    out.scatter_(1, torch.from_numpy(idx.astype(np.int64)), torch.from_numpy(vals.astype(np.float32)))
+    return out
+
+
+def save_shard(path: str | Path, keys: list[str], obj: tuple, attr: tuple) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, keys=np.array(keys), obj_idx=obj[0], obj_p=obj[1], attr_idx=attr[0], attr_p=attr[1])
+    tmp.replace(path)
+
+
+def load_all(directory: str | Path, n_objects: int, n_attributes: int) -> dict:
+    """All shards of a directory as {"index": key -> row, "objects": [N,Vo], "attributes": [N,Va]}."""
+    keys, o, a = [], [], []
+    files = sorted(Path(directory).glob("*.npz"))
+    if not files:
+        raise FileNotFoundError(f"no pseudo-label shards in {directory}")
+    for f in files:
+        z = np.load(f)
+        keys.extend(z["keys"].tolist())
+        o.append(densify(z["obj_idx"], z["obj_p"], n_objects))
+        a.append(densify(z["attr_idx"], z["attr_p"], n_attributes))
+    return {"index": {k: i for i, k in enumerate(keys)}, "objects": torch.cat(o), "attributes": torch.cat(a)}

@@ -1,0 +1,143 @@
+"""The frozen teacher for concept distillation and its two linear concept classifiers.
+
+The embedded default stands in for SWAG: a small timm model pre-trained (here, on a disjoint
+labelled synthetic split) and then frozen. Any timm model works; weights come from a local path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import average_precision_score
+from tqdm import tqdm
+
+from .data.scenes import COLOURS, RELATIONS, SHAPES, SIZES
+from .losses import SoftTargetCrossEntropy
+from .train import normalize_images
+
+LABELS = ([f"shape:{s}" for s in SHAPES] + [f"colour:{c}" for c in COLOURS] + [f"size:{s}" for s in SIZES]
+          + [f"relation:{r}" for r in RELATIONS] + [f"count:{k}" for k in (1, 2, 3)])
+
+
+def label_vector(labels: dict) -> np.ndarray:
+    """Multi-hot over LABELS from a teacher-split json's "labels"."""
+    on = ({f"shape:{s}" for s in labels["shapes"]} | {f"colour:{c}" for c in labels["colours"]}
+          | {f"size:{s}" for s in labels["sizes"]} | {f"count:{labels['count']}"}
+          | ({f"relation:{labels['relation']}"} if labels.get("relation") else set()))
+    return np.array([1.0 if name in on else 0.0 for name in LABELS], dtype=np.float32)
+
+
+def build_teacher(arch: str, weights: str | Path | None = None) -> torch.nn.Module:
+    """A timm model with a multi-label head; weights from a local file (never from a hub)."""
+    try:
+        model = timm.create_model(arch, pretrained=False, num_classes=len(LABELS))
+    except RuntimeError as err:
+        raise ValueError(f"teacher.arch: unknown timm model {arch!r}") from err
+    if weights is not None:
+        path = Path(weights)
+        if not path.exists():
+            raise FileNotFoundError(f"teacher.weights: {path} does not exist")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    return model
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def pretrain(model, images: torch.Tensor, targets: torch.Tensor, epochs: int, batch_size: int, lr: float,
+             seed: int = 0) -> list[float]:
+    """Supervised multi-label pre-training (the SWAG stand-in). Returns the loss per epoch."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    steps = epochs * max(1, len(images) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps))
+    model.train()
+    losses = []
+    with tqdm(total=steps, desc="teacher pre-train", mininterval=2.0) as bar:
+        for _ in range(epochs):
+            perm = torch.randperm(len(images), generator=g)
+            total = 0.0
+            for i in range(max(1, len(images) // batch_size)):
+                idx = perm[i * batch_size:(i + 1) * batch_size]
+                loss = F.binary_cross_entropy_with_logits(model(normalize_images(images[idx])), targets[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss)
+                bar.update(1)
+            losses.append(total / max(1, len(images) // batch_size))
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def features(model, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Pooled pre-logit features of a frozen timm model."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = normalize_images(images[i:i + batch_size])
+        out.append(model.forward_head(model.forward_features(x), pre_logits=True).float())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def multilabel_scores(model, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    return torch.cat([model(normalize_images(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
+
+
+def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    cols = [j for j in range(targets.shape[1]) if 0 < targets[:, j].sum() < len(targets)]
+    if not cols:
+        return float("nan")
+    return float(np.mean([average_precision_score(targets[:, j], scores[:, j]) for j in cols]))
+
+
+def topk_accuracy(scores: np.ndarray, targets: np.ndarray, k: int = 1) -> float:
+    """Share of samples (with any concept) whose top-k predictions contain a true concept."""
+    has = targets.sum(1) > 0
+    if not has.any():
+        return float("nan")
+    top = np.argsort(-scores[has], axis=1)[:, :k]
+    return float(np.mean([targets[has][i, top[i]].any() for i in range(len(top))]))
+
+
+def train_concept_classifier(feats: torch.Tensor, targets: np.ndarray, weights: np.ndarray, epochs: int, lr: float,
+                             seed: int = 0, batch_size: int = 256) -> torch.nn.Linear:
+    """Linear classifier on frozen features, soft-target CE against normalised multi-hot targets,
+    with samples drawn by the square-root re-sampling weights."""
+    g = torch.Generator().manual_seed(seed)
+    feats = feats.float()
+    mu, sd = feats.mean(0, keepdim=True), feats.std(0, keepdim=True).clamp_min(1e-6)
+    clf = torch.nn.Linear(feats.shape[1], targets.shape[1])
+    t = torch.from_numpy(targets)
+    t = t / t.sum(1, keepdim=True).clamp_min(1e-12)
+    probs = torch.from_numpy(np.asarray(weights, dtype=np.float64))
+    n_draw = len(feats)
+    opt = torch.optim.Adam(clf.parameters(), lr=lr)
+    ce = SoftTargetCrossEntropy()
+    x_all = (feats - mu) / sd
+    for _ in range(epochs):
+        draw = torch.multinomial(probs, n_draw, replacement=True, generator=g)
+        for i in range(0, n_draw, batch_size):
+            idx = draw[i:i + batch_size]
+            loss = ce(clf(x_all[idx]), t[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    # fold the standardisation into the linear layer so it applies to raw features
+    with torch.no_grad():
+        w = clf.weight / sd
+        b = clf.bias - (w * mu).sum(1)
+        clf.weight.copy_(w)
+        clf.bias.copy_(b)
+    return clf

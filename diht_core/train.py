@@ -1,0 +1,202 @@
+"""A small, direct trainer for open_clip models: InfoNCE + optional concept distillation.
+
+Data order and the learning rate are functions of the global step, so a run resumed
+from a checkpoint continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data.shards import decode_image, read_samples, shard_paths
+from .losses import ConceptDistillationLoss, create_loss
+from .models import ConceptHeads
+
+MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
+STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "diht-tiny-vit"
+    steps: int = 500
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    loss: str = "infonce"
+    lambda_obj: float = 0.0
+    lambda_attr: float = 0.0
+    checkpoint_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainSet:
+    keys: list[str]
+    images: torch.Tensor            # uint8 [N, 3, H, W]
+    tokens: torch.Tensor            # int64 [T, ctx], all captions
+    caption_index: list[list[int]]  # per image, rows of `tokens`
+    obj_targets: torch.Tensor | None = None   # float [N, V_obj] (dense from sparse top-k)
+    attr_targets: torch.Tensor | None = None
+    skipped: int = 0
+
+    def __len__(self):
+        return len(self.keys)
+
+
+def image_to_uint8(img, size: int) -> torch.Tensor:
+    img = img.resize((size, size), resample=3)  # bicubic
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def normalize_images(x: torch.Tensor) -> torch.Tensor:
+    return (x.float() / 255.0 - MEAN) / STD
+
+
+def load_train_set(shard_dir: str | Path, image_size: int, tokenizer, pseudo_labels: dict | None = None,
+                   missing: str = "error", max_captions: int = 8) -> TrainSet:
+    """Decode the (filtered) shards once into memory and join pseudo-labels by key."""
+    keys, images, caps, index = [], [], [], []
+    obj, attr = [], []
+    skipped = 0
+    paths = shard_paths(shard_dir)
+    if not paths:
+        raise FileNotFoundError(f"no shards in {shard_dir}")
+    for path in paths:
+        for s in read_samples(path):
+            key = s["key"]
+            if pseudo_labels is not None and key not in pseudo_labels["index"]:
+                if missing == "error":
+                    raise KeyError(f"no pseudo-label for sample key {key!r} (pseudo_labels.missing=error)")
+                skipped += 1
+                continue
+            try:
+                img = decode_image(s["image_bytes"])
+            except (ValueError, KeyError):
+                skipped += 1
+                continue
+            captions = (s.get("json") or {}).get("captions") or [s.get("txt", "")]
+            keys.append(key)
+            images.append(image_to_uint8(img, image_size))
+            index.append(list(range(len(caps), len(caps) + len(captions[:max_captions]))))
+            caps.extend(captions[:max_captions])
+            if pseudo_labels is not None:
+                row = pseudo_labels["index"][key]
+                obj.append(row)
+    tokens = tokenizer(caps)
+    ts = TrainSet(keys, torch.stack(images), tokens, index, skipped=skipped)
+    if pseudo_labels is not None:
+        rows = torch.tensor(obj, dtype=torch.long)
+        ts.obj_targets = pseudo_labels["objects"][rows]
+        ts.attr_targets = pseudo_labels["attributes"][rows]
+    return ts
+
+
+def cosine_lr(step: int, base_lr: float, warmup: int, total: int) -> float:
+    """Linear warmup then cosine decay, a function of the global step only."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * base_lr * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Indices of the batch at a global step: epoch-wise permutations seeded by (seed, epoch)."""
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        take = min(batch_size - len(out), n - offset)
+        out.extend(perm[offset:offset + take].tolist())
+    return torch.tensor(out)
+
+
+def _atomic_save(obj, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(model, data: TrainSet, cfg: TrainConfig, checkpoint_dir: str | Path,
+          log_fn: Callable[[int, dict], None] | None = None, heads: ConceptHeads | None = None) -> dict:
+    """Train in place; resume from checkpoint_dir/latest.pt when it matches cfg. Returns summary metrics."""
+    ckpt_path = Path(checkpoint_dir) / "latest.pt"
+    params = list(model.parameters()) + (list(heads.parameters()) if heads is not None else [])
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    contrastive = create_loss(cfg.loss)
+    distill = ConceptDistillationLoss(cfg.lambda_obj, cfg.lambda_attr)
+    use_distill = heads is not None and data.obj_targets is not None and (cfg.lambda_obj > 0 or cfg.lambda_attr > 0)
+    start = 0
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ck.get("digest") == cfg.digest():
+            model.load_state_dict(ck["model"])
+            if heads is not None and ck.get("heads") is not None:
+                heads.load_state_dict(ck["heads"])
+            opt.load_state_dict(ck["optimizer"])
+            start = ck["step"]
+    model.train()
+    history = []
+    n = len(data)
+    t0 = time.time()
+    bar = tqdm(range(start, cfg.steps), desc="train", initial=start, total=cfg.steps, mininterval=2.0)
+    for step in bar:
+        lr = cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = batch_indices(step, n, cfg.batch_size, cfg.seed)
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+        rows = [data.caption_index[i][int(torch.randint(len(data.caption_index[i]), (1,), generator=g))]
+                for i in idx.tolist()]
+        images = normalize_images(data.images[idx])
+        text = data.tokens[rows]
+        img_f, txt_f, logit_scale = model(images, text)[:3]
+        loss_c = contrastive(img_f, txt_f, logit_scale)
+        loss = loss_c
+        loss_d = torch.zeros(())
+        if use_distill:
+            obj_logits, attr_logits = heads(img_f)
+            loss_d = distill(obj_logits, attr_logits, data.obj_targets[idx], data.attr_targets[idx])
+            loss = loss + loss_d
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            rec = {"loss": float(loss), "loss_contrastive": float(loss_c), "loss_distill": float(loss_d),
+                   "lr": lr, "logit_scale": float(model.logit_scale.exp()),
+                   "samples_per_s": (step + 1 - start) * cfg.batch_size / max(1e-9, time.time() - t0)}
+            history.append({"step": step + 1, **rec})
+            bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            if log_fn:
+                log_fn(step + 1, rec)
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            _atomic_save({"model": model.state_dict(), "heads": heads.state_dict() if heads is not None else None,
+                          "optimizer": opt.state_dict(), "step": step + 1, "digest": cfg.digest()}, ckpt_path)
+    model.eval()
+    ckpt_path.unlink(missing_ok=True)
+    final = history[-1] if history else {}
+    return {"final_loss": final.get("loss", float("nan")), "resumed_from_step": start, "history": history}

@@ -1,0 +1,82 @@
+"""The Prefect flow `diht`: every stage, in order, under one MLflow parent run.
+
+    python -m flows.diht                 # ephemeral mode, no server (what `make demo` runs)
+    python -m flows.diht --serve         # serve the deployment `full` (what `make serve` runs)
+    prefect deployment run diht/full     # run it through the server
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from diht_core.params import ParamsError, load_params
+from tasks import STAGES
+from tasks._stage import mlflow_names, set_env, setup_mlflow, tracking_uri
+from tasks.benchmark import benchmark
+from tasks.cat_filter import cat_filter
+from tasks.concepts import concepts
+from tasks.download import download
+from tasks.fewshot import fewshot
+from tasks.pseudo_labels import pseudo_labels
+from tasks.teacher import teacher
+from tasks.train import train_task
+
+TASKS = {"download": download, "cat_filter": cat_filter, "concepts": concepts, "teacher": teacher,
+         "pseudo_labels": pseudo_labels, "train": train_task, "benchmark": benchmark, "fewshot": fewshot}
+
+
+@flow(name="diht", log_prints=True)
+def diht(params_path: str = "params.yaml", overrides: dict | None = None, workdir: str | None = None) -> dict:
+    """download -> cat_filter -> concepts -> teacher -> pseudo_labels -> train -> benchmark -> fewshot."""
+    import mlflow
+
+    if workdir:
+        os.chdir(workdir)
+    set_env()
+    params = load_params(params_path, overrides)  # validated before any work starts
+    logger = get_run_logger()
+    experiment_id = setup_mlflow(params)
+    results = {}
+    with mlflow.start_run(experiment_id=experiment_id, run_name="diht-pipeline",
+                          tags={"diht.pipeline": "full"}) as parent:
+        mlflow.log_param("params_path", params_path)
+        mlflow.log_dict(params.model_dump(), "params.json")
+        for name in STAGES:
+            logger.info("stage %s", name)
+            results[name] = TASKS[name](params_path, overrides, parent.info.run_id)
+        headline = {f"{t}/{k}": v for t, r in results["benchmark"]["tasks"].items() for k, v in r.items()
+                    if k in ("main", "chance")}
+        mlflow.log_metrics(mlflow_names({k: float(v) for k, v in headline.items()}))
+        mlflow.log_metric("benchmark_mean_main", results["benchmark"]["mean_main"])
+    print(f"metrics in {Path(params.paths.metrics).resolve()}/; MLflow store {tracking_uri(params)}")
+    return {"parent_run_id": parent.info.run_id,
+            "benchmark": {t: r.get("main") for t, r in results["benchmark"]["tasks"].items()}}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m flows.diht", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--serve", action="store_true", help="serve the deployment 'full' (needs a Prefect server)")
+    args = parser.parse_args(argv)
+    set_env()
+    try:
+        load_params(args.params)
+    except ParamsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if args.serve:
+        diht.serve(name="full", parameters={"params_path": args.params, "workdir": os.getcwd()})
+        return
+    out = diht(params_path=args.params)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""What every stage shares: params, seeds, the MLflow run, metrics/<stage>.json, the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from diht_core.params import Params, ParamsError, load_params, stage_params
+
+PARENT_ENV = "DIHT_MLFLOW_PARENT_RUN_ID"
+STATE_DIR = Path(os.environ.get("DIHT_STATE_DIR", ".state"))
+
+ENV_DEFAULTS = {
+    "HF_HUB_OFFLINE": "1",
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def set_env() -> None:
+    for k, v in ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def tracking_uri(params: Params) -> str:
+    if params.mlflow.tracking_uri:
+        return params.mlflow.tracking_uri
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{STATE_DIR.resolve() / 'mlflow.db'}"
+
+
+def setup_mlflow(params: Params) -> str:
+    """Point MLflow at the configured store; return the experiment id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(params))
+    exp = mlflow.get_experiment_by_name(params.mlflow.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = None
+    if not params.mlflow.tracking_uri:
+        artifacts = (STATE_DIR.resolve() / "mlartifacts").as_uri()
+    try:
+        return mlflow.create_experiment(params.mlflow.experiment, artifact_location=artifacts)
+    except Exception:  # created concurrently
+        return mlflow.get_experiment_by_name(params.mlflow.experiment).experiment_id
+
+
+class StageRun:
+    """The MLflow run of one stage: metrics, step series, files."""
+
+    def __init__(self, mlflow_module, name: str, params: Params):
+        self.mlflow, self.name, self.params = mlflow_module, name, params
+
+    def log_step(self, step: int, metrics: dict) -> None:
+        self.mlflow.log_metrics(mlflow_names({k: float(v) for k, v in metrics.items() if _finite(v)}), step=step)
+
+    def log_artifact(self, path: str | Path, subdir: str | None = None) -> None:
+        if Path(path).exists():
+            self.mlflow.log_artifact(str(path), artifact_path=subdir)
+
+    def path(self, key: str) -> Path:
+        return Path(getattr(self.params.paths, key))
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def mlflow_names(metrics: dict) -> dict:
+    """MLflow metric names allow no '@': recall@1 -> recall_at_1."""
+    return {k.replace("@", "_at_"): v for k, v in metrics.items()}
+
+
+def _flat_metrics(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat_metrics(v, key + "/"))
+        elif _finite(v):
+            out[key] = float(v)
+    return out
+
+
+def write_metrics(params: Params, stage: str, metrics: dict) -> Path:
+    path = Path(params.paths.metrics) / f"{stage}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=_json_default) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def run_stage(name: str, body: Callable[[Params, StageRun], dict], params: Params,
+              parent_run_id: str | None = None) -> dict:
+    """Run one stage inside its MLflow run (nested under the pipeline run when there is one)."""
+    import mlflow
+
+    set_env()
+    seed_everything(params.seed)
+    experiment_id = setup_mlflow(params)
+    parent_run_id = parent_run_id or os.environ.get(PARENT_ENV)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, parent_run_id=parent_run_id,
+                          nested=mlflow.active_run() is not None, tags={"diht.stage": name}):
+        mlflow.log_params(stage_params(params, name))
+        stage = StageRun(mlflow, name, params)
+        metrics = body(params, stage)
+        path = write_metrics(params, name, metrics)
+        mlflow.log_metrics(mlflow_names(_flat_metrics(metrics)))
+        mlflow.log_artifact(str(path))
+    return metrics
+
+
+def cli(name: str, body: Callable[[Params, StageRun], dict]) -> None:
+    """`python -m tasks.<stage> --params params.yaml`."""
+    parser = argparse.ArgumentParser(prog=f"python -m tasks.{name}", description=f"Run the {name} stage.")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args()
+    set_env()
+    try:
+        params = load_params(args.params)
+    except ParamsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    metrics = run_stage(name, body, params)
+    print(json.dumps(_flat_metrics(metrics), indent=1)[:2000])
+
+
+def make_task(name: str, body: Callable[[Params, StageRun], dict]):
+    """The Prefect task of a stage (takes the params path + overrides, so runs are reproducible)."""
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    @task(name=name, cache_policy=NO_CACHE)
+    def _task(params_path: str = "params.yaml", overrides: dict | None = None,
+              parent_run_id: str | None = None) -> dict:
+        return run_stage(name, body, load_params(params_path, overrides), parent_run_id)
+
+    return _task
+
+
+@contextlib.contextmanager
+def pushd(path: str | Path):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)

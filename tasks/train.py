@@ -1,0 +1,78 @@
+"""Stage `train`: a small open_clip model trained with InfoNCE (+ concept distillation when enabled)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from diht_core import pseudo_labels as PL
+from diht_core.models import ConceptHeads, create_model, image_size
+from diht_core.train import TrainConfig, load_train_set, train
+
+from ._stage import STATE_DIR, cli, make_task
+
+
+def body(p, run) -> dict:
+    tp = p.train
+    data, models = Path(p.paths.data), Path(p.paths.models)
+    cfg = TrainConfig(model=tp.model, steps=tp.steps, batch_size=tp.batch_size, lr=tp.lr,
+                      weight_decay=tp.weight_decay, warmup_steps=tp.warmup_steps, loss=tp.loss,
+                      lambda_obj=tp.lambda_obj, lambda_attr=tp.lambda_attr, checkpoint_every=tp.checkpoint_every,
+                      log_every=tp.log_every, seed=p.seed)
+    model, _, tokenizer = create_model(tp.model)
+    distill = tp.lambda_obj > 0 or tp.lambda_attr > 0
+    pseudo = None
+    sizes = json.loads((data / "pseudo_labels" / "vocab_sizes.json").read_text())
+    heads = ConceptHeads(model.visual.output_dim, sizes["objects"], sizes["attributes"])
+    if distill:
+        pseudo = PL.load_all(data / "pseudo_labels", sizes["objects"], sizes["attributes"])
+    trainset = load_train_set(data / "filtered", image_size(model), tokenizer, pseudo, p.pseudo_labels.missing)
+    summary = train(model, trainset, cfg, STATE_DIR / "checkpoints" / "train",
+                    log_fn=run.log_step, heads=heads)
+    models.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), models / "model.pt")  # a plain open_clip state dict
+    torch.save(heads.state_dict(), models / "heads.pt")
+    plots = Path(p.paths.plots)
+    plots.mkdir(parents=True, exist_ok=True)
+    hist = pd.DataFrame(summary["history"])
+    hist.drop(columns=["samples_per_s"]).to_csv(plots / "train_loss.csv", index=False)
+    _loss_png(hist, plots / "train_loss.png")
+    run.log_artifact(plots / "train_loss.png", "plots")
+    return {
+        "model": tp.model,
+        "train_pairs": len(trainset),
+        "train_captions": int(trainset.tokens.shape[0]),
+        "skipped_samples": trainset.skipped,
+        "samples_seen": tp.steps * tp.batch_size,
+        "distillation": distill,
+        "final_loss": summary["final_loss"],
+        "final_logit_scale": float(model.logit_scale.exp()),
+    }
+
+
+def _loss_png(hist: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(hist.step, hist.loss, label="total")
+    ax.plot(hist.step, hist.loss_contrastive, label="contrastive")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+train_task = make_task("train", body)
+
+if __name__ == "__main__":
+    cli("train", body)
