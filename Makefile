@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	@mkdir -p $(STATE)
+	@mkdir -p $(STATE)/prefect
 	$(PY) -m flows.diht --params params.yaml
 	@dvc commit -f -q 2>/dev/null && echo "dvc: outputs recorded in dvc.lock (dvc repro has nothing to rerun)" || true
 	@echo
@@ -34,9 +34,11 @@ demo: install
 	@echo "MLflow:   make ui   (or: .venv/bin/mlflow ui --backend-store-uri sqlite:///.state/mlflow.db --host 127.0.0.1) then open http://127.0.0.1:$(MLFLOW_PORT)"
 
 test: install
+	@mkdir -p $(STATE)/prefect
 	$(PY) -m pytest -q
 
 test-fast: install
+	@mkdir -p $(STATE)/prefect
 	$(PY) -m pytest -q -m "not slow"
 
 repro: install
@@ -45,7 +47,7 @@ repro: install
 # A local Prefect server on 127.0.0.1 and the served deployment `full`.
 # In another shell: PREFECT_HOME=.state/prefect PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/prefect deployment run diht/full
 serve: install
-	@mkdir -p $(STATE)
+	@mkdir -p $(STATE)/prefect
 	@prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) > $(STATE)/prefect-server.log 2>&1 & echo $$! > $(STATE)/prefect-server.pid; \
 	trap 'kill $$(cat $(STATE)/prefect-server.pid) 2>/dev/null' EXIT INT TERM; \
 	for i in $$(seq 90); do curl -sf http://127.0.0.1:$(PREFECT_PORT)/api/health >/dev/null && break; sleep 1; done; \

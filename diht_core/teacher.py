@@ -73,7 +73,7 @@ def pretrain(model, images: torch.Tensor, targets: torch.Tensor, epochs: int, ba
                 loss.backward()
                 opt.step()
                 sched.step()
-                total += float(loss)
+                total += loss.item()
                 bar.update(1)
             losses.append(total / max(1, len(images) // batch_size))
     model.eval()

@@ -186,8 +186,8 @@ def train(model, data: TrainSet, cfg: TrainConfig, checkpoint_dir: str | Path,
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            rec = {"loss": float(loss), "loss_contrastive": float(loss_c), "loss_distill": float(loss_d),
-                   "lr": lr, "logit_scale": float(model.logit_scale.exp()),
+            rec = {"loss": loss.item(), "loss_contrastive": loss_c.item(), "loss_distill": loss_d.item(),
+                   "lr": lr, "logit_scale": model.logit_scale.exp().item(),
                    "samples_per_s": (step + 1 - start) * cfg.batch_size / max(1e-9, time.time() - t0)}
             history.append({"step": step + 1, **rec})
             bar.set_postfix(loss=f"{rec['loss']:.3f}")

@@ -44,8 +44,15 @@ def seed_everything(seed: int) -> None:
 
 
 def tracking_uri(params: Params) -> str:
+    """params.mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else a local sqlite store in .state/."""
     if params.mlflow.tracking_uri:
         return params.mlflow.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return default_tracking_uri()
+
+
+def default_tracking_uri() -> str:
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{STATE_DIR.resolve() / 'mlflow.db'}"
 
@@ -59,7 +66,7 @@ def setup_mlflow(params: Params) -> str:
     if exp is not None:
         return exp.experiment_id
     artifacts = None
-    if not params.mlflow.tracking_uri:
+    if tracking_uri(params) == default_tracking_uri():  # keep local artifacts next to the local store
         artifacts = (STATE_DIR.resolve() / "mlartifacts").as_uri()
     try:
         return mlflow.create_experiment(params.mlflow.experiment, artifact_location=artifacts)

@@ -47,8 +47,10 @@ def body(p, run) -> dict:
     funnel = {"in": len(df), "kept": int(df.kept.sum())}
     funnel.update({f"dropped_{r}": int((df.reason == r).sum()) for r in REASONS if r != "kept"})
     by_noise = {k: float(1 - g.kept.mean()) for k, g in df.groupby("noise")}
+    resumed = sum(r.get("skipped_done", 0) for r in results)
+    print(f"[cat_filter] {len(jobs)} shards, {resumed} already done (reused)")
     metrics = {"funnel": funnel, "kept_fraction": funnel["kept"] / max(1, funnel["in"]),
-               "drop_rate_by_noise": by_noise, "resumed_shards": sum(r.get("skipped_done", 0) for r in results)}
+               "drop_rate_by_noise": by_noise}
     plots = Path(p.paths.plots)
     plots.mkdir(parents=True, exist_ok=True)
     pd.DataFrame([{"step": k, "count": v} for k, v in funnel.items()]).to_csv(plots / "cat_funnel.csv", index=False)

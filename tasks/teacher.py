@@ -92,6 +92,7 @@ def body(p, run) -> dict:
         if stale.stem not in {s.stem for s in shards}:
             stale.unlink()
     feats = torch.cat(feats)
+    print(f"[teacher] features: {len(shards) - reused} shards extracted, {reused} reused from the cache")
 
     # the two concept classifiers on frozen teacher features
     vocab = json.loads((data / "concepts" / "vocab.json").read_text())
@@ -120,8 +121,6 @@ def body(p, run) -> dict:
         "shape_probe_acc_teacher": teacher_acc,
         "shape_probe_acc_student_step0": student_acc,
         "teacher_stronger_than_student": teacher_acc > student_acc,
-        "features_cached_shards": len(shards) - reused,
-        "features_reused_shards": reused,
         "classifiers": metrics_c,
     }
 

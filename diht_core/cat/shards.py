@@ -39,20 +39,28 @@ COLUMNS = ["key", "caption", "noise", "complexity", "has_action", "objects", "at
            "matched_text", "kept", "reason"]
 
 
-def shard_done(parquet_path: Path, cfg: CatConfig) -> bool:
+def shard_digest(in_path: str | Path, cfg: CatConfig) -> str:
+    """Identifies the work of one shard: the input bytes and the filter config."""
+    h = hashlib.sha256(Path(in_path).read_bytes())
+    h.update(cfg.digest().encode())
+    return h.hexdigest()[:24]
+
+
+def shard_done(parquet_path: Path, digest: str) -> bool:
     if not parquet_path.exists():
         return False
     try:
         meta = pq.read_schema(parquet_path).metadata or {}
-    except Exception:
+    except Exception:  # a truncated file from a killed run
         return False
-    return meta.get(b"cat_digest", b"").decode() == cfg.digest()
+    return meta.get(b"cat_digest", b"").decode() == digest
 
 
 def filter_shard(in_path: str | Path, out_tar: str | Path, out_parquet: str | Path, cfg: CatConfig) -> dict:
     """Filter one shard; returns the per-reason counts."""
     out_tar, out_parquet = Path(out_tar), Path(out_parquet)
-    if shard_done(out_parquet, cfg) and out_tar.exists():
+    digest = shard_digest(in_path, cfg)
+    if shard_done(out_parquet, digest) and out_tar.exists():
         return {"skipped_done": 1}
     raw = list(iter_shard(in_path))
     captions = [s.get("txt", b"").decode("utf-8", errors="replace") for s in raw]
@@ -88,7 +96,7 @@ def filter_shard(in_path: str | Path, out_tar: str | Path, out_parquet: str | Pa
             kept.append({k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"})
     write_shard(out_tar, kept)
     table = pa.Table.from_pandas(pd.DataFrame(rows, columns=COLUMNS), preserve_index=False)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"cat_digest": cfg.digest().encode()})
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"cat_digest": digest.encode()})
     out_parquet.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_parquet.with_suffix(".parquet.tmp")
     pq.write_table(table, tmp)

@@ -28,14 +28,18 @@ JUNK = (
 )
 
 
-def noun_phrase(s: Shape, rng: np.random.Generator, det: str = "a") -> str:
-    words = [det]
+def with_article(phrase: str) -> str:
+    return ("an " if phrase[:1] in "aeiou" else "a ") + phrase
+
+
+def noun_phrase(s: Shape, rng: np.random.Generator) -> str:
+    words = []
     if rng.random() < 0.5:
         words.append(s.size)
     if rng.random() < 0.92:
         words.append(s.colour)
     words.append(s.shape)
-    return " ".join(words)
+    return with_article(" ".join(words))
 
 
 def _count_prefix(n: int, rng) -> str:
@@ -67,7 +71,7 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
             c = shapes[2]
             clause += str(rng.choice([" next to {np}", ", with {np} on the {side}", " near {np}"])).format(
                 np=noun_phrase(c, rng), side=side_of(c))
-    if rng.random() < 0.35:
+    if rng.random() < 0.5:
         clause = _count_prefix(len(shapes), rng) + clause
     return clause
 

@@ -21,7 +21,7 @@ COLOURS = {
     "purple": (135, 55, 175),
     "orange": (245, 130, 20),
 }
-SIZES = {"small": 0.13, "large": 0.24}  # radius as a fraction of the canvas side
+SIZES = {"small": 0.15, "large": 0.26}  # radius as a fraction of the canvas side
 RELATIONS = ("chases", "touches", "holds")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from .captions import caption, junk_caption, painted_words, paraphrases
+from .captions import with_article, caption, junk_caption, painted_words, paraphrases
 from .scenes import COLOURS, COUNT_WORDS, RELATIONS, SHAPES, Scene, render, sample_scene
 from .shards import encode_jpg, write_shard
 
@@ -161,13 +161,13 @@ def vqa_question(scene: Scene, rng) -> dict:
     if qtype == "colour":
         s = scene.shapes[0]
         answers = list(COLOURS)
-        statements = [f"a {c} {s.shape}" for c in answers]
+        statements = [with_article(f"{c} {s.shape}") for c in answers]
         return {"qtype": qtype, "question": f"what colour is the {s.shape}?", "answers": answers,
                 "statements": statements, "label": answers.index(s.colour)}
     if qtype == "shape":
         s = scene.shapes[0]
         answers = list(SHAPES)
-        statements = [f"a {s.colour} {a}" for a in answers]
+        statements = [with_article(f"{s.colour} {a}") for a in answers]
         return {"qtype": qtype, "question": f"what shape is the {s.colour} object?", "answers": answers,
                 "statements": statements, "label": answers.index(s.shape)}
     if qtype == "count":
@@ -178,7 +178,7 @@ def vqa_question(scene: Scene, rng) -> dict:
     rel = scene.relation
     a, b = scene.shapes[rel["subject"]], scene.shapes[rel["object"]]
     answers = list(RELATIONS)
-    statements = [f"a {a.colour} {a.shape} {v} a {b.colour} {b.shape}" for v in answers]
+    statements = [f"{with_article(a.colour)} {a.shape} {v} {with_article(b.colour)} {b.shape}" for v in answers]
     return {"qtype": "relation", "question": f"what is the {a.colour} {a.shape} doing to the {b.colour} {b.shape}?",
             "answers": answers, "statements": statements, "label": answers.index(rel["type"])}
 

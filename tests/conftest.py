@@ -1,0 +1,37 @@
+"""Shared fixtures. Every test runs offline with analytics off and Prefect/MLflow state in tmp dirs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "data" / "tiny_params.yaml"
+
+os.environ.update({
+    "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
+})
+
+
+@pytest.fixture
+def tiny_project(tmp_path: Path) -> Path:
+    """A copy of the project's pipeline files with the tiny params, in a fresh directory."""
+    for name in ("diht_core", "tasks", "flows"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(TINY, tmp_path / "params.yaml")
+    (tmp_path / ".state" / "prefect").mkdir(parents=True)
+    return tmp_path
+
+
+def project_env(project: Path) -> dict:
+    env = dict(os.environ)
+    env.update({"PREFECT_HOME": str(project / ".state" / "prefect"), "DIHT_STATE_DIR": str(project / ".state"),
+                "PYTHONPATH": str(project)})
+    env.pop("PREFECT_API_URL", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env

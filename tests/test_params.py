@@ -1,0 +1,55 @@
+import pytest
+import yaml
+
+from diht_core.params import Params, ParamsError, load_params, validate_params
+
+from conftest import ROOT, TINY
+
+
+def test_project_params_validate():
+    p = load_params(ROOT / "params.yaml")
+    assert isinstance(p, Params)
+    assert p.pseudo_labels.top_k == 10
+    load_params(TINY)
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"train": {"stepz": 3}}, "train.stepz"),
+    ({"train": {"steps": "many"}}, "train.steps"),
+    ({"train": {"steps": 0}}, "train.steps"),
+    ({"cat_filter": {"min_confidence": 1.5}}, "cat_filter.min_confidence"),
+    ({"cat_filter": {"spotter": "tesseract"}}, "cat_filter.spotter"),
+    ({"benchmark": {"tasks": ["imagenet"]}}, "benchmark.tasks"),
+    ({"bogus": 1}, "bogus"),
+])
+def test_bad_params_name_the_key(raw, key):
+    with pytest.raises(ParamsError) as err:
+        validate_params(raw, "params.yaml")
+    assert key in str(err.value)
+
+
+def test_unknown_key_says_so():
+    with pytest.raises(ParamsError, match="unknown key"):
+        validate_params({"download": {"num_trian": 10}})
+
+
+def test_noise_fractions_must_fit():
+    with pytest.raises(ParamsError, match="noise"):
+        validate_params({"download": {"noise": {"junk": 0.6, "text_in_image": 0.3, "mismatched": 0.2}}})
+
+
+def test_fewshot_shots_must_fit_pool():
+    with pytest.raises(ParamsError, match="fewshot_per_class"):
+        validate_params({"fewshot": {"shots": [32]}, "download": {"eval": {"fewshot_per_class": 16}}})
+
+
+def test_overrides_and_bad_yaml(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text(yaml.safe_dump({"train": {"steps": 5}}))
+    assert load_params(f, {"train": {"batch_size": 4}}).train.batch_size == 4
+    assert load_params(f).train.steps == 5
+    f.write_text("train: [unclosed")
+    with pytest.raises(ParamsError, match="YAML"):
+        load_params(f)
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "missing.yaml")

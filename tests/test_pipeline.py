@@ -1,0 +1,138 @@
+"""End to end: the Prefect flow (ephemeral), `dvc repro`, and the served deployment `diht/full`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import project_env
+from tasks import STAGES
+
+pytestmark = pytest.mark.slow
+PY = sys.executable
+BIN = Path(PY).parent
+
+
+def _metrics(project: Path) -> dict:
+    return {s: json.loads((project / "metrics" / f"{s}.json").read_text()) for s in STAGES}
+
+
+def _run(cmd, project, timeout=600, env=None):
+    res = subprocess.run(cmd, cwd=project, env=env or project_env(project), capture_output=True, text=True,
+                         timeout=timeout)
+    assert res.returncode == 0, f"{cmd} failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    return res
+
+
+def test_flow_then_dvc_repro_give_the_same_metrics(tiny_project):
+    t0 = time.time()
+    _run([PY, "-m", "flows.diht", "--params", "params.yaml"], tiny_project)
+    assert time.time() - t0 < 180, "the tiny flow must run in under 3 minutes"
+    flow_metrics = _metrics(tiny_project)
+    for stage in STAGES:
+        assert flow_metrics[stage], stage
+    bench = flow_metrics["benchmark"]["tasks"]
+    assert set(bench) == {"synthetic_shape", "synthetic_colour", "synthetic_count", "synthetic_retrieval",
+                          "synthetic_vqa"}
+    assert all("main" in r and "chance" in r for r in bench.values())
+
+    # MLflow: one parent run and 8 nested stage runs, each with metrics
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tiny_project / '.state' / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["diht"], output_format="list")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1
+    assert sorted(r.data.tags["diht.stage"] for r in children) == sorted(STAGES)
+    assert all(r.data.metrics for r in children)
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+    # dvc repro runs the same stages from params.yaml and reproduces the same metrics
+    env = project_env(tiny_project)
+    _run([str(BIN / "dvc"), "init", "--no-scm", "-q"], tiny_project, env=env)
+    _run([str(BIN / "dvc"), "repro", "-q"], tiny_project, env=env)
+    assert _metrics(tiny_project) == flow_metrics
+    assert (tiny_project / "dvc.lock").exists()
+    # and now nothing is left to rerun
+    status = _run([str(BIN / "dvc"), "status", "--json"], tiny_project, env=env)
+    assert json.loads(status.stdout or "{}") == {}
+
+
+def test_invalid_params_fail_before_any_work(tiny_project):
+    (tiny_project / "params.yaml").write_text("train:\n  steps: -1\n")
+    res = subprocess.run([PY, "-m", "flows.diht", "--params", "params.yaml"], cwd=tiny_project,
+                         env=project_env(tiny_project), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "train.steps" in res.stderr
+    assert not (tiny_project / "data").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_health(url: str, timeout: float = 120) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(url)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_served_deployment_runs_the_pipeline(tiny_project):
+    port = _free_port()
+    env = project_env(tiny_project)
+    env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    log = open(tiny_project / "server.log", "w")
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              cwd=tiny_project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    served = None
+    try:
+        _wait_health(f"http://127.0.0.1:{port}/api/health")
+        served = subprocess.Popen([PY, "-m", "flows.diht", "--serve", "--params", "params.yaml"], cwd=tiny_project,
+                                  env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 90
+        while True:  # the deployment exists once `serve` has registered it
+            res = subprocess.run([str(BIN / "prefect"), "deployment", "inspect", "diht/full"], cwd=tiny_project,
+                                 env=env, capture_output=True, text=True)
+            if res.returncode == 0:
+                break
+            assert time.time() < deadline, res.stdout + res.stderr
+            time.sleep(2)
+        res = _run([str(BIN / "prefect"), "deployment", "run", "diht/full", "--watch", "--watch-timeout", "400"],
+                   tiny_project, timeout=450, env=env)
+        assert "COMPLETED" in (res.stdout + res.stderr).upper()
+        for stage in STAGES:
+            assert (tiny_project / "metrics" / f"{stage}.json").exists(), stage
+    finally:
+        if served is not None:
+            _stop(served)
+        _stop(server)
+        log.close()
+    assert server.poll() is not None

@@ -1,0 +1,115 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diht_core.data.scenes import render, sample_scene
+from diht_core.data.shards import encode_jpg, write_shard
+from diht_core.models import ConceptHeads, create_model, image_size, list_models
+from diht_core.pseudo_labels import densify, sparsify
+from diht_core.train import TrainConfig, batch_indices, cosine_lr, load_train_set, train
+
+
+def test_cosine_lr_is_a_function_of_the_step():
+    lrs = [cosine_lr(s, 1.0, 10, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[-1] < 0.01
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_batch_indices_cover_each_epoch_once():
+    n, b = 10, 4
+    seen = torch.cat([batch_indices(s, n, b, seed=0) for s in range(5)])  # 20 = 2 epochs
+    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
+    assert torch.equal(batch_indices(3, n, b, 0), batch_indices(3, n, b, 0))
+    assert not torch.equal(torch.cat([batch_indices(s, n, b, 1) for s in range(3)]), seen[:12])
+
+
+def test_model_registry():
+    assert "diht-tiny-vit" in list_models() and "ViT-B-32" in list_models()
+    with pytest.raises(ValueError, match="unknown model config"):
+        create_model("no-such-model")
+    with pytest.raises(FileNotFoundError):
+        create_model("diht-tiny-vit", pretrained="/nonexistent.pt")
+
+
+def test_checkpoint_loads_with_open_clip(tmp_path):
+    import open_clip
+
+    torch.manual_seed(0)
+    model, _, _ = create_model("diht-tiny-vit")
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    again = open_clip.create_model("diht-tiny-vit", pretrained=str(tmp_path / "m.pt"))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k])
+
+
+def _shards(tmp_path, n=24):
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(n):
+        sc = sample_scene(rng)
+        caps = [f"a {sc.shapes[0].colour} {sc.shapes[0].shape}", f"one {sc.shapes[0].shape}"][: 1 + i % 2]
+        samples.append({"__key__": f"{i:09d}", "jpg": encode_jpg(render(sc, 64, rng)), "txt": caps[0],
+                        "json": json.dumps({"captions": caps}).encode()})
+    write_shard(tmp_path / "0.tar", samples[: n // 2])
+    write_shard(tmp_path / "1.tar", samples[n // 2:])
+    return [s["__key__"] for s in samples]
+
+
+def _pseudo(keys, drop=()):
+    kept = [k for k in keys if k not in drop]
+    probs = torch.softmax(torch.randn(len(kept), 6), -1)
+    o, a = sparsify(probs, 3), sparsify(probs[:, :4], 2)
+    return {"index": {k: i for i, k in enumerate(kept)}, "objects": densify(*o, 6), "attributes": densify(*a, 4)}
+
+
+def test_train_set_joins_pseudo_labels_by_key(tmp_path):
+    keys = _shards(tmp_path)
+    _, _, tok = create_model("diht-tiny-vit")
+    pl = _pseudo(keys)
+    ts = load_train_set(tmp_path, 64, tok, pl)
+    assert ts.keys == keys and len(ts.caption_index[1]) == 2
+    for i, k in enumerate(ts.keys):
+        assert torch.equal(ts.obj_targets[i], pl["objects"][pl["index"][k]])
+    with pytest.raises(KeyError, match="000000005"):
+        load_train_set(tmp_path, 64, tok, _pseudo(keys, drop={"000000005"}), missing="error")
+    ts = load_train_set(tmp_path, 64, tok, _pseudo(keys, drop={"000000005"}), missing="skip")
+    assert ts.skipped == 1 and "000000005" not in ts.keys
+
+
+def _run(tmp_path, data, cfg, stop_at=None):
+    torch.manual_seed(0)
+    model, _, _ = create_model("diht-tiny-vit")
+    heads = ConceptHeads(model.visual.output_dim, 6, 4)
+
+    class Killed(Exception):
+        pass
+
+    def log_fn(step, rec):
+        if stop_at is not None and step == stop_at:
+            raise Killed
+
+    try:
+        out = train(model, data, cfg, tmp_path / "ckpt", log_fn=log_fn, heads=heads)
+    except Killed:
+        return None, None
+    return model, out
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    keys = _shards(tmp_path)
+    _, _, tok = create_model("diht-tiny-vit")
+    torch.manual_seed(0)
+    data = load_train_set(tmp_path, 64, tok, _pseudo(keys))
+    cfg = TrainConfig(steps=6, batch_size=8, warmup_steps=2, checkpoint_every=2, log_every=1,
+                      lambda_obj=0.5, lambda_attr=0.5)
+    straight, out = _run(tmp_path / "a", data, cfg)
+    assert out["resumed_from_step"] == 0 and len(out["history"]) == 6
+    assert _run(tmp_path / "b", data, cfg, stop_at=5) == (None, None)   # killed after the step-4 checkpoint
+    resumed, out = _run(tmp_path / "b", data, cfg)
+    assert out["resumed_from_step"] == 4
+    for k, v in straight.state_dict().items():
+        assert torch.allclose(v, resumed.state_dict()[k], atol=1e-6), k
+    assert out["history"][-1]["loss"] == pytest.approx(_run(tmp_path / "c", data, cfg)[1]["history"][-1]["loss"])
