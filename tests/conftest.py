@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "data" / "tiny_params.yaml"
@@ -17,13 +19,20 @@ os.environ.update({
 })
 
 
+def tiny_params() -> dict:
+    """The project's params.yaml with the tiny overrides applied (dvc.yaml needs every key present)."""
+    from diht_core.params import deep_merge
+
+    return deep_merge(yaml.safe_load((ROOT / "params.yaml").read_text()), yaml.safe_load(TINY.read_text()))
+
+
 @pytest.fixture
 def tiny_project(tmp_path: Path) -> Path:
     """A copy of the project's pipeline files with the tiny params, in a fresh directory."""
     for name in ("diht_core", "tasks", "flows"):
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
-    shutil.copy(TINY, tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
     (tmp_path / ".state" / "prefect").mkdir(parents=True)
     return tmp_path
 
@@ -31,7 +40,7 @@ def tiny_project(tmp_path: Path) -> Path:
 def project_env(project: Path) -> dict:
     env = dict(os.environ)
     env.update({"PREFECT_HOME": str(project / ".state" / "prefect"), "DIHT_STATE_DIR": str(project / ".state"),
-                "PYTHONPATH": str(project)})
+                "PYTHONPATH": str(project), "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"})
     env.pop("PREFECT_API_URL", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     return env

@@ -10,7 +10,8 @@ def test_project_params_validate():
     p = load_params(ROOT / "params.yaml")
     assert isinstance(p, Params)
     assert p.pseudo_labels.top_k == 10
-    load_params(TINY)
+    from conftest import tiny_params
+    validate_params(tiny_params())
 
 
 @pytest.mark.parametrize("raw, key", [

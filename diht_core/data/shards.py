@@ -38,7 +38,7 @@ def write_shard(path: str | Path, samples: list[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tar.tmp")
-    with wds.TarWriter(str(tmp)) as sink:
+    with wds.TarWriter(str(tmp), mtime=0.0) as sink:  # fixed mtime: same samples, same bytes
         for s in samples:
             sink.write(s)
     os.replace(tmp, path)
