@@ -176,6 +176,22 @@ def make_task(name: str, body: Callable[[Params, StageRun], dict]):
     return _task
 
 
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+
+
 @contextlib.contextmanager
 def pushd(path: str | Path):
     old = os.getcwd()

@@ -15,7 +15,7 @@ from diht_core.cat.filter import REASONS
 from diht_core.cat.shards import CatConfig, filter_shard
 from diht_core.data.shards import iter_shard, shard_paths
 
-from ._stage import cli, make_task
+from ._stage import cli, make_task, pyplot, save_figure
 
 
 def _job(args):
@@ -62,18 +62,12 @@ def body(p, run) -> dict:
 
 
 def _funnel_png(funnel: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.barh(list(funnel)[::-1], list(funnel.values())[::-1], color="#4c72b0")
     ax.set_xlabel("pairs")
     ax.set_title("CAT filter funnel")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _examples_html(df: pd.DataFrame, shards, path: Path, per_reason: int = 6) -> None:

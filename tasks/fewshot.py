@@ -10,7 +10,7 @@ from diht_core.benchmark import classification_features
 from diht_core.fewshot import run_fewshot
 from diht_core.models import image_size
 
-from ._stage import cli, make_task
+from ._stage import cli, make_task, pyplot, save_figure
 from .benchmark import load_trained
 
 
@@ -38,11 +38,7 @@ def body(p, run) -> dict:
 
 
 def _curve_png(curve: pd.DataFrame, zero_shot: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.errorbar(curve.k, curve.pgd_mean, curve.pgd_std, marker="o", label="prompt-init PGD")
     ax.errorbar(curve.k, curve.scratch_mean, curve.scratch_std, marker="s", label="from scratch")
@@ -51,9 +47,7 @@ def _curve_png(curve: pd.DataFrame, zero_shot: float, path: Path) -> None:
     ax.set_xlabel("shots per class")
     ax.set_ylabel("test accuracy")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 fewshot = make_task("fewshot", body)

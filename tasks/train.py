@@ -14,7 +14,7 @@ from diht_core import pseudo_labels as PL
 from diht_core.models import ConceptHeads, create_model, image_size
 from diht_core.train import TrainConfig, load_train_set, train
 
-from ._stage import STATE_DIR, cli, make_task
+from ._stage import STATE_DIR, cli, make_task, pyplot, save_figure
 
 
 def body(p, run) -> dict:
@@ -56,20 +56,14 @@ def body(p, run) -> dict:
 
 
 def _loss_png(hist: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.plot(hist.step, hist.loss, label="total")
     ax.plot(hist.step, hist.loss_contrastive, label="contrastive")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 train_task = make_task("train", body)

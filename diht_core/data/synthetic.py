@@ -154,9 +154,7 @@ def _retrieval_split(cfg: SyntheticConfig):
 def vqa_question(scene: Scene, rng) -> dict:
     """A question with candidate answers and one declarative statement per answer."""
     qtype = "relation" if scene.relation else str(rng.choice(["colour", "shape"]))
-    if scene.relation is None and rng.random() < 0.25:
-        qtype = "count"
-    if scene.relation is not None and rng.random() < 0.25:
+    if rng.random() < 0.25:
         qtype = "count"
     if qtype == "colour":
         s = scene.shapes[0]
