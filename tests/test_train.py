@@ -10,6 +10,8 @@ from diht_core.models import ConceptHeads, create_model, image_size, list_models
 from diht_core.pseudo_labels import densify, sparsify
 from diht_core.train import TrainConfig, batch_indices, cosine_lr, load_train_set, train
 
+SIZE = image_size(create_model("diht-tiny-vit")[0])
+
 
 def test_cosine_lr_is_a_function_of_the_step():
     lrs = [cosine_lr(s, 1.0, 10, 100) for s in range(100)]
@@ -69,13 +71,13 @@ def test_train_set_joins_pseudo_labels_by_key(tmp_path):
     keys = _shards(tmp_path)
     _, _, tok = create_model("diht-tiny-vit")
     pl = _pseudo(keys)
-    ts = load_train_set(tmp_path, 64, tok, pl)
+    ts = load_train_set(tmp_path, SIZE, tok, pl)
     assert ts.keys == keys and len(ts.caption_index[1]) == 2
     for i, k in enumerate(ts.keys):
         assert torch.equal(ts.obj_targets[i], pl["objects"][pl["index"][k]])
     with pytest.raises(KeyError, match="000000005"):
-        load_train_set(tmp_path, 64, tok, _pseudo(keys, drop={"000000005"}), missing="error")
-    ts = load_train_set(tmp_path, 64, tok, _pseudo(keys, drop={"000000005"}), missing="skip")
+        load_train_set(tmp_path, SIZE, tok, _pseudo(keys, drop={"000000005"}), missing="error")
+    ts = load_train_set(tmp_path, SIZE, tok, _pseudo(keys, drop={"000000005"}), missing="skip")
     assert ts.skipped == 1 and "000000005" not in ts.keys
 
 
@@ -102,7 +104,7 @@ def test_resume_continues_the_same_run(tmp_path):
     keys = _shards(tmp_path)
     _, _, tok = create_model("diht-tiny-vit")
     torch.manual_seed(0)
-    data = load_train_set(tmp_path, 64, tok, _pseudo(keys))
+    data = load_train_set(tmp_path, SIZE, tok, _pseudo(keys))
     cfg = TrainConfig(steps=6, batch_size=8, warmup_steps=2, checkpoint_every=2, log_every=1,
                       lambda_obj=0.5, lambda_attr=0.5)
     straight, out = _run(tmp_path / "a", data, cfg)
