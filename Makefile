@@ -30,7 +30,7 @@ demo: install
 	@dvc commit -f -q 2>/dev/null && echo "dvc: outputs recorded in dvc.lock (dvc repro has nothing to rerun)" || true
 	@echo
 	@echo "Results:  metrics/*.json   plots/   models/model.pt   data/"
-	@echo "Headline: $$($(PY) -c 'import json;b=json.load(open("metrics/benchmark.json"));print(", ".join(f"{k}={v[\"main\"]:.3f} (chance {v[\"chance\"]:.3f})" for k,v in b["tasks"].items() if "main" in v))')"
+	@$(PY) -m flows.diht --summary --params params.yaml
 	@echo "MLflow:   make ui   (or: .venv/bin/mlflow ui --backend-store-uri sqlite:///.state/mlflow.db --host 127.0.0.1) then open http://127.0.0.1:$(MLFLOW_PORT)"
 
 test: install

@@ -59,11 +59,27 @@ def diht(params_path: str = "params.yaml", overrides: dict | None = None, workdi
             "benchmark": {t: r.get("main") for t, r in results["benchmark"]["tasks"].items()}}
 
 
+def summary(params_path: str = "params.yaml") -> str:
+    """A markdown table of the benchmark's main metrics against chance, from metrics/benchmark.json."""
+    params = load_params(params_path)
+    bench = json.loads((Path(params.paths.metrics) / "benchmark.json").read_text())
+    rows = ["| task | metric | result | chance |", "|---|---|---|---|"]
+    from diht_core.benchmark import MAIN_METRIC
+
+    for name, r in bench["tasks"].items():
+        if "main" in r:
+            rows.append(f"| {name} | {MAIN_METRIC[name]} | {r['main']:.3f} | {r['chance']:.3f} |")
+        else:
+            rows.append(f"| {name} | skipped: {r.get('skipped')} | | |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.diht", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--serve", action="store_true", help="serve the deployment 'full' (needs a Prefect server)")
+    parser.add_argument("--summary", action="store_true", help="print the benchmark table of the last run")
     args = parser.parse_args(argv)
     set_env()
     try:
@@ -71,6 +87,9 @@ def main(argv=None) -> None:
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    if args.summary:
+        print(summary(args.params))
+        return
     if args.serve:
         diht.serve(name="full", parameters={"params_path": args.params, "workdir": os.getcwd()})
         return
