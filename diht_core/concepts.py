@@ -37,7 +37,9 @@ def sqrt_resampling_weights(targets: np.ndarray) -> np.ndarray:
     A concept seen f times is drawn about sqrt(f) times instead of f: each sample gets the
     largest 1/sqrt(f_c) over its concepts (samples without concepts get weight 0).
     """
+    if targets.size == 0 or not targets.any():
+        raise ValueError("no sample mentions any vocabulary concept: nothing to re-sample")
     freq = targets.sum(0)
     inv = np.where(freq > 0, 1.0 / np.sqrt(np.maximum(freq, 1)), 0.0)
     w = (targets * inv[None, :]).max(1)
-    return w / w.sum() if w.sum() > 0 else w
+    return w / w.sum()

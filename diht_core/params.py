@@ -106,7 +106,6 @@ class TrainParams(_Strict):
     lambda_obj: float = Field(default=0.0, ge=0)
     lambda_attr: float = Field(default=0.0, ge=0)
     checkpoint_every: int = Field(default=100, ge=1)
-    workers: int = Field(default=0, ge=0)
     log_every: int = Field(default=10, ge=1)
 
 

@@ -60,6 +60,15 @@ class TrainSet:
     def __len__(self):
         return len(self.keys)
 
+    def digest(self) -> str:
+        """Fingerprint of the training data (images, captions, pseudo-labels), for safe resumes."""
+        h = hashlib.sha256("\n".join(self.keys).encode())
+        for t in (self.images, self.tokens, self.obj_targets, self.attr_targets):
+            if t is not None:
+                h.update(t.contiguous().numpy().tobytes())
+        h.update(json.dumps(self.caption_index).encode())
+        return h.hexdigest()[:16]
+
 
 def image_to_uint8(img, size: int) -> torch.Tensor:
     img = img.resize((size, size), resample=3)  # bicubic
@@ -148,17 +157,17 @@ def train(model, data: TrainSet, cfg: TrainConfig, checkpoint_dir: str | Path,
     contrastive = create_loss(cfg.loss)
     distill = ConceptDistillationLoss(cfg.lambda_obj, cfg.lambda_attr)
     use_distill = heads is not None and data.obj_targets is not None and (cfg.lambda_obj > 0 or cfg.lambda_attr > 0)
-    start = 0
+    start, history = 0, []
+    digest = f"{cfg.digest()}-{data.digest()}"
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ck.get("digest") == cfg.digest():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ck.get("digest") == digest:  # same config and same data: continue that run
             model.load_state_dict(ck["model"])
             if heads is not None and ck.get("heads") is not None:
                 heads.load_state_dict(ck["heads"])
             opt.load_state_dict(ck["optimizer"])
-            start = ck["step"]
+            start, history = ck["step"], ck.get("history", [])
     model.train()
-    history = []
     n = len(data)
     t0 = time.time()
     bar = tqdm(range(start, cfg.steps), desc="train", initial=start, total=cfg.steps, mininterval=2.0)
@@ -195,7 +204,8 @@ def train(model, data: TrainSet, cfg: TrainConfig, checkpoint_dir: str | Path,
                 log_fn(step + 1, rec)
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             _atomic_save({"model": model.state_dict(), "heads": heads.state_dict() if heads is not None else None,
-                          "optimizer": opt.state_dict(), "step": step + 1, "digest": cfg.digest()}, ckpt_path)
+                          "optimizer": opt.state_dict(), "step": step + 1, "digest": digest, "history": history},
+                         ckpt_path)
     model.eval()
     ckpt_path.unlink(missing_ok=True)
     final = history[-1] if history else {}

@@ -20,6 +20,10 @@ def body(p, run) -> dict:
         raise ValueError("the CAT filter kept no pairs: loosen cat_filter params")
     vocab = build_vocabulary(kept.objects.map(list), kept.attributes.map(list), p.concepts.min_count,
                              p.concepts.max_size)
+    for kind in ("objects", "attributes"):
+        if not vocab[kind]:
+            raise ValueError(f"the {kind} vocabulary is empty: lower concepts.min_count "
+                             f"(now {p.concepts.min_count}) or keep more pairs in cat_filter")
     out = data / "concepts" / "vocab.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(vocab, indent=1) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,17 @@ def _load_teacher_split(directory: Path, size: int):
     return torch.stack(images), torch.from_numpy(np.stack(labels))
 
 
+def _load_cache(path: Path, digest: str):
+    """(keys, fp32 features) from a feature cache file, or None if missing, stale or unreadable."""
+    try:
+        z = np.load(path)
+        if str(z["digest"]) != digest:
+            return None
+        return z["keys"].tolist(), torch.from_numpy(z["features"].astype(np.float32))
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+
+
 def _probe_accuracy(train_x, train_y, test_x, test_y) -> float:
     clf = LogisticRegression(max_iter=2000, C=1.0).fit(train_x, train_y)
     return float(clf.score(test_x, test_y))
@@ -49,7 +61,7 @@ def body(p, run) -> dict:
         losses = T.pretrain(model, images[n_val:], labels[n_val:], t.pretrain_epochs, t.batch_size, t.lr, p.seed)
     T.freeze(model)
     torch.save(model.state_dict(), out / "teacher.pt")
-    digest = hashlib.sha256((out / "teacher.pt").read_bytes()).hexdigest()[:16]
+    teacher_digest = hashlib.sha256((out / "teacher.pt").read_bytes() + f"{t.arch}/{t.image_size}".encode())
     scores = torch.sigmoid(T.multilabel_scores(model, images[:n_val])).numpy()
     heldout_map = T.mean_average_precision(scores, labels[:n_val].numpy())
 
@@ -73,22 +85,26 @@ def body(p, run) -> dict:
     reused = 0
     for shard in tqdm(shards, desc="teacher features", mininterval=2.0):
         cache = feat_dir / f"{shard.stem}.npz"
-        if cache.exists():
-            z = np.load(cache)
-            if str(z["digest"]) == digest and cache.stat().st_mtime >= shard.stat().st_mtime:
-                keys.extend(z["keys"].tolist())
-                feats.append(torch.from_numpy(z["features"].astype(np.float32)))
-                reused += 1
-                continue
+        digest = teacher_digest.copy()
+        digest.update(shard.read_bytes())  # teacher weights, arch, size and the shard's content
+        digest = digest.hexdigest()[:24]
+        cached = _load_cache(cache, digest)
+        if cached is not None:
+            keys.extend(cached[0])
+            feats.append(cached[1])
+            reused += 1
+            continue
         ks, ims = [], []
         for s in read_samples(shard):
             ks.append(s["key"])
             ims.append(image_to_uint8(decode_image(s["image_bytes"]), t.image_size))
-        f = T.features(model, torch.stack(ims)) if ims else torch.zeros(0, 1)
-        np.savez(cache, keys=np.array(ks), features=f.numpy().astype(np.float16), digest=np.array(digest))
+        f = T.features(model, torch.stack(ims)) if ims else torch.zeros(0, model.num_features)
+        tmp = cache.with_name(cache.stem + ".tmp.npz")
+        np.savez(tmp, keys=np.array(ks, dtype=str), features=f.numpy().astype(np.float16), digest=np.array(digest))
+        os.replace(tmp, cache)
         keys.extend(ks)
         feats.append(f.half().float())
-    for stale in feat_dir.glob("*.npz"):
+    for stale in list(feat_dir.glob("*.npz")):
         if stale.stem not in {s.stem for s in shards}:
             stale.unlink()
     feats = torch.cat(feats)

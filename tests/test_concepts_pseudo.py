@@ -47,3 +47,8 @@ def test_densify_roundtrip(tmp_path):
     assert (pl["objects"] > 0).sum(1).tolist() == [3] * 6
     with pytest.raises(FileNotFoundError):
         load_all(tmp_path / "none", 9, 5)
+
+
+def test_sqrt_weights_reject_conceptless_data():
+    with pytest.raises(ValueError, match="no sample mentions"):
+        sqrt_resampling_weights(np.zeros((3, 2), dtype=np.float32))

@@ -115,3 +115,14 @@ def test_resume_continues_the_same_run(tmp_path):
     for k, v in straight.state_dict().items():
         assert torch.allclose(v, resumed.state_dict()[k], atol=1e-6), k
     assert out["history"][-1]["loss"] == pytest.approx(_run(tmp_path / "c", data, cfg)[1]["history"][-1]["loss"])
+
+
+def test_checkpoint_of_other_data_is_not_resumed(tmp_path):
+    keys = _shards(tmp_path)
+    _, _, tok = create_model("diht-tiny-vit")
+    data = load_train_set(tmp_path, SIZE, tok)
+    cfg = TrainConfig(steps=4, batch_size=8, warmup_steps=1, checkpoint_every=2, log_every=1)
+    assert _run(tmp_path / "d", data, cfg, stop_at=3) == (None, None)
+    data.images = data.images.flip(-1)  # same config, different data
+    _, out = _run(tmp_path / "d", data, cfg)
+    assert out["resumed_from_step"] == 0 and len(out["history"]) == 4

