@@ -72,6 +72,8 @@ class CatFilterParams(_Strict):
     min_chars: int = Field(default=5, ge=1)
     parse_batch_size: int = Field(default=256, ge=1)
     workers: int = Field(default=2, ge=1)
+    task_runner: Literal["process", "dask"] = "process"
+    dask_address: str | None = None
 
 
 class ConceptParams(_Strict):

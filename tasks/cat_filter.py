@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from diht_core.cat.filter import REASONS
+from diht_core.cat.quality import cat_quality
 from diht_core.cat.shards import CatConfig, filter_shard
 from diht_core.data.shards import iter_shard, shard_paths
 
@@ -20,6 +21,27 @@ from ._stage import cli, make_task, pyplot, save_figure
 
 def _job(args):
     return filter_shard(*args)
+
+
+def map_shards_with_dask(jobs: list, workers: int, address: str | None) -> list[dict]:
+    """Map the shard filter over a Dask cluster through Prefect's DaskTaskRunner (a sub-flow).
+
+    address=None starts a local cluster of `workers` processes; a scheduler address filters on a cluster.
+    """
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+    from prefect_dask import DaskTaskRunner
+
+    runner = DaskTaskRunner(address=address) if address else DaskTaskRunner(
+        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                        "dashboard_address": None})
+    shard_task = task(_job, name="cat_filter_shard", cache_policy=NO_CACHE)
+
+    @flow(name="cat_filter_shards", task_runner=runner)
+    def shards_flow(jobs):
+        return [f.result() for f in shard_task.map(jobs)]
+
+    return shards_flow(jobs)
 
 
 def body(p, run) -> dict:
@@ -37,7 +59,9 @@ def body(p, run) -> dict:
             if f.stem not in names:
                 f.unlink()
     jobs = [(s, out_dir / s.name, dec_dir / f"{s.stem}.parquet", cfg) for s in shards]
-    if c.workers > 1 and len(jobs) > 1:
+    if c.task_runner == "dask":
+        results = map_shards_with_dask(jobs, c.workers, c.dask_address)
+    elif c.workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(min(c.workers, len(jobs)), mp_context=mp.get_context("spawn")) as ex:
             results = list(ex.map(_job, jobs))
     else:
@@ -50,7 +74,7 @@ def body(p, run) -> dict:
     resumed = sum(r.get("skipped_done", 0) for r in results)
     print(f"[cat_filter] {len(jobs)} shards, {resumed} already done (reused)")
     metrics = {"funnel": funnel, "kept_fraction": funnel["kept"] / max(1, funnel["in"]),
-               "drop_rate_by_noise": by_noise}
+               "drop_rate_by_noise": by_noise, "quality": cat_quality(df)}
     plots = Path(p.paths.plots)
     plots.mkdir(parents=True, exist_ok=True)
     pd.DataFrame([{"step": k, "count": v} for k, v in funnel.items()]).to_csv(plots / "cat_funnel.csv", index=False)

@@ -129,3 +129,40 @@ def test_doctr_without_weights_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("DOCTR_CACHE_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="docTR weights not found"):
         DocTRSpotter()
+
+
+def test_parser_on_labelled_web_captions():
+    """Our own labelled alt-text style captions: spaCy's small model is not perfect, so we hold a floor."""
+    from pathlib import Path
+
+    rows = [json.loads(line) for line in (Path(__file__).parent / "data" / "web_captions.jsonl").open()]
+    parsed = parse_captions([r["text"] for r in rows])
+    action_acc = np.mean([p.has_action == r["has_action"] for r, p in zip(rows, parsed)])
+    heads = [(o.split()[-1], {x.split()[-1] for x in p.objects}) for r, p in zip(rows, parsed) for o in r["objects"]]
+    object_recall = np.mean([h in found for h, found in heads])
+    assert action_acc >= 0.85, action_acc
+    assert object_recall >= 0.9, object_recall
+    # the boilerplate half is what the action rule exists for
+    products = [p for r, p in zip(rows, parsed) if not r["has_action"]]
+    assert np.mean([not p.has_action for p in products]) >= 0.9
+
+
+def test_quality_against_planted_truth():
+    from diht_core.cat.quality import cat_quality
+
+    df = pd.DataFrame([
+        {"caption": "a red circle chases a blue star", "noise": "clean", "objects": ["circle", "star"],
+         "attributes": ["red", "blue"], "has_action": True, "reason": "kept", "kept": True},
+        {"caption": "a green square holds a star", "noise": "text_in_image", "objects": ["square", "star"],
+         "attributes": ["green"], "has_action": True, "reason": "text_spotted", "kept": False},
+        {"caption": "a red star touches a circle", "noise": "text_in_image", "objects": ["star", "circle"],
+         "attributes": ["red"], "has_action": True, "reason": "kept", "kept": True},
+        {"caption": "stock photo 12", "noise": "junk", "objects": ["stock photo"], "attributes": [],
+         "has_action": False, "reason": "no_action", "kept": False},
+    ])
+    q = cat_quality(df)
+    assert q["spotter"] == {"precision": 1.0, "recall": 0.5, "support": 2}
+    assert q["parser_action"]["precision"] == 1.0 and q["parser_action"]["recall"] == 1.0
+    assert q["parser_objects"] == {"precision": 1.0, "recall": 1.0}
+    assert q["filter_vs_planted_noise"]["recall"] == pytest.approx(2 / 3)
+    assert cat_quality(df.assign(noise=None)) == {}
