@@ -131,6 +131,26 @@ def test_doctr_without_weights_is_a_clear_error(monkeypatch, tmp_path):
         DocTRSpotter()
 
 
+def test_doctr_loads_local_weights_in_its_cache_layout(monkeypatch, tmp_path):
+    """Weights we make ourselves, in docTR's cache layout, load and run (no download)."""
+    import torch
+    from doctr.models import detection, recognition
+
+    from diht_core.cat.spotting import DocTRSpotter
+
+    torch.manual_seed(0)
+    (tmp_path / "models").mkdir()
+    det = detection.db_mobilenet_v3_large(pretrained=False, pretrained_backbone=False)
+    reco = recognition.crnn_mobilenet_v3_small(pretrained=False, pretrained_backbone=False)
+    torch.save(det.state_dict(), tmp_path / "models" / "db_mobilenet_v3_large-21748dd0.pt")
+    torch.save(reco.state_dict(), tmp_path / "models" / "crnn_mobilenet_v3_small-3b6e7a5f.pt")
+    monkeypatch.setenv("DOCTR_CACHE_DIR", str(tmp_path))
+    spotter = DocTRSpotter(det_arch="db_mobilenet_v3_large", reco_arch="crnn_mobilenet_v3_small")
+    rng = np.random.default_rng(0)
+    out = spotter(render(sample_scene(rng, count=1), 128, rng))
+    assert isinstance(out, list) and all(isinstance(t, str) and 0 <= c <= 1 for t, c in out)
+
+
 def test_parser_on_labelled_web_captions():
     """Our own labelled alt-text style captions: spaCy's small model is not perfect, so we hold a floor."""
     from pathlib import Path

@@ -38,23 +38,22 @@ class RapidOCRSpotter:
 
 
 class DocTRSpotter:
-    """docTR's detection + recognition predictor with weights from a local path (never downloaded).
+    """docTR's detection + recognition predictor, weights from local files only (never downloaded).
 
-    ``weights`` is a directory holding ``det.pt`` and ``reco.pt`` (state dicts for
-    db_resnet50 and crnn_vgg16_bn); default: ``$DOCTR_CACHE_DIR/diht``.
+    ``weights`` is a directory holding ``<det_arch>*.pt`` and ``<reco_arch>*.pt`` state dicts, directly or in
+    ``models/`` (docTR's own cache layout); default: ``$DOCTR_CACHE_DIR``.
     """
 
     name = "doctr"
 
     def __init__(self, weights: str | os.PathLike | None = None, det_arch: str = "db_resnet50",
                  reco_arch: str = "crnn_vgg16_bn"):
-        root = Path(weights) if weights else (
-            Path(os.environ["DOCTR_CACHE_DIR"]) / "diht" if os.environ.get("DOCTR_CACHE_DIR") else None)
-        det, reco = (root / "det.pt", root / "reco.pt") if root else (None, None)
-        if det is None or not det.exists() or not reco.exists():
+        root = weights or os.environ.get("DOCTR_CACHE_DIR")
+        det, reco = (_find_weights(Path(root), det_arch), _find_weights(Path(root), reco_arch)) if root else (None, None)
+        if det is None or reco is None:
             raise FileNotFoundError(
-                "docTR weights not found: put det.pt and reco.pt in $DOCTR_CACHE_DIR/diht or pass "
-                f"cat_filter.spotter=rapidocr (looked in {root})")
+                f"docTR weights not found: put {det_arch}*.pt and {reco_arch}*.pt in $DOCTR_CACHE_DIR/models "
+                f"or pass a directory; or use cat_filter.spotter=rapidocr (looked in {root})")
         import torch
         from doctr.models import detection, ocr_predictor, recognition
 
@@ -62,6 +61,7 @@ class DocTRSpotter:
         det_model.load_state_dict(torch.load(det, map_location="cpu", weights_only=True))
         reco_model = recognition.__dict__[reco_arch](pretrained=False, pretrained_backbone=False)
         reco_model.load_state_dict(torch.load(reco, map_location="cpu", weights_only=True))
+        # docTR runs detection on every page and recognition only on the boxes it found
         self.predictor = ocr_predictor(det_model, reco_model, pretrained=False)
 
     def __call__(self, image: Image.Image) -> list[tuple[str, float]]:
@@ -73,6 +73,14 @@ class DocTRSpotter:
                     for word in line.words:
                         out.append((word.value, float(word.confidence)))
         return out
+
+
+def _find_weights(root: Path, arch: str) -> Path | None:
+    for d in (root, root / "models"):
+        found = sorted(d.glob(f"{arch}*.pt")) if d.is_dir() else []
+        if found:
+            return found[0]
+    return None
 
 
 @lru_cache(maxsize=2)
