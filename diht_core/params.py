@@ -109,6 +109,8 @@ class TrainParams(_Strict):
     lambda_attr: float = Field(default=0.0, ge=0)
     checkpoint_every: int = Field(default=100, ge=1)
     log_every: int = Field(default=10, ge=1)
+    loader: Literal["memory", "webdataset"] = "memory"
+    workers: int = Field(default=2, ge=0)
 
 
 TASK_NAMES = ("synthetic_shape", "synthetic_colour", "synthetic_count", "synthetic_retrieval", "synthetic_vqa")

@@ -31,12 +31,43 @@ def label_vector(labels: dict) -> np.ndarray:
     return np.array([1.0 if name in on else 0.0 for name in LABELS], dtype=np.float32)
 
 
+class OpenCLIPTower(torch.nn.Module):
+    """An open_clip image tower with timm's feature/head interface and a multi-label head."""
+
+    def __init__(self, name: str, num_classes: int):
+        super().__init__()
+        from .models import create_model
+
+        self.visual = create_model(name)[0].visual
+        self.num_features = self.visual.output_dim
+        self.head = torch.nn.Linear(self.num_features, num_classes)
+
+    def forward_features(self, x):
+        return self.visual(x)
+
+    def forward_head(self, features, pre_logits: bool = False):
+        return features if pre_logits else self.head(features)
+
+    def forward(self, x):
+        return self.head(self.visual(x))
+
+    def load_state_dict(self, state, strict: bool = True, assign: bool = False):
+        if not any(k.startswith("head.") for k in state):  # a plain open_clip checkpoint: take its visual.*
+            state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+            return self.visual.load_state_dict(state, strict=strict)
+        return super().load_state_dict(state, strict=strict, assign=assign)
+
+
 def build_teacher(arch: str, weights: str | Path | None = None) -> torch.nn.Module:
-    """A timm model with a multi-label head; weights from a local file (never from a hub)."""
-    try:
-        model = timm.create_model(arch, pretrained=False, num_classes=len(LABELS))
-    except RuntimeError as err:
-        raise ValueError(f"teacher.arch: unknown timm model {arch!r}") from err
+    """A timm model (``resnet18``) or an open_clip image tower (``open_clip:ViT-B-32``) with a multi-label
+    head; weights from a local file (never from a hub)."""
+    if arch.startswith("open_clip:"):
+        model = OpenCLIPTower(arch.split(":", 1)[1], len(LABELS))
+    else:
+        try:
+            model = timm.create_model(arch, pretrained=False, num_classes=len(LABELS))
+        except RuntimeError as err:
+            raise ValueError(f"teacher.arch: unknown timm model {arch!r}") from err
     if weights is not None:
         path = Path(weights)
         if not path.exists():

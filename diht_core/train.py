@@ -60,6 +60,18 @@ class TrainSet:
     def __len__(self):
         return len(self.keys)
 
+    def batches(self, cfg: "TrainConfig", start: int):
+        """The batch of every global step from `start` on: a pure function of (seed, step)."""
+        for step in range(start, cfg.steps):
+            idx = batch_indices(step, len(self), cfg.batch_size, cfg.seed)
+            g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+            rows = [self.caption_index[i][int(torch.randint(len(self.caption_index[i]), (1,), generator=g))]
+                    for i in idx.tolist()]
+            batch = {"image": self.images[idx], "text": self.tokens[rows]}
+            if self.obj_targets is not None:
+                batch["obj"], batch["attr"] = self.obj_targets[idx], self.attr_targets[idx]
+            yield batch
+
     def digest(self) -> str:
         """Fingerprint of the training data (images, captions, pseudo-labels), for safe resumes."""
         h = hashlib.sha256("\n".join(self.keys).encode())
@@ -145,9 +157,38 @@ def _atomic_save(obj, path: Path):
     os.replace(tmp, path)
 
 
-def train(model, data: TrainSet, cfg: TrainConfig, checkpoint_dir: str | Path,
+class StreamingData:
+    """Training batches streamed from shards by a webdataset loader (see data/loader.py), epoch after epoch.
+
+    Resuming restarts the interrupted epoch's stream with that epoch's seed (the schedule continues
+    exactly; the order of the samples inside that epoch does not).
+    """
+
+    def __init__(self, make_loader: Callable[[int], object], fingerprint: str, distill: bool):
+        self.make_loader, self.fingerprint, self.has_targets = make_loader, fingerprint, distill
+        self.skipped = 0
+
+    def digest(self) -> str:
+        return self.fingerprint
+
+    def batches(self, cfg: "TrainConfig", start: int):
+        step, epoch = start, 0
+        while step < cfg.steps:
+            for batch in self.make_loader(cfg.seed * 100_003 + epoch):
+                self.skipped += batch["skipped"]
+                if len(batch["key"]) < 2:
+                    continue
+                yield batch
+                step += 1
+                if step >= cfg.steps:
+                    return
+            epoch += 1
+
+
+def train(model, data, cfg: TrainConfig, checkpoint_dir: str | Path,
           log_fn: Callable[[int, dict], None] | None = None, heads: ConceptHeads | None = None) -> dict:
-    """Train in place; resume from checkpoint_dir/latest.pt when it matches cfg. Returns summary metrics."""
+    """Train in place on a TrainSet (in memory) or StreamingData; resume from checkpoint_dir/latest.pt
+    when it matches cfg and the data. Returns summary metrics."""
     ckpt_path = Path(checkpoint_dir) / "latest.pt"
     params = list(model.parameters()) + (list(heads.parameters()) if heads is not None else [])
     decay = [p for p in params if p.ndim >= 2]
@@ -156,7 +197,8 @@ def train(model, data: TrainSet, cfg: TrainConfig, checkpoint_dir: str | Path,
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     contrastive = create_loss(cfg.loss)
     distill = ConceptDistillationLoss(cfg.lambda_obj, cfg.lambda_attr)
-    use_distill = heads is not None and data.obj_targets is not None and (cfg.lambda_obj > 0 or cfg.lambda_attr > 0)
+    has_targets = getattr(data, "has_targets", getattr(data, "obj_targets", None) is not None)
+    use_distill = heads is not None and has_targets and (cfg.lambda_obj > 0 or cfg.lambda_attr > 0)
     start, history = 0, []
     digest = f"{cfg.digest()}-{data.digest()}"
     if ckpt_path.exists():
@@ -168,26 +210,19 @@ def train(model, data: TrainSet, cfg: TrainConfig, checkpoint_dir: str | Path,
             opt.load_state_dict(ck["optimizer"])
             start, history = ck["step"], ck.get("history", [])
     model.train()
-    n = len(data)
     t0 = time.time()
-    bar = tqdm(range(start, cfg.steps), desc="train", initial=start, total=cfg.steps, mininterval=2.0)
-    for step in bar:
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", mininterval=2.0)
+    for step, batch in enumerate(data.batches(cfg, start), start=start):
         lr = cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps)
         for g in opt.param_groups:
             g["lr"] = lr
-        idx = batch_indices(step, n, cfg.batch_size, cfg.seed)
-        g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-        rows = [data.caption_index[i][int(torch.randint(len(data.caption_index[i]), (1,), generator=g))]
-                for i in idx.tolist()]
-        images = normalize_images(data.images[idx])
-        text = data.tokens[rows]
-        img_f, txt_f, logit_scale = model(images, text)[:3]
+        img_f, txt_f, logit_scale = model(normalize_images(batch["image"]), batch["text"])[:3]
         loss_c = contrastive(img_f, txt_f, logit_scale)
         loss = loss_c
         loss_d = torch.zeros(())
         if use_distill:
             obj_logits, attr_logits = heads(img_f)
-            loss_d = distill(obj_logits, attr_logits, data.obj_targets[idx], data.attr_targets[idx])
+            loss_d = distill(obj_logits, attr_logits, batch["obj"], batch["attr"])
             loss = loss + loss_d
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -198,6 +233,7 @@ def train(model, data: TrainSet, cfg: TrainConfig, checkpoint_dir: str | Path,
             rec = {"loss": loss.item(), "loss_contrastive": loss_c.item(), "loss_distill": loss_d.item(),
                    "lr": lr, "logit_scale": model.logit_scale.exp().item(),
                    "samples_per_s": (step + 1 - start) * cfg.batch_size / max(1e-9, time.time() - t0)}
+            bar.update(step + 1 - bar.n)
             history.append({"step": step + 1, **rec})
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
             if log_fn:
@@ -206,6 +242,7 @@ def train(model, data: TrainSet, cfg: TrainConfig, checkpoint_dir: str | Path,
             _atomic_save({"model": model.state_dict(), "heads": heads.state_dict() if heads is not None else None,
                           "optimizer": opt.state_dict(), "step": step + 1, "digest": digest, "history": history},
                          ckpt_path)
+    bar.close()
     model.eval()
     ckpt_path.unlink(missing_ok=True)
     final = history[-1] if history else {}

@@ -17,7 +17,7 @@ from diht_core import teacher as T
 from diht_core.benchmark import encode_images, load_split
 from diht_core.concepts import multi_hot, sqrt_resampling_weights
 from diht_core.data.shards import decode_image, read_samples, shard_paths
-from diht_core.models import create_model
+from diht_core.models import create_model, image_size
 from diht_core.train import image_to_uint8
 
 from ._stage import cli, make_task
@@ -56,6 +56,8 @@ def body(p, run) -> dict:
     images, labels = _load_teacher_split(data / "raw" / "teacher", t.image_size)
     n_val = max(1, len(images) // 5)
     model = T.build_teacher(t.arch, t.weights)
+    if isinstance(model, T.OpenCLIPTower) and image_size(model) != t.image_size:
+        raise ValueError(f"teacher.image_size={t.image_size} but {t.arch} takes {image_size(model)} px images")
     losses = []
     if t.weights is None:
         losses = T.pretrain(model, images[n_val:], labels[n_val:], t.pretrain_epochs, t.batch_size, t.lr, p.seed)
@@ -71,8 +73,7 @@ def body(p, run) -> dict:
     teacher_acc = _probe_accuracy(T.features(model, tr["images"]).numpy(), tr["cls"].numpy(),
                                   T.features(model, te["images"]).numpy(), te["cls"].numpy())
     student, _, _ = create_model(p.train.model)
-    size = student.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
+    size = image_size(student)
     tr_s, te_s = load_split(eval_dir / "train", size), load_split(eval_dir / "test", size)
     student_acc = _probe_accuracy(encode_images(student, tr_s["images"]).numpy(), tr_s["cls"].numpy(),
                                   encode_images(student, te_s["images"]).numpy(), te_s["cls"].numpy())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import replace
@@ -12,7 +13,9 @@ import torch
 
 from diht_core import pseudo_labels as PL
 from diht_core.models import ConceptHeads, create_model, image_size
-from diht_core.train import TrainConfig, load_train_set, train
+from diht_core.data.loader import SparsePseudoLabels, make_loader
+from diht_core.data.shards import shard_paths
+from diht_core.train import StreamingData, TrainConfig, load_train_set, train
 
 from ._stage import STATE_DIR, cli, make_task, pyplot, save_figure
 
@@ -29,9 +32,12 @@ def body(p, run) -> dict:
     pseudo = None
     sizes = json.loads((data / "pseudo_labels" / "vocab_sizes.json").read_text())
     heads = ConceptHeads(model.visual.output_dim, sizes["objects"], sizes["attributes"])
-    if distill:
-        pseudo = PL.load_all(data / "pseudo_labels", sizes["objects"], sizes["attributes"])
-    trainset = load_train_set(data / "filtered", image_size(model), tokenizer, pseudo, p.pseudo_labels.missing)
+    if tp.loader == "webdataset":
+        trainset = _streaming(p, data, image_size(model), tokenizer, sizes if distill else None)
+    else:
+        if distill:
+            pseudo = PL.load_all(data / "pseudo_labels", sizes["objects"], sizes["attributes"])
+        trainset = load_train_set(data / "filtered", image_size(model), tokenizer, pseudo, p.pseudo_labels.missing)
     summary = train(model, trainset, cfg, STATE_DIR / "checkpoints" / "train",
                     log_fn=run.log_step, heads=heads)
     models.mkdir(parents=True, exist_ok=True)
@@ -45,14 +51,30 @@ def body(p, run) -> dict:
     run.log_artifact(plots / "train_loss.png", "plots")
     return {
         "model": tp.model,
-        "train_pairs": len(trainset),
-        "train_captions": int(trainset.tokens.shape[0]),
+        "loader": tp.loader,
+        "train_pairs": len(trainset) if tp.loader == "memory" else None,
+        "train_captions": int(trainset.tokens.shape[0]) if tp.loader == "memory" else None,
         "skipped_samples": trainset.skipped,
         "samples_seen": tp.steps * tp.batch_size,
         "distillation": distill,
         "final_loss": summary["final_loss"],
         "final_logit_scale": float(model.logit_scale.exp()),
     }
+
+
+def _streaming(p, data: Path, size: int, tokenizer, sizes: dict | None) -> StreamingData:
+    """Shards streamed by the webdataset loader, pseudo-labels joined by key in the workers."""
+    pseudo = SparsePseudoLabels(data / "pseudo_labels", sizes["objects"], sizes["attributes"]) if sizes else None
+    h = hashlib.sha256()
+    files = shard_paths(data / "filtered") + (sorted((data / "pseudo_labels").glob("*.npz")) if sizes else [])
+    for f in files:
+        h.update(f.read_bytes())
+
+    def loader(seed: int):
+        return make_loader(data / "filtered", size, tokenizer, p.train.batch_size, p.train.workers, pseudo,
+                           p.pseudo_labels.missing, seed)
+
+    return StreamingData(loader, h.hexdigest()[:16], distill=sizes is not None)
 
 
 def _loss_png(hist: pd.DataFrame, path: Path) -> None:

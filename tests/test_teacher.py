@@ -48,3 +48,19 @@ def test_label_vector():
                         "count": 2})
     on = {T.LABELS[i] for i in np.flatnonzero(v)}
     assert on == {"shape:circle", "colour:red", "colour:blue", "size:small", "relation:holds", "count:2"}
+
+
+def test_open_clip_tower_as_teacher(tmp_path):
+    from diht_core.models import create_model
+
+    torch.manual_seed(0)
+    clip, _, _ = create_model("diht-tiny-vit")
+    torch.save(clip.state_dict(), tmp_path / "clip.pt")  # a plain open_clip checkpoint
+    teacher = T.freeze(T.build_teacher("open_clip:diht-tiny-vit", tmp_path / "clip.pt"))
+    images = torch.randint(0, 255, (3, 3, 48, 48), dtype=torch.uint8)
+    from diht_core.train import normalize_images
+
+    with torch.no_grad():
+        expected = clip.encode_image(normalize_images(images))
+    assert torch.allclose(T.features(teacher, images), expected, atol=1e-5)
+    assert T.multilabel_scores(teacher, images).shape == (3, len(T.LABELS))

@@ -1,0 +1,108 @@
+"""A streaming webdataset loader for training: shard shuffling, several workers, and the join of
+each sample with its two sparse pseudo-label vectors by key.
+
+A sample whose key has no pseudo-label is an error (missing="error") or is skipped and counted
+(missing="skip"); the count travels with each batch, so no worker ever hangs on it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from .shards import decode_image, shard_paths
+
+
+class SparsePseudoLabels:
+    """All pseudo-label shards of a directory, kept sparse (int32 index, fp16 prob), looked up by key."""
+
+    def __init__(self, directory: str | Path, n_objects: int, n_attributes: int):
+        files = sorted(Path(directory).glob("*.npz"))
+        if not files:
+            raise FileNotFoundError(f"no pseudo-label shards in {directory}")
+        parts = [np.load(f) for f in files]
+        self.keys = [k for z in parts for k in z["keys"].tolist()]
+        self.row = {k: i for i, k in enumerate(self.keys)}
+        self.obj_idx = np.concatenate([z["obj_idx"] for z in parts])
+        self.obj_p = np.concatenate([z["obj_p"] for z in parts])
+        self.attr_idx = np.concatenate([z["attr_idx"] for z in parts])
+        self.attr_p = np.concatenate([z["attr_p"] for z in parts])
+        self.sizes = (n_objects, n_attributes)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.row
+
+    def dense(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        i = self.row[key]
+        obj, attr = torch.zeros(self.sizes[0]), torch.zeros(self.sizes[1])
+        obj[torch.from_numpy(self.obj_idx[i].astype(np.int64))] = torch.from_numpy(self.obj_p[i].astype(np.float32))
+        attr[torch.from_numpy(self.attr_idx[i].astype(np.int64))] = torch.from_numpy(
+            self.attr_p[i].astype(np.float32))
+        return obj, attr
+
+
+class _Join:
+    """Turns a raw webdataset sample into (key, image uint8, tokens, obj, attr), or a counted skip."""
+
+    def __init__(self, image_size: int, tokenizer, pseudo: SparsePseudoLabels | None, missing: str, seed: int):
+        self.image_size, self.tokenizer, self.pseudo, self.missing = image_size, tokenizer, pseudo, missing
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, raw: dict):
+        from ..train import image_to_uint8
+
+        key = raw["__key__"]
+        if self.pseudo is not None and key not in self.pseudo:
+            if self.missing == "error":
+                raise KeyError(f"no pseudo-label for sample key {key!r} (pseudo_labels.missing=error)")
+            return {"skip": 1}
+        try:
+            image = image_to_uint8(decode_image(raw.get("jpg") or raw.get("png") or b""), self.image_size)
+        except ValueError:
+            return {"skip": 1}
+        meta = json.loads(raw["json"]) if "json" in raw else {}
+        captions = meta.get("captions") or [raw.get("txt", b"").decode("utf-8", errors="replace")]
+        text = captions[int(self.rng.integers(len(captions)))]  # several captions: one per visit
+        out = {"skip": 0, "key": key, "image": image, "text": self.tokenizer([text])[0]}
+        if self.pseudo is not None:
+            out["obj"], out["attr"] = self.pseudo.dense(key)
+        return out
+
+
+def _collate(samples: list[dict]) -> dict:
+    kept = [s for s in samples if not s["skip"]]
+    batch = {"skipped": sum(s["skip"] for s in samples), "key": [s["key"] for s in kept]}
+    for name in ("image", "text", "obj", "attr"):
+        if kept and name in kept[0]:
+            batch[name] = torch.stack([s[name] for s in kept])
+    return batch
+
+
+def make_loader(shard_dir: str | Path, image_size: int, tokenizer, batch_size: int, workers: int = 0,
+                pseudo: SparsePseudoLabels | None = None, missing: str = "error", seed: int = 0,
+                shuffle_buffer: int = 1000) -> torch.utils.data.DataLoader:
+    """One epoch over the shards: shard order shuffled by seed, samples shuffled in a buffer, split
+    across workers by shard. Batches are dicts: key, image (uint8), text, obj, attr, skipped."""
+    urls = [str(p) for p in shard_paths(shard_dir)]
+    if not urls:
+        raise FileNotFoundError(f"no shards in {shard_dir}")
+    ds = (wds.WebDataset(urls, shardshuffle=len(urls), seed=seed, empty_check=False,
+                         nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker)
+          .shuffle(shuffle_buffer)
+          .map(_Join(image_size, tokenizer, pseudo, missing, seed))
+          .batched(batch_size, collation_fn=_collate, partial=True))
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
+                                       persistent_workers=False, worker_init_fn=_seed_worker(seed))
+
+
+def _seed_worker(seed: int):
+    def init(worker_id: int):
+        import random
+
+        random.seed(seed * 1000 + worker_id)
+        np.random.seed(seed * 1000 + worker_id)
+    return init

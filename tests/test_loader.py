@@ -1,0 +1,64 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diht_core.data.loader import SparsePseudoLabels, make_loader
+from diht_core.data.scenes import render, sample_scene
+from diht_core.data.shards import encode_jpg, write_shard
+from diht_core.models import create_model
+from diht_core.pseudo_labels import save_shard
+
+N_OBJ, N_ATTR = 12, 8
+
+
+def _setup(tmp_path, n_shards=4, per_shard=10, drop=()):
+    rng = np.random.default_rng(0)
+    keys = []
+    for s in range(n_shards):
+        samples = []
+        for i in range(per_shard):
+            key = f"{s * per_shard + i:09d}"
+            sc = sample_scene(rng, count=1)
+            samples.append({"__key__": key, "jpg": encode_jpg(render(sc, 32, rng)), "txt": "a red circle",
+                            "json": json.dumps({"captions": ["a red circle", "a circle"]}).encode()})
+            keys.append(key)
+        write_shard(tmp_path / "shards" / f"{s}.tar", samples)
+    # the pseudo-label of key k puts its top mass on object k % N_OBJ and attribute k % N_ATTR
+    kept = [k for k in keys if k not in drop]
+    n = np.array([int(k) for k in kept])
+    obj = (np.stack([n % N_OBJ, (n + 1) % N_OBJ], 1).astype(np.int32), np.tile([0.75, 0.25], (len(n), 1)).astype(np.float16))
+    attr = (np.stack([n % N_ATTR], 1).astype(np.int32), np.ones((len(n), 1), np.float16))
+    save_shard(tmp_path / "pl" / "0.npz", kept, obj, attr)
+    return keys
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_join_is_correct_on_shuffled_shards(tmp_path, workers):
+    keys = _setup(tmp_path)
+    _, _, tok = create_model("diht-tiny-vit")
+    pl = SparsePseudoLabels(tmp_path / "pl", N_OBJ, N_ATTR)
+    loader = make_loader(tmp_path / "shards", 32, tok, batch_size=7, workers=workers, pseudo=pl, seed=3)
+    seen = []
+    for batch in loader:
+        assert batch["image"].shape[1:] == (3, 32, 32) and batch["text"].shape[0] == len(batch["key"])
+        for key, obj, attr in zip(batch["key"], batch["obj"], batch["attr"]):
+            k = int(key)
+            assert obj[k % N_OBJ] == pytest.approx(0.75, abs=1e-3) and obj.sum() == pytest.approx(1.0, abs=1e-3)
+            assert attr[k % N_ATTR] == 1.0
+        seen += batch["key"]
+    assert sorted(seen) == keys            # every sample exactly once
+    assert seen != keys                    # and not in file order
+
+
+def test_missing_pseudo_label_is_an_error_or_a_counted_skip(tmp_path):
+    _setup(tmp_path, drop={"000000013", "000000027"})
+    _, _, tok = create_model("diht-tiny-vit")
+    pl = SparsePseudoLabels(tmp_path / "pl", N_OBJ, N_ATTR)
+    with pytest.raises(KeyError, match="no pseudo-label"):
+        for _ in make_loader(tmp_path / "shards", 32, tok, 8, workers=0, pseudo=pl, missing="error"):
+            pass
+    batches = list(make_loader(tmp_path / "shards", 32, tok, 8, workers=2, pseudo=pl, missing="skip"))
+    assert sum(b["skipped"] for b in batches) == 2
+    assert sum(len(b["key"]) for b in batches) == 38
