@@ -126,3 +126,34 @@ def test_checkpoint_of_other_data_is_not_resumed(tmp_path):
     data.images = data.images.flip(-1)  # same config, different data
     _, out = _run(tmp_path / "d", data, cfg)
     assert out["resumed_from_step"] == 0 and len(out["history"]) == 4
+
+
+OPENAI_LAYOUT = ["visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding", "visual.ln_pre.weight",
+                 "visual.transformer.resblocks.0.ln_1.weight", "visual.transformer.resblocks.0.attn.in_proj_weight",
+                 "visual.transformer.resblocks.0.attn.out_proj.weight", "visual.transformer.resblocks.0.ln_2.bias",
+                 "visual.transformer.resblocks.0.mlp.c_fc.weight", "visual.transformer.resblocks.0.mlp.c_proj.bias",
+                 "visual.ln_post.weight", "visual.proj", "token_embedding.weight", "positional_embedding",
+                 "transformer.resblocks.0.attn.in_proj_weight", "ln_final.weight", "text_projection", "logit_scale"]
+
+
+def test_diht_released_checkpoint_layout_loads(tmp_path):
+    """A raw state dict in DiHT's OpenAI-CLIP layout, named <name>_<sha256>.ckpt, loads and is verified."""
+    import hashlib
+
+    torch.manual_seed(3)
+    src, _, _ = create_model("diht-tiny-vit")
+    state = {k: v for k, v in src.state_dict().items() if k != "attn_mask"}
+    assert set(OPENAI_LAYOUT) <= set(state) and "visual.conv1.bias" not in state
+    raw = tmp_path / "raw.ckpt"
+    torch.save(state, raw)
+    digest = hashlib.sha256(raw.read_bytes()).hexdigest()
+    ckpt = tmp_path / f"diht_tiny_{digest}.ckpt"
+    raw.rename(ckpt)
+    model, _, _ = create_model("diht-tiny-vit", pretrained=str(ckpt))
+    assert isinstance(model.visual.transformer.resblocks[0].mlp.gelu, torch.nn.GELU)  # plain GELU, not QuickGELU
+    for k, v in state.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    bad = tmp_path / f"diht_tiny_{'0' * 64}.ckpt"
+    bad.write_bytes(ckpt.read_bytes())
+    with pytest.raises(ValueError, match="SHA256"):
+        create_model("diht-tiny-vit", pretrained=str(bad))

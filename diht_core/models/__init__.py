@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 
 import open_clip
@@ -28,14 +30,35 @@ def list_models() -> list[str]:
     return open_clip.list_models()
 
 
+def verify_checkpoint(path: str | Path) -> None:
+    """DiHT names its checkpoints ``<name>_<sha256>.ckpt``: check the file against that digest."""
+    path = Path(path)
+    m = re.search(r"_([0-9a-f]{64})\.ckpt$", path.name)
+    if m is None:
+        return
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() != m.group(1):
+        raise ValueError(f"{path}: SHA256 {h.hexdigest()} does not match the one in its name")
+
+
 def create_model(name: str, pretrained: str | None = None, device: str = "cpu"):
-    """An open_clip model, its eval preprocess and tokenizer. pretrained: a local state-dict path."""
+    """An open_clip model, its eval preprocess and tokenizer.
+
+    pretrained: a local checkpoint: ours (a plain open_clip state dict), open_clip's, or DiHT's released
+    ones (raw OpenAI-CLIP-layout state dicts, GELU, loaded with open_clip's non-QuickGELU configs
+    ``ViT-B-32``, ``ViT-B-16``, ``ViT-L-14``, ``ViT-L-14-336``; their SHA256 is verified).
+    """
     register_configs()
     if name not in open_clip.list_models():
         raise ValueError(f"unknown model config {name!r}; known: ours {[p.stem for p in CONFIG_DIR.glob('*.json')]} "
                          "plus open_clip's (open_clip.list_models())")
     if pretrained is not None and not Path(pretrained).exists():
         raise FileNotFoundError(f"checkpoint not found: {pretrained}")
+    if pretrained is not None:
+        verify_checkpoint(pretrained)
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
     tokenizer = open_clip.get_tokenizer(name)
     return model, preprocess, tokenizer
