@@ -27,6 +27,32 @@ MAIN_METRIC = {
 }
 
 
+TASK_TYPE = {"synthetic_shape": "zeroshot_classification", "synthetic_colour": "zeroshot_classification",
+             "synthetic_count": "zeroshot_classification", "synthetic_retrieval": "zeroshot_retrieval",
+             "synthetic_vqa": "vqa_answer_selection"}
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    """The main metric of every task against chance, and the mean over the tasks that ran."""
+    rows = ["| task | metric | result | chance |", "|---|---|---|---|"]
+    done = []
+    for name, r in results.items():
+        if "main" in r:
+            rows.append(f"| {name} | {MAIN_METRIC[name]} | {r['main']:.3f} | {r['chance']:.3f} |")
+            done.append(r["main"])
+        else:
+            rows.append(f"| {name} | skipped: {r.get('skipped')} | | |")
+    if done:
+        rows.append(f"| **mean of main metrics** ({len(done)} tasks) | | {np.mean(done):.3f} | |")
+    return "\n".join(rows)
+
+
+def clip_benchmark_record(name: str, metrics: dict, model: str, pretrained: str) -> dict:
+    """One task's result in CLIP_benchmark's JSON format."""
+    return {"dataset": name, "model": model, "pretrained": pretrained, "task": TASK_TYPE[name],
+            "metrics": {k: v for k, v in metrics.items() if k not in ("main", "chance")}, "language": "en"}
+
+
 @torch.no_grad()
 def encode_images(model, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     out = [model.encode_image(normalize_images(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]

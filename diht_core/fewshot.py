@@ -111,6 +111,12 @@ def run_fewshot(train_x, train_y, val_x, val_y, test_x, test_y, W0, shots=(1, 2,
     C = W0.shape[1]
     curve = []
     for k in shots:
+        if k == 0:  # no training data: the prompt-initialised probe is the zero-shot classifier itself
+            zs = probe_accuracy(test_x, test_y, W0, torch.zeros(C))
+            scratch0 = probe_accuracy(test_x, test_y, torch.zeros_like(W0), torch.zeros(C))
+            curve.append({"k": 0, "pgd_mean": zs, "pgd_std": 0.0, "scratch_mean": scratch0, "scratch_std": 0.0,
+                          "best_delta": [0.0] * len(seeds), "best_weight_decay": [None] * len(seeds)})
+            continue
         pgd, scr, bd, bw = [], [], [], []
         for seed in seeds:
             idx = kshot_indices(train_y, k, seed)

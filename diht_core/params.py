@@ -133,7 +133,7 @@ class BenchmarkParams(_Strict):
 
 class FewshotParams(_Strict):
     task: Literal["synthetic_shape", "synthetic_colour", "synthetic_count"] = "synthetic_shape"
-    shots: list[int] = [1, 2, 4, 8, 16]
+    shots: list[int] = [0, 1, 2, 4, 8, 16]
     seeds: int = Field(default=3, ge=1)
     deltas: list[float] = [0.0, 0.25, 0.5, 1.0, 2.0]
     weight_decays: list[float] = [0.0, 1e-4, 1e-3, 1e-2]
@@ -143,8 +143,8 @@ class FewshotParams(_Strict):
     @field_validator("shots")
     @classmethod
     def _shots(cls, v):
-        if not v or any(k < 1 for k in v):
-            raise ValueError("shots must be a non-empty list of integers >= 1")
+        if not v or any(k < 0 for k in v):
+            raise ValueError("shots must be a non-empty list of integers >= 0 (0: zero-shot)")
         return sorted(set(v))
 
     @field_validator("deltas", "weight_decays")

@@ -61,17 +61,10 @@ def diht(params_path: str = "params.yaml", overrides: dict | None = None, workdi
 
 def summary(params_path: str = "params.yaml") -> str:
     """A markdown table of the benchmark's main metrics against chance, from metrics/benchmark.json."""
-    params = load_params(params_path)
-    bench = json.loads((Path(params.paths.metrics) / "benchmark.json").read_text())
-    rows = ["| task | metric | result | chance |", "|---|---|---|---|"]
-    from diht_core.benchmark import MAIN_METRIC
+    from diht_core.benchmark import markdown_table
 
-    for name, r in bench["tasks"].items():
-        if "main" in r:
-            rows.append(f"| {name} | {MAIN_METRIC[name]} | {r['main']:.3f} | {r['chance']:.3f} |")
-        else:
-            rows.append(f"| {name} | skipped: {r.get('skipped')} | | |")
-    return "\n".join(rows)
+    params = load_params(params_path)
+    return markdown_table(json.loads((Path(params.paths.metrics) / "benchmark.json").read_text())["tasks"])
 
 
 def main(argv=None) -> None:

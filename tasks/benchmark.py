@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
-from diht_core.benchmark import run_task
+from diht_core.benchmark import clip_benchmark_record, markdown_table, run_task
 from diht_core.models import create_model, image_size
 
 from ._stage import cli, make_task
@@ -29,11 +30,33 @@ def body(p, run) -> dict:
         if "skipped" in results[name]:
             print(f"[benchmark] {name}: skipped: {results[name]['skipped']}")
     done = [r for r in results.values() if "main" in r]
+    per_task = Path(p.paths.metrics) / "benchmark"
+    per_task.mkdir(parents=True, exist_ok=True)
+    for name, r in results.items():
+        if "main" in r:
+            record = clip_benchmark_record(name, r, p.train.model, str(Path(p.paths.models) / "model.pt"))
+            (per_task / f"{name}.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    table = markdown_table(results)
+    run.mlflow.log_text(table, "benchmark.md")
+    _prefect_artifact(table)
     return {
         "tasks": results,
         "mean_main": float(np.mean([r["main"] for r in done])) if done else float("nan"),
         "mean_chance": float(np.mean([r["chance"] for r in done])) if done else float("nan"),
     }
+
+
+def _prefect_artifact(table: str) -> None:
+    """A markdown artifact on the Prefect run, when there is one (not from the plain CLI)."""
+    from prefect.context import get_run_context
+
+    try:
+        get_run_context()
+    except Exception:  # no flow or task run: dvc repro or the CLI
+        return
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(markdown=table, key="diht-benchmark", description="DiHT synthetic zero-shot benchmark")
 
 
 benchmark = make_task("benchmark", body)

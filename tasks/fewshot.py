@@ -43,7 +43,7 @@ def _curve_png(curve: pd.DataFrame, zero_shot: float, path: Path) -> None:
     ax.errorbar(curve.k, curve.pgd_mean, curve.pgd_std, marker="o", label="prompt-init PGD")
     ax.errorbar(curve.k, curve.scratch_mean, curve.scratch_std, marker="s", label="from scratch")
     ax.axhline(zero_shot, ls="--", c="gray", label="zero-shot")
-    ax.set_xscale("log", base=2)
+    ax.set_xscale("symlog", base=2, linthresh=1)
     ax.set_xlabel("shots per class")
     ax.set_ylabel("test accuracy")
     ax.legend()

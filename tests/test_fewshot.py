@@ -74,3 +74,20 @@ def test_pgd_beats_scratch_at_one_shot():
     assert one["k"] == 1 and len(one["best_delta"]) == 3
     assert one["pgd_mean"] > one["scratch_mean"] + 0.15
     assert full["scratch_mean"] > one["scratch_mean"]  # more shots help the scratch probe
+
+
+def test_curve_starts_at_zero_shot():
+    import torch
+
+    from diht_core.fewshot import probe_accuracy, run_fewshot
+
+    g = torch.Generator().manual_seed(0)
+    W0 = torch.nn.functional.normalize(torch.randn(8, 3, generator=g), dim=0)
+    y = torch.arange(3).repeat(10)
+    x = torch.nn.functional.normalize(W0.T[y] + 0.5 * torch.randn(30, 8, generator=g), dim=-1)
+    res = run_fewshot(x, y, x, y, x, y, W0, shots=[0, 1], seeds=[0, 1], deltas=[0.0, 0.5], weight_decays=[0.0],
+                      steps=5, lr=0.05)
+    k0 = res["curve"][0]
+    assert k0["k"] == 0 and k0["pgd_mean"] == res["zero_shot"] == probe_accuracy(x, y, W0, torch.zeros(3))
+    assert k0["scratch_mean"] == pytest.approx(1 / 3)
+    assert res["curve"][1]["k"] == 1
