@@ -32,13 +32,61 @@ TASK_TYPE = {"synthetic_shape": "zeroshot_classification", "synthetic_colour": "
              "synthetic_vqa": "vqa_answer_selection"}
 
 
+def _encode_pil(model, preprocess, images, batch_size: int = 256) -> torch.Tensor:
+    """Embeddings of PIL images through the model's own eval preprocessing (resize, crop, normalise)."""
+    out, buf = [], []
+    with torch.no_grad():
+        for img in images:
+            buf.append(preprocess(img.convert("RGB")))
+            if len(buf) == batch_size:
+                out.append(model.encode_image(torch.stack(buf)))
+                buf = []
+        if buf:
+            out.append(model.encode_image(torch.stack(buf)))
+    return F.normalize(torch.cat(out).float(), dim=-1)
+
+
+def run_registered(name: str, model, preprocess, tokenizer, data_root: str | Path, batch_size: int = 256) -> dict:
+    """A real task of the registry (diht_core.eval.registry); absent data comes back as skipped, with the reason."""
+    from .eval.datasets import DatasetNotFound
+    from .eval.registry import resolve
+
+    try:
+        spec, data = resolve(name, data_root)
+    except DatasetNotFound as err:
+        return {"skipped": str(err)}
+    model.eval()
+    encode = text_encoder(model, tokenizer, batch_size)
+    img = _encode_pil(model, preprocess, data["images"], batch_size)
+    if spec.kind == "classification":
+        W = build_classifier(encode, data["classnames"], data["templates"])
+        metrics = zero_shot_classification(img, W, data["labels"])
+        chance = 1.0 / W.shape[1]
+    elif spec.kind == "retrieval":
+        txt = encode(spec.wrap_captions(data["captions"]))
+        metrics = retrieval_metrics(img, txt, data["text_to_image"], ks=(1, 5, 10), block_size=spec.block_size)
+        chance = 1.0 / min(len(img), spec.block_size or len(img))
+    else:
+        statements = data["statements"]
+        flat = encode([s for row in statements for s in row])
+        st = torch.full((len(statements), max(map(len, statements)), flat.shape[1]), float("nan"))
+        offset = 0
+        for i, row in enumerate(statements):
+            st[i, :len(row)] = flat[offset:offset + len(row)]
+            offset += len(row)
+        metrics = vqa_accuracy(img, st, torch.as_tensor(data["labels"]), data.get("qtypes"))
+        chance = metrics.get("chance", float("nan"))
+    metrics = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+    return {**metrics, "main": float(metrics[spec.main_metric]), "chance": float(chance)}
+
+
 def markdown_table(results: dict[str, dict]) -> str:
     """The main metric of every task against chance, and the mean over the tasks that ran."""
     rows = ["| task | metric | result | chance |", "|---|---|---|---|"]
     done = []
     for name, r in results.items():
         if "main" in r:
-            rows.append(f"| {name} | {MAIN_METRIC[name]} | {r['main']:.3f} | {r['chance']:.3f} |")
+            rows.append(f"| {name} | {_main_metric(name)} | {r['main']:.3f} | {r['chance']:.3f} |")
             done.append(r["main"])
         else:
             rows.append(f"| {name} | skipped: {r.get('skipped')} | | |")
@@ -47,9 +95,24 @@ def markdown_table(results: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
+def _main_metric(name: str) -> str:
+    if name in MAIN_METRIC:
+        return MAIN_METRIC[name]
+    from .eval.registry import get_task
+
+    return get_task(name).main_metric
+
+
 def clip_benchmark_record(name: str, metrics: dict, model: str, pretrained: str) -> dict:
     """One task's result in CLIP_benchmark's JSON format."""
-    return {"dataset": name, "model": model, "pretrained": pretrained, "task": TASK_TYPE[name],
+    if name in TASK_TYPE:
+        task = TASK_TYPE[name]
+    else:
+        from .eval.registry import get_task
+
+        task = {"classification": "zeroshot_classification", "retrieval": "zeroshot_retrieval",
+                "vqa": "vqa_answer_selection"}[get_task(name).kind]
+    return {"dataset": name, "model": model, "pretrained": pretrained, "task": task,
             "metrics": {k: v for k, v in metrics.items() if k not in ("main", "chance")}, "language": "en"}
 
 

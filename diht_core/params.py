@@ -118,14 +118,21 @@ TASK_NAMES = ("synthetic_shape", "synthetic_colour", "synthetic_count", "synthet
 
 class BenchmarkParams(_Strict):
     tasks: list[str] = list(TASK_NAMES)
+    data_root: str = "datasets"   # where the real tasks' data lives (diht_core/eval/registry.py)
+    model: str | None = None       # open_clip config of the evaluated model; null: train.model
+    checkpoint: str | None = None  # a local checkpoint (ours, open_clip's, DiHT's); null: models/model.pt
     batch_size: int = Field(default=256, ge=1)
 
     @field_validator("tasks")
     @classmethod
     def _known(cls, v):
-        unknown = [t for t in v if t not in TASK_NAMES]
+        from .eval.registry import list_tasks
+
+        known = set(list_tasks())
+        unknown = [t for t in v if t not in known]
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; known: {list(TASK_NAMES)}")
+            raise ValueError(f"unknown task(s) {unknown}; see docs/benchmark_tasks.md or "
+                             "diht_core.eval.registry.list_tasks()")
         if not v:
             raise ValueError("at least one task")
         return v

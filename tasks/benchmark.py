@@ -7,26 +7,32 @@ from pathlib import Path
 
 import numpy as np
 
-from diht_core.benchmark import clip_benchmark_record, markdown_table, run_task
+from diht_core.benchmark import MAIN_METRIC, clip_benchmark_record, markdown_table, run_registered, run_task
 from diht_core.models import create_model, image_size
 
 from ._stage import cli, make_task
 
 
-def load_trained(p):
-    path = Path(p.paths.models) / "model.pt"
+def load_trained(p, with_preprocess: bool = False):
+    """The model to evaluate: benchmark.checkpoint (any open_clip/DiHT checkpoint) or the trained one."""
+    path = Path(p.benchmark.checkpoint or Path(p.paths.models) / "model.pt")
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run the train stage first")
-    model, _, tokenizer = create_model(p.train.model, pretrained=str(path))
-    return model.eval(), tokenizer
+        hint = "" if p.benchmark.checkpoint else ": run the train stage first"
+        raise FileNotFoundError(f"{path} not found{hint}")
+    model, preprocess, tokenizer = create_model(p.benchmark.model or p.train.model, pretrained=str(path))
+    return (model.eval(), preprocess, tokenizer) if with_preprocess else (model.eval(), tokenizer)
 
 
 def body(p, run) -> dict:
-    model, tokenizer = load_trained(p)
+    model, preprocess, tokenizer = load_trained(p, with_preprocess=True)
     eval_root = Path(p.paths.data) / "eval"
     results = {}
     for name in p.benchmark.tasks:
-        results[name] = run_task(name, model, tokenizer, eval_root, image_size(model), p.benchmark.batch_size)
+        if name in MAIN_METRIC:  # the built-in synthetic tasks
+            results[name] = run_task(name, model, tokenizer, eval_root, image_size(model), p.benchmark.batch_size)
+        else:
+            results[name] = run_registered(name, model, preprocess, tokenizer, p.benchmark.data_root,
+                                           p.benchmark.batch_size)
         if "skipped" in results[name]:
             print(f"[benchmark] {name}: skipped: {results[name]['skipped']}")
     done = [r for r in results.values() if "main" in r]
@@ -34,7 +40,8 @@ def body(p, run) -> dict:
     per_task.mkdir(parents=True, exist_ok=True)
     for name, r in results.items():
         if "main" in r:
-            record = clip_benchmark_record(name, r, p.train.model, str(Path(p.paths.models) / "model.pt"))
+            record = clip_benchmark_record(name, r, p.benchmark.model or p.train.model,
+                                           str(p.benchmark.checkpoint or Path(p.paths.models) / "model.pt"))
             (per_task / f"{name}.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     table = markdown_table(results)
     run.mlflow.log_text(table, "benchmark.md")
