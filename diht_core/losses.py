@@ -25,6 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _at_least_fp32(x):
+    """fp16/bf16 tensors -> fp32; fp32, fp64 and Python numbers unchanged."""
+    return x.float() if torch.is_tensor(x) and x.is_floating_point() and torch.finfo(x.dtype).bits < 32 else x
+
+
 def gather_features(image_features, text_features, rank: int = 0, world_size: int = 1):
     """All-gather features across ranks with gradients (identity on one process).
 
@@ -57,26 +62,62 @@ class ContrastiveLoss(nn.Module):
         return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
-def _hn_nce_direction(logits: torch.Tensor, labels: torch.Tensor, log_alpha: float, beta: float) -> torch.Tensor:
-    """Mean over rows of one HN-NCE direction; row i's positive is column labels[i], every other column a negative.
+def _exp_normalizer_(x: torch.Tensor, dim: int):
+    """In place x <- exp(x - max) along dim; returns (sum of the new x, log-sum-exp of the old x) along dim."""
+    m = x.amax(dim, keepdim=True)
+    x.sub_(m).exp_()
+    s = x.sum(dim, keepdim=True)
+    return s, m + s.log()
 
-    loss_i = -log[ e^{l_ii} / (alpha e^{l_ii} + sum_{j!=i} w_ij e^{l_ij}) ],
-    w_ij   = (N-1) e^{beta l_ij} / sum_{k!=i} e^{beta l_ik}            (l = s / tau = logit, N = number of columns)
 
-    All in log space: log w_ij = log(N-1) + beta l_ij - LSE_{k!=i}(beta l_ik), and the denominator is one LSE over
-    [log alpha + l_ii, (log w_ij + l_ij)_{j!=i}], so nothing is exponentiated raw.
+class _HardNegativeNCE(torch.autograd.Function):
+    """Mean over anchors of one HN-NCE direction of a logits matrix, with its analytic gradient.
+
+    The anchors run along the dimension that is not ``dim`` (dim=1: rows are anchors, dim=0: columns are);
+    anchor i's positive sits at index labels[i] along ``dim``, everything else along ``dim`` is a negative:
+
+        loss_i = -log[ e^{l_ip} / (alpha e^{l_ip} + sum_{j!=p} w_ij e^{l_ij}) ],
+        w_ij   = (N-1) e^{beta l_ij} / sum_{k!=p} e^{beta l_ik}          (l = s / tau = logit, N = size along dim)
+
+    In log space: log w_ij = log(N-1) + beta l_ij - LSE_{k!=p}(beta l_ik), and the denominator is one LSE over
+    [log alpha + l_ip, (log w_ij + l_ij)_{j!=p}], so nothing is exponentiated raw.  With q the softmax of
+    beta*l over the negatives and r the softmax of those denominator terms, the gradient is
+
+        dloss_i/dl_ip = r_p - 1,    dloss_i/dl_ij = (1 + beta) r_j - beta (1 - r_p) q_j   (j != p).
+
+    (A fused function rather than autograd over the ops: a third of the passes over the n x N matrix.)
     """
-    n_cols = logits.shape[1]
-    pos = torch.zeros_like(logits, dtype=torch.bool)
-    pos[torch.arange(logits.shape[0], device=logits.device), labels] = True
-    pos_logits = logits.gather(1, labels[:, None])                                    # [n, 1]
-    if beta == 0:  # uniform weights, exactly 1 each (skip the normalizer: it is log(N-1))
-        neg_terms = logits
-    else:
-        log_norm = torch.logsumexp((beta * logits).masked_fill(pos, -math.inf), dim=1, keepdim=True)
-        neg_terms = (1 + beta) * logits + (math.log(n_cols - 1) - log_norm)           # log(w_ij e^{l_ij})
-    terms = torch.where(pos, pos_logits + log_alpha, neg_terms)
-    return (torch.logsumexp(terms, dim=1) - pos_logits[:, 0]).mean()
+
+    @staticmethod
+    def forward(ctx, logits, labels, dim: int, log_alpha: float, beta: float):
+        idx = labels.view(-1, 1) if dim == 1 else labels.view(1, -1)
+        pos = logits.gather(dim, idx)
+        n_neg = logits.shape[dim] - 1
+        if beta > 0:
+            q = logits * beta                               # becomes exp(beta l - max), 0 at the positive
+            q.scatter_(dim, idx, -math.inf)
+            q_sum, log_norm = _exp_normalizer_(q, dim)
+            r = torch.add(math.log(n_neg) - log_norm, logits, alpha=1 + beta)
+        else:                                               # uniform weights, exactly 1 each
+            q = q_sum = None
+            r = logits.clone()
+        r.scatter_(dim, idx, pos + log_alpha)
+        r_sum, log_den = _exp_normalizer_(r, dim)           # r becomes exp(terms - max)
+        ctx.dim, ctx.beta = dim, beta
+        ctx.save_for_backward(idx, r, r_sum, q, q_sum)
+        return (log_den - pos).mean()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        idx, r, r_sum, q, q_sum = ctx.saved_tensors
+        dim, beta = ctx.dim, ctx.beta
+        c = grad_output / idx.numel()                       # d mean / d loss_i
+        r_pos = r.gather(dim, idx) / r_sum
+        grad = r * ((1 + beta) * c / r_sum)
+        if q is not None:
+            grad.addcmul_(q, (1 - r_pos) * (-beta * c) / q_sum)
+        grad.scatter_(dim, idx, (r_pos - 1) * c)
+        return grad, None, None, None, None
 
 
 class HardNegativeContrastiveLoss(nn.Module):
@@ -88,8 +129,10 @@ class HardNegativeContrastiveLoss(nn.Module):
         w_ij = (n-1) * exp(beta * s_ij / tau) / sum_{k != i} exp(beta * s_ik / tau),   s_ij / tau = logit_ij,
 
     so the weights of a row sum to n-1 (n = global batch).  alpha=1, beta=0 is InfoNCE (``ContrastiveLoss``).
-    Computed in fp32 with log-sum-exp whatever the input dtype; returns the fp32 loss, mean over the batch and
-    averaged over the two directions.
+    (In the report's text->image weight the sum reads k != j; it is the normaliser of text anchor i's negatives,
+    k != i, the mirror of the image->text one, as it must be for those weights to sum to n-1.)
+    Mean over the batch, averaged over the two directions.  Computed in (at least) fp32 in log space (log-sum-exp
+    of log-weights, no raw exponentials) whatever the input dtype: fp16/bf16 inputs give an fp32 loss.
     """
 
     def __init__(self, alpha: float = 1.0, beta: float = 0.0, rank: int = 0, world_size: int = 1):
@@ -103,34 +146,65 @@ class HardNegativeContrastiveLoss(nn.Module):
         self.rank, self.world_size = rank, world_size
 
     def forward(self, image_features, text_features, logit_scale):
-        image_features, text_features = image_features.float(), text_features.float()
-        logit_scale = logit_scale.float() if torch.is_tensor(logit_scale) else logit_scale
+        with torch.autocast(image_features.device.type, enabled=False):  # fp32 whatever the caller's autocast
+            return self._loss(_at_least_fp32(image_features), _at_least_fp32(text_features),
+                              _at_least_fp32(logit_scale))
+
+    def _loss(self, image_features, text_features, logit_scale):
         n = image_features.shape[0]
+        if self.world_size * n < 2:
+            raise ValueError("HN-NCE needs a batch of at least 2 (a batch of 1 has no negatives)")
         labels = torch.arange(n, device=image_features.device) + n * self.rank
-        if self.world_size > 1:
+        log_alpha = math.log(self.alpha)
+        if self.world_size > 1:  # local loss: local rows against all columns, labels offset by rank
             all_image, all_text = gather_features(image_features, text_features, self.rank, self.world_size)
             logits_per_image = logit_scale * image_features @ all_text.T
             logits_per_text = logit_scale * text_features @ all_image.T
-        else:
-            logits_per_image = logit_scale * image_features @ text_features.T
-            logits_per_text = logits_per_image.T  # one product serves both directions
-        if logits_per_image.shape[1] < 2:
-            raise ValueError("HN-NCE needs a batch of at least 2 (a batch of 1 has no negatives)")
-        log_alpha = math.log(self.alpha)
-        return (_hn_nce_direction(logits_per_image, labels, log_alpha, self.beta)
-                + _hn_nce_direction(logits_per_text, labels, log_alpha, self.beta)) / 2
+            return (_HardNegativeNCE.apply(logits_per_image, labels, 1, log_alpha, self.beta)
+                    + _HardNegativeNCE.apply(logits_per_text, labels, 1, log_alpha, self.beta)) / 2
+        # one product serves both directions: image anchors are its rows, text anchors its columns
+        logits = logit_scale * image_features @ text_features.T
+        return (_HardNegativeNCE.apply(logits, labels, 1, log_alpha, self.beta)
+                + _HardNegativeNCE.apply(logits, labels, 0, log_alpha, self.beta)) / 2
+
+
+class _SigmoidPairLoss(torch.autograd.Function):
+    """sum_ij -logsigmoid(y_ij z_ij) / n_rows, y = +1 at the positives (flat indices into z) and -1 elsewhere.
+
+    -logsigmoid(y z) = softplus(z) - [y=1] z,  softplus(z) = relu(z) + log(1 + exp(-|z|)),
+    d/dz = sigmoid(z) - [y=1].
+    (A fused function rather than autograd over F.logsigmoid: one n x N buffer per pass, everything else in
+    place; on CPU logsigmoid alone costs as much as the matmul.)
+    """
+
+    @staticmethod
+    def forward(ctx, logits, pos_flat):
+        buf = torch.clamp(logits, min=0)
+        total = buf.sum() - logits.reshape(-1)[pos_flat].sum()
+        torch.sub(logits, buf, alpha=2, out=buf)            # z - 2 relu(z) = -|z|
+        total = total + buf.exp_().add_(1).log_().sum()     # log(1 + e^{-|z|}), in (0, log 2]
+        ctx.save_for_backward(logits, pos_flat)
+        return total / logits.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        logits, pos_flat = ctx.saved_tensors
+        grad = torch.sigmoid(logits)
+        grad.view(-1)[pos_flat] -= 1
+        return grad.mul_(grad_output / logits.shape[0]), None
 
 
 class SigmoidLoss(nn.Module):
     """SigLIP's sigmoid loss with FFF's multi-positive labels (Bulat et al.; fff-paper-summary.md).
 
-    loss = -sum_{i,j} logsigmoid(y_ij * (logit_scale * x_i . t_j + logit_bias)) / n,   y = 2M - 1,
+        loss = -sum_{i,j} logsigmoid(y_ij * (logit_scale * x_i . t_j + logit_bias)) / n,   y = 2M - 1,
 
     where M [n, n_all] marks the positive pairs of the local images (rows) against all texts (columns);
     ``positives=None`` is the identity (offset by rank), which is exactly open_clip's ``SigLipLoss``.  A full
-    [n_all, n_all] matrix (e.g. ``mine_false_negatives`` on gathered features) is also accepted: its rows for this
-    rank are used.  With world_size > 1 the texts are all-gathered with gradients (instead of open_clip's
-    neighbour exchange), so the mean over ranks equals one process holding the whole batch.
+    [n_all, n_all] matrix (e.g. ``mine_false_negatives`` on gathered features) is also accepted: this rank's rows
+    are used.  With world_size > 1 the texts are all-gathered with gradients (instead of open_clip's neighbour
+    exchange), so the mean over ranks equals one process holding the whole batch.  Computed in (at least) fp32
+    whatever the input dtype.
     """
 
     def __init__(self, rank: int = 0, world_size: int = 1):
@@ -138,23 +212,42 @@ class SigmoidLoss(nn.Module):
         self.rank, self.world_size = rank, world_size
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, positives=None):
-        n = image_features.shape[0]
-        _, all_text = gather_features(None, text_features, self.rank, self.world_size)
-        logits = logit_scale * image_features @ all_text.T
-        if logit_bias is not None:
-            logits = logits + logit_bias
-        if positives is None:
-            labels = -torch.ones_like(logits)
-            labels[torch.arange(n, device=logits.device), torch.arange(n, device=logits.device) + n * self.rank] = 1
-        else:
-            positives = torch.as_tensor(positives, device=logits.device).bool()
-            if positives.shape[0] == all_text.shape[0] != n:  # full matrix: keep this rank's rows
-                positives = positives[n * self.rank:n * (self.rank + 1)]
-            if positives.shape != logits.shape:
-                raise ValueError(f"positives must be [n, n_all] = {list(logits.shape)} (or [n_all, n_all]), "
-                                 f"got {list(positives.shape)}")
-            labels = positives.to(logits.dtype) * 2 - 1
-        return -F.logsigmoid(labels * logits).sum() / n
+        with torch.autocast(image_features.device.type, enabled=False):  # fp32 whatever the caller's autocast
+            image_features, text_features = _at_least_fp32(image_features), _at_least_fp32(text_features)
+            logit_scale = _at_least_fp32(logit_scale)
+            n = image_features.shape[0]
+            _, all_text = gather_features(None, text_features, self.rank, self.world_size)
+            n_all = all_text.shape[0]
+            if logit_bias is None:
+                logits = (logit_scale * image_features) @ all_text.T
+            else:  # the bias enters as the GEMM's C term: no extra pass over the n x n_all matrix
+                bias = _at_least_fp32(torch.as_tensor(logit_bias, device=image_features.device))
+                logits = torch.addmm(bias, logit_scale * image_features, all_text.T)
+            if positives is None:
+                rows = torch.arange(n, device=logits.device)
+                pos_flat = rows * n_all + rows + n * self.rank
+            else:
+                positives = torch.as_tensor(positives, device=logits.device)
+                if positives.shape[0] == n_all != n:  # full matrix: keep this rank's rows
+                    positives = positives[n * self.rank:n * (self.rank + 1)]
+                if positives.shape != logits.shape:
+                    raise ValueError(f"positives must be a bool matrix [n, n_all] = {list(logits.shape)} "
+                                     f"(or [n_all, n_all]), got {list(positives.shape)}")
+                pos_flat = positives.bool().reshape(-1).nonzero().squeeze(1)
+            return _SigmoidPairLoss.apply(logits, pos_flat)
+
+
+def _or_similar_(out, a, b, threshold, block: int = 1024):
+    """out |= (a @ b.T >= threshold), block by block (never an n x n float matrix); for b is a (a Gram matrix,
+    symmetric) each off-diagonal block is computed once and mirrored."""
+    symmetric = b is a
+    for i in range(0, a.shape[0], block):
+        for j in range(i if symmetric else 0, b.shape[0], block):
+            hit = a[i:i + block] @ b[j:j + block].T >= threshold
+            out[i:i + block, j:j + block] |= hit
+            if symmetric and j != i:
+                out[j:j + block, i:i + block] |= hit.T
+    return out
 
 
 @torch.no_grad()
@@ -172,14 +265,14 @@ def mine_false_negatives(image_features, text_features, it_threshold=None, tt_th
     if text_features.shape[0] != n:
         raise ValueError(f"image and text batches differ: {n} vs {text_features.shape[0]}")
     m = torch.eye(n, dtype=torch.bool, device=image_features.device)
-    img = F.normalize(image_features.float(), dim=-1) if (it_threshold, ii_threshold) != (None, None) else None
-    txt = F.normalize(text_features.float(), dim=-1) if (it_threshold, tt_threshold) != (None, None) else None
+    img = F.normalize(_at_least_fp32(image_features), dim=-1) if (it_threshold, ii_threshold) != (None, None) else None
+    txt = F.normalize(_at_least_fp32(text_features), dim=-1) if (it_threshold, tt_threshold) != (None, None) else None
     if it_threshold is not None:
-        m |= img @ txt.T >= it_threshold
+        _or_similar_(m, img, txt, it_threshold)
     if tt_threshold is not None:
-        m |= txt @ txt.T >= tt_threshold
+        _or_similar_(m, txt, txt, tt_threshold)
     if ii_threshold is not None:
-        m |= img @ img.T >= ii_threshold
+        _or_similar_(m, img, img, ii_threshold)
     if groups is not None:
         groups = torch.as_tensor(groups, device=m.device)
         if groups.shape != (n,):

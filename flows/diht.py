@@ -1,8 +1,8 @@
 """The Prefect flow `diht`: every stage, in order, under one MLflow parent run.
 
     python -m flows.diht                 # ephemeral mode, no server (what `make demo` runs)
-    python -m flows.diht --serve         # serve the deployment `full` (what `make serve` runs)
-    prefect deployment run diht/full     # run it through the server
+    python -m flows.diht --serve         # serve the deployments full, filter-only, eval-only (`make serve`)
+    prefect deployment run diht/full     # run one through the server
 """
 
 from __future__ import annotations
@@ -31,15 +31,30 @@ TASKS = {"download": download, "cat_filter": cat_filter, "concepts": concepts, "
          "pseudo_labels": pseudo_labels, "train": train_task, "benchmark": benchmark, "fewshot": fewshot}
 
 
+DEPLOYMENTS = {  # name -> the stages it runs
+    "full": list(STAGES),
+    "filter-only": ["download", "cat_filter"],
+    "eval-only": ["benchmark", "fewshot"],
+}
+
+
 @flow(name="diht", log_prints=True)
-def diht(params_path: str = "params.yaml", overrides: dict | None = None, workdir: str | None = None) -> dict:
-    """download -> cat_filter -> concepts -> teacher -> pseudo_labels -> train -> benchmark -> fewshot."""
+def diht(params_path: str = "params.yaml", overrides: dict | None = None, workdir: str | None = None,
+         stages: list[str] | None = None) -> dict:
+    """download -> cat_filter -> concepts -> teacher -> pseudo_labels -> train -> benchmark -> fewshot.
+
+    stages: run only these (in pipeline order), on the files the earlier stages left.
+    """
     import mlflow
 
     if workdir:
         os.chdir(workdir)
     set_env()
     params = load_params(params_path, overrides)  # validated before any work starts
+    unknown = sorted(set(stages or ()) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
+    run_stages = [s for s in STAGES if stages is None or s in stages]
     logger = get_run_logger()
     experiment_id = setup_mlflow(params)
     results = {}
@@ -47,16 +62,20 @@ def diht(params_path: str = "params.yaml", overrides: dict | None = None, workdi
                           tags={"diht.pipeline": "full"}) as parent:
         mlflow.log_param("params_path", params_path)
         mlflow.log_dict(params.model_dump(), "params.json")
-        for name in STAGES:
+        mlflow.set_tag("diht.stages", ",".join(run_stages))
+        for name in run_stages:
             logger.info("stage %s", name)
             results[name] = TASKS[name](params_path, overrides, parent.info.run_id)
-        headline = {f"{t}/{k}": v for t, r in results["benchmark"]["tasks"].items() for k, v in r.items()
-                    if k in ("main", "chance")}
-        mlflow.log_metrics(mlflow_names({k: float(v) for k, v in headline.items()}))
-        mlflow.log_metric("benchmark_mean_main", results["benchmark"]["mean_main"])
+        if "benchmark" in results:
+            headline = {f"{t}/{k}": v for t, r in results["benchmark"]["tasks"].items() for k, v in r.items()
+                        if k in ("main", "chance")}
+            mlflow.log_metrics(mlflow_names({k: float(v) for k, v in headline.items()}))
+            mlflow.log_metric("benchmark_mean_main", results["benchmark"]["mean_main"])
     print(f"metrics in {Path(params.paths.metrics).resolve()}/; MLflow store {tracking_uri(params)}")
-    return {"parent_run_id": parent.info.run_id,
-            "benchmark": {t: r.get("main") for t, r in results["benchmark"]["tasks"].items()}}
+    out = {"parent_run_id": parent.info.run_id, "stages": run_stages}
+    if "benchmark" in results:
+        out["benchmark"] = {t: r.get("main") for t, r in results["benchmark"]["tasks"].items()}
+    return out
 
 
 def summary(params_path: str = "params.yaml") -> str:
@@ -71,7 +90,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.diht", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--serve", action="store_true", help="serve the deployment 'full' (needs a Prefect server)")
+    parser.add_argument("--serve", action="store_true", help="serve the deployments full, filter-only and eval-only (needs a Prefect server)")
     parser.add_argument("--summary", action="store_true", help="print the benchmark table of the last run")
     args = parser.parse_args(argv)
     set_env()
@@ -84,7 +103,11 @@ def main(argv=None) -> None:
         print(summary(args.params))
         return
     if args.serve:
-        diht.serve(name="full", parameters={"params_path": args.params, "workdir": os.getcwd()})
+        from prefect import serve
+
+        serve(*[diht.to_deployment(name, parameters={"params_path": args.params, "workdir": os.getcwd(),
+                                                     "stages": stages if name != "full" else None})
+                for name, stages in DEPLOYMENTS.items()])
         return
     out = diht(params_path=args.params)
     print(json.dumps(out, indent=1))

@@ -130,6 +130,14 @@ def test_served_deployment_runs_the_pipeline(tiny_project):
         assert "COMPLETED" in (res.stdout + res.stderr).upper()
         for stage in STAGES:
             assert (tiny_project / "metrics" / f"{stage}.json").exists(), stage
+        # eval-only reruns just the benchmark and the few-shot probe on the trained model
+        before = (tiny_project / "metrics" / "train.json").stat().st_mtime
+        (tiny_project / "metrics" / "benchmark.json").unlink()
+        res = _run([str(BIN / "prefect"), "deployment", "run", "diht/eval-only", "--watch", "--watch-timeout", "300"],
+                   tiny_project, timeout=350, env=env)
+        assert "COMPLETED" in (res.stdout + res.stderr).upper()
+        assert (tiny_project / "metrics" / "benchmark.json").exists()
+        assert (tiny_project / "metrics" / "train.json").stat().st_mtime == before
     finally:
         if served is not None:
             _stop(served)
