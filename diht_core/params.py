@@ -104,7 +104,12 @@ class TrainParams(_Strict):
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.1, ge=0)
     warmup_steps: int = Field(default=50, ge=0)
-    loss: Literal["infonce"] = "infonce"
+    loss: Literal["infonce", "hn-nce", "sigmoid"] = "infonce"
+    hn_alpha: float = Field(default=1.0, gt=0, le=1)      # HN-NCE: scales the positive term in the denominator
+    hn_beta: float = Field(default=0.0, ge=0)             # HN-NCE: hardness of the negative weights (0: InfoNCE)
+    fff_it_threshold: float | None = Field(default=None, ge=-1, le=1)  # sigmoid: FFF mining, image-text cosine
+    fff_tt_threshold: float | None = Field(default=None, ge=-1, le=1)  # text-text cosine
+    fff_ii_threshold: float | None = Field(default=None, ge=-1, le=1)  # image-image cosine
     lambda_obj: float = Field(default=0.0, ge=0)
     lambda_attr: float = Field(default=0.0, ge=0)
     checkpoint_every: int = Field(default=100, ge=1)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data.shards import decode_image, read_samples, shard_paths
-from .losses import ConceptDistillationLoss, create_loss
+from .losses import ConceptDistillationLoss, create_loss, mine_false_negatives
 from .models import ConceptHeads
 
 MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
@@ -37,6 +37,11 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 50
     loss: str = "infonce"
+    hn_alpha: float = 1.0
+    hn_beta: float = 0.0
+    fff_it_threshold: float | None = None
+    fff_tt_threshold: float | None = None
+    fff_ii_threshold: float | None = None
     lambda_obj: float = 0.0
     lambda_attr: float = 0.0
     checkpoint_every: int = 100
@@ -195,7 +200,11 @@ def train(model, data, cfg: TrainConfig, checkpoint_dir: str | Path,
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    contrastive = create_loss(cfg.loss)
+    contrastive = create_loss(cfg.loss, **({"alpha": cfg.hn_alpha, "beta": cfg.hn_beta} if cfg.loss == "hn-nce" else {}))
+    if cfg.loss == "sigmoid" and getattr(model, "logit_bias", None) is None:
+        raise ValueError("the sigmoid loss needs a model with a learnable logit_bias "
+                         "(create_model(..., init_logit_bias=-10))")
+    mining = any(t is not None for t in (cfg.fff_it_threshold, cfg.fff_tt_threshold, cfg.fff_ii_threshold))
     distill = ConceptDistillationLoss(cfg.lambda_obj, cfg.lambda_attr)
     has_targets = getattr(data, "has_targets", getattr(data, "obj_targets", None) is not None)
     use_distill = heads is not None and has_targets and (cfg.lambda_obj > 0 or cfg.lambda_attr > 0)
@@ -216,8 +225,14 @@ def train(model, data, cfg: TrainConfig, checkpoint_dir: str | Path,
         lr = cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps)
         for g in opt.param_groups:
             g["lr"] = lr
-        img_f, txt_f, logit_scale = model(normalize_images(batch["image"]), batch["text"])[:3]
-        loss_c = contrastive(img_f, txt_f, logit_scale)
+        out = model(normalize_images(batch["image"]), batch["text"])
+        img_f, txt_f, logit_scale = out[:3]
+        if cfg.loss == "sigmoid":
+            positives = mine_false_negatives(img_f, txt_f, cfg.fff_it_threshold, cfg.fff_tt_threshold,
+                                             cfg.fff_ii_threshold) if mining else None
+            loss_c = contrastive(img_f, txt_f, logit_scale, out[3], positives=positives)
+        else:
+            loss_c = contrastive(img_f, txt_f, logit_scale)
         loss = loss_c
         loss_d = torch.zeros(())
         if use_distill:

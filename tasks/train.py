@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -26,8 +27,12 @@ def body(p, run) -> dict:
     cfg = TrainConfig(model=tp.model, steps=tp.steps, batch_size=tp.batch_size, lr=tp.lr,
                       weight_decay=tp.weight_decay, warmup_steps=tp.warmup_steps, loss=tp.loss,
                       lambda_obj=tp.lambda_obj, lambda_attr=tp.lambda_attr, checkpoint_every=tp.checkpoint_every,
-                      log_every=tp.log_every, seed=p.seed)
-    model, _, tokenizer = create_model(tp.model)
+                      log_every=tp.log_every, seed=p.seed, hn_alpha=tp.hn_alpha, hn_beta=tp.hn_beta,
+                      fff_it_threshold=tp.fff_it_threshold, fff_tt_threshold=tp.fff_tt_threshold,
+                      fff_ii_threshold=tp.fff_ii_threshold)
+    # the sigmoid loss starts where open_clip's SigLIP does: scale ln(10), bias -10
+    sig = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if tp.loss == "sigmoid" else {}
+    model, _, tokenizer = create_model(tp.model, **sig)
     distill = tp.lambda_obj > 0 or tp.lambda_attr > 0
     pseudo = None
     sizes = json.loads((data / "pseudo_labels" / "vocab_sizes.json").read_text())

@@ -157,3 +157,30 @@ def test_diht_released_checkpoint_layout_loads(tmp_path):
     bad.write_bytes(ckpt.read_bytes())
     with pytest.raises(ValueError, match="SHA256"):
         create_model("diht-tiny-vit", pretrained=str(bad))
+
+
+@pytest.mark.parametrize("loss, extra", [("hn-nce", {"hn_alpha": 0.8, "hn_beta": 0.5}),
+                                         ("sigmoid", {"fff_it_threshold": 0.9, "fff_tt_threshold": 0.95})])
+def test_train_with_hard_negative_and_sigmoid_losses(tmp_path, loss, extra):
+    import math
+
+    keys = _shards(tmp_path)
+    torch.manual_seed(0)
+    kw = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if loss == "sigmoid" else {}
+    model, _, tok = create_model("diht-tiny-vit", **kw)
+    data = load_train_set(tmp_path, SIZE, tok)
+    cfg = TrainConfig(steps=3, batch_size=8, warmup_steps=1, log_every=1, loss=loss, **extra)
+    out = train(model, data, cfg, tmp_path / "ck")
+    assert len(out["history"]) == 3 and all(math.isfinite(h["loss"]) for h in out["history"])
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    again, _, _ = create_model("diht-tiny-vit", pretrained=str(tmp_path / "m.pt"))  # bias detected and loaded
+    if loss == "sigmoid":
+        assert torch.equal(again.logit_bias, model.logit_bias)
+
+
+def test_sigmoid_loss_needs_a_bias(tmp_path):
+    _shards(tmp_path)
+    model, _, tok = create_model("diht-tiny-vit")
+    with pytest.raises(ValueError, match="logit_bias"):
+        train(model, load_train_set(tmp_path, SIZE, tok), TrainConfig(steps=1, batch_size=8, loss="sigmoid"),
+              tmp_path / "ck")

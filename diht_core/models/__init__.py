@@ -44,7 +44,7 @@ def verify_checkpoint(path: str | Path) -> None:
         raise ValueError(f"{path}: SHA256 {h.hexdigest()} does not match the one in its name")
 
 
-def create_model(name: str, pretrained: str | None = None, device: str = "cpu"):
+def create_model(name: str, pretrained: str | None = None, device: str = "cpu", **model_kwargs):
     """An open_clip model, its eval preprocess and tokenizer.
 
     pretrained: a local checkpoint: ours (a plain open_clip state dict), open_clip's, or DiHT's released
@@ -59,7 +59,12 @@ def create_model(name: str, pretrained: str | None = None, device: str = "cpu"):
         raise FileNotFoundError(f"checkpoint not found: {pretrained}")
     if pretrained is not None:
         verify_checkpoint(pretrained)
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+        state = torch.load(pretrained, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if "logit_bias" in state:  # trained with the sigmoid loss: the model carries a bias
+            model_kwargs.setdefault("init_logit_bias", 0.0)
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device,
+                                                                 **model_kwargs)
     tokenizer = open_clip.get_tokenizer(name)
     return model, preprocess, tokenizer
 
