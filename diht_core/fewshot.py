@@ -101,12 +101,19 @@ def kshot_indices(labels, k: int, seed: int) -> torch.LongTensor:
 
 
 def run_fewshot(train_x, train_y, val_x, val_y, test_x, test_y, W0, shots=(1, 2, 4, 8, 16), seeds=(0, 1, 2),
-                deltas=(0.0, 0.1, 0.3, 1.0, 3.0), weight_decays=(0.0, 1e-4, 1e-3, 1e-2), steps=200, lr=0.05) -> dict:
-    """Few-shot curve: per k and seed, pick delta (delta_b = delta) / weight decay on val, score on test.
+                deltas=(0.0, 0.1, 0.3, 1.0, 3.0), weight_decays=(0.0, 1e-4, 1e-3, 1e-2), steps=200, lr=0.05,
+                delta_bs=None) -> dict:
+    """Few-shot curve: per k and seed, pick (delta, delta_b) from the grid deltas x delta_bs (delta_bs=None:
+    delta_b = delta) / the weight decay on val, score on test.
 
-    best_delta / best_weight_decay are the per-seed choices (val ties go to the earliest grid entry);
-    std is the population std over seeds.
+    best_delta / best_delta_b / best_weight_decay are the per-seed choices (val ties go to the earliest grid
+    entry); std is the population std over seeds.
     """
+    if delta_bs is None:
+        grid_w, grid_b = list(deltas), list(deltas)
+    else:
+        grid_w = [d for d in deltas for _ in delta_bs]
+        grid_b = [db for _ in deltas for db in delta_bs]
     W0 = W0.float()
     C = W0.shape[1]
     curve = []
@@ -115,21 +122,23 @@ def run_fewshot(train_x, train_y, val_x, val_y, test_x, test_y, W0, shots=(1, 2,
             zs = probe_accuracy(test_x, test_y, W0, torch.zeros(C))
             scratch0 = probe_accuracy(test_x, test_y, torch.zeros_like(W0), torch.zeros(C))
             curve.append({"k": 0, "pgd_mean": zs, "pgd_std": 0.0, "scratch_mean": scratch0, "scratch_std": 0.0,
-                          "best_delta": [0.0] * len(seeds), "best_weight_decay": [None] * len(seeds)})
+                          "best_delta": [0.0] * len(seeds), "best_delta_b": [0.0] * len(seeds),
+                          "best_weight_decay": [None] * len(seeds)})
             continue
-        pgd, scr, bd, bw = [], [], [], []
+        pgd, scr, bd, bdb, bw = [], [], [], [], []
         for seed in seeds:
             idx = kshot_indices(train_y, k, seed)
             x, y = train_x[idx], torch.as_tensor(train_y)[idx]
-            W, b = _train(x, y, W0, W0, deltas, deltas, [0.0] * len(deltas), steps, lr)
+            W, b = _train(x, y, W0, W0, grid_w, grid_b, [0.0] * len(grid_w), steps, lr)
             i = int(_accs(val_x, val_y, W, b).argmax())
             pgd.append(_accs(test_x, test_y, W[i:i + 1], b[i:i + 1]).item())
-            bd.append(float(deltas[i]))
+            bd.append(float(grid_w[i]))
+            bdb.append(float(grid_b[i]))
             W, b = _train(x, y, torch.zeros(W0.shape[0], C), None, None, None, weight_decays, steps, lr)
             i = int(_accs(val_x, val_y, W, b).argmax())
             scr.append(_accs(test_x, test_y, W[i:i + 1], b[i:i + 1]).item())
             bw.append(float(weight_decays[i]))
         curve.append({"k": k, "pgd_mean": float(np.mean(pgd)), "pgd_std": float(np.std(pgd)),
                       "scratch_mean": float(np.mean(scr)), "scratch_std": float(np.std(scr)),
-                      "best_delta": bd, "best_weight_decay": bw})
+                      "best_delta": bd, "best_delta_b": bdb, "best_weight_decay": bw})
     return {"zero_shot": probe_accuracy(test_x, test_y, W0, torch.zeros(C)), "curve": curve}

@@ -148,6 +148,7 @@ class FewshotParams(_Strict):
     shots: list[int] = [0, 1, 2, 4, 8, 16]
     seeds: int = Field(default=3, ge=1)
     deltas: list[float] = [0.0, 0.25, 0.5, 1.0, 2.0]
+    delta_bs: list[float] = [0.0, 0.5, 2.0]
     weight_decays: list[float] = [0.0, 1e-4, 1e-3, 1e-2]
     steps: int = Field(default=200, ge=1)
     lr: float = Field(default=0.05, gt=0)
@@ -159,7 +160,7 @@ class FewshotParams(_Strict):
             raise ValueError("shots must be a non-empty list of integers >= 0 (0: zero-shot)")
         return sorted(set(v))
 
-    @field_validator("deltas", "weight_decays")
+    @field_validator("deltas", "delta_bs", "weight_decays")
     @classmethod
     def _nonneg(cls, v):
         if not v or any(x < 0 for x in v):

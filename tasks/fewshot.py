@@ -23,7 +23,8 @@ def body(p, run) -> dict:
     va_x, va_y, _ = classification_features(model, tokenizer, task_dir, "val", size, 256)
     te_x, te_y, _ = classification_features(model, tokenizer, task_dir, "test", size, 256)
     res = run_fewshot(tr_x, tr_y, va_x, va_y, te_x, te_y, W0, shots=f.shots, seeds=list(range(f.seeds)),
-                      deltas=f.deltas, weight_decays=f.weight_decays, steps=f.steps, lr=f.lr)
+                      deltas=f.deltas, weight_decays=f.weight_decays, steps=f.steps, lr=f.lr,
+                      delta_bs=f.delta_bs)
     curve = pd.DataFrame(res["curve"])
     plots = Path(p.paths.plots)
     plots.mkdir(parents=True, exist_ok=True)

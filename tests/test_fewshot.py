@@ -70,7 +70,8 @@ def test_pgd_beats_scratch_at_one_shot():
     out = run_fewshot(trx, tr_y, vx, vy, tx, ty, W0, shots=[1, 16], seeds=[0, 1, 2],
                       deltas=[0.0, 0.1, 0.3, 1.0, 3.0], weight_decays=[0.0, 1e-4, 1e-3, 1e-2], steps=200, lr=0.05)
     one, full = out["curve"]
-    assert set(one) == {"k", "pgd_mean", "pgd_std", "scratch_mean", "scratch_std", "best_delta", "best_weight_decay"}
+    assert set(one) == {"k", "pgd_mean", "pgd_std", "scratch_mean", "scratch_std", "best_delta", "best_delta_b",
+                        "best_weight_decay"}
     assert one["k"] == 1 and len(one["best_delta"]) == 3
     assert one["pgd_mean"] > one["scratch_mean"] + 0.15
     assert full["scratch_mean"] > one["scratch_mean"]  # more shots help the scratch probe
@@ -91,3 +92,13 @@ def test_curve_starts_at_zero_shot():
     assert k0["k"] == 0 and k0["pgd_mean"] == res["zero_shot"] == probe_accuracy(x, y, W0, torch.zeros(3))
     assert k0["scratch_mean"] == pytest.approx(1 / 3)
     assert res["curve"][1]["k"] == 1
+
+
+def test_delta_b_grid_is_searched_separately():
+    from diht_core.fewshot import run_fewshot
+
+    trx, tr_y, vx, vy, tx, ty, W0 = clusters()
+    out = run_fewshot(trx, tr_y, vx, vy, tx, ty, W0, shots=[2], seeds=[0], deltas=[0.0, 1.0], delta_bs=[0.0, 0.7],
+                      weight_decays=[0.0], steps=20, lr=0.05)
+    row = out["curve"][0]
+    assert row["best_delta"][0] in (0.0, 1.0) and row["best_delta_b"][0] in (0.0, 0.7)
