@@ -26,6 +26,8 @@ Layouts:
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import json
 import re
 import tarfile
@@ -74,11 +76,11 @@ class DatasetNotFound(FileNotFoundError):
 class LazyImages(Sequence):
     """A random-access sequence of RGB PIL images, decoded on access."""
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def __len__(self) -> int: ...
 
-    def _load(self, i: int) -> Image.Image:
-        raise NotImplementedError
+    @abstractmethod
+    def _load(self, i: int) -> Image.Image: ...
 
     def __getitem__(self, i):
         if isinstance(i, slice):
