@@ -67,13 +67,7 @@ def run_registered(name: str, model, preprocess, tokenizer, data_root: str | Pat
         metrics = retrieval_metrics(img, txt, data["text_to_image"], ks=(1, 5, 10), block_size=spec.block_size)
         chance = 1.0 / min(len(img), spec.block_size or len(img))
     else:
-        statements = data["statements"]
-        flat = encode([s for row in statements for s in row])
-        st = torch.full((len(statements), max(map(len, statements)), flat.shape[1]), float("nan"))
-        offset = 0
-        for i, row in enumerate(statements):
-            st[i, :len(row)] = flat[offset:offset + len(row)]
-            offset += len(row)
+        st = encode_statements(encode, data["statements"])
         metrics = vqa_accuracy(img, st, torch.as_tensor(data["labels"]), data.get("qtypes"))
         chance = metrics.get("chance", float("nan"))
     metrics = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
@@ -130,6 +124,17 @@ def text_encoder(model, tokenizer, batch_size: int = 256):
     return encode
 
 
+def encode_statements(encode, statements: list[list[str]]) -> torch.Tensor:
+    """[questions, max answers, d] statement embeddings; questions with fewer answers are padded with NaN rows."""
+    flat = encode([s for row in statements for s in row])
+    out = torch.full((len(statements), max(map(len, statements)), flat.shape[1]), float("nan"))
+    offset = 0
+    for i, row in enumerate(statements):
+        out[i, :len(row)] = flat[offset:offset + len(row)]
+        offset += len(row)
+    return out
+
+
 def load_split(directory: str | Path, image_size: int) -> dict:
     """Images (uint8 at the model's size) and the other fields of a wds split."""
     paths = shard_paths(directory)
@@ -182,13 +187,7 @@ def run_task(name: str, model, tokenizer, eval_root: str | Path, image_size: int
     elif name == "synthetic_vqa":
         data = load_split(task_dir / "test", image_size)
         encode = text_encoder(model, tokenizer, batch_size)
-        statements = [q["statements"] for q in data["json"]]
-        flat = encode([s for row in statements for s in row])
-        st = torch.full((len(statements), max(map(len, statements)), flat.shape[1]), float("nan"))
-        offset = 0
-        for i, row in enumerate(statements):  # questions have different numbers of answers: NaN rows pad
-            st[i, :len(row)] = flat[offset:offset + len(row)]
-            offset += len(row)
+        st = encode_statements(encode, [q["statements"] for q in data["json"]])
         img = encode_images(model, data["images"], batch_size)
         labels = torch.tensor([q["label"] for q in data["json"]])
         metrics = vqa_accuracy(img, st, labels, [q["qtype"] for q in data["json"]])
