@@ -114,6 +114,9 @@ class TrainParams(_Strict):
     lambda_attr: float = Field(default=0.0, ge=0)
     checkpoint_every: int = Field(default=100, ge=1)
     log_every: int = Field(default=10, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; fp16 uses a grad scaler on GPU
+    grad_checkpointing: bool = False
+    accum_steps: int = Field(default=1, ge=1)           # micro-batches per step, exact (cached features)
     loader: Literal["memory", "webdataset"] = "memory"
     workers: int = Field(default=2, ge=0)
 

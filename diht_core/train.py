@@ -42,6 +42,9 @@ class TrainConfig:
     fff_it_threshold: float | None = None
     fff_tt_threshold: float | None = None
     fff_ii_threshold: float | None = None
+    precision: str = "fp32"          # fp32 | bf16 | fp16 (autocast; fp16 with a grad scaler on GPU)
+    grad_checkpointing: bool = False
+    accum_steps: int = 1             # micro-batches per step; features are cached so the loss sees the whole batch
     lambda_obj: float = 0.0
     lambda_attr: float = 0.0
     checkpoint_every: int = 100
@@ -221,27 +224,62 @@ def train(model, data, cfg: TrainConfig, checkpoint_dir: str | Path,
     model.train()
     t0 = time.time()
     bar = tqdm(total=cfg.steps, initial=start, desc="train", mininterval=2.0)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    device = next(model.parameters()).device
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16" and device.type == "cuda")
+
+    def forward(images, text):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            return model(normalize_images(images).to(device), text.to(device))
+
+    def contrastive_loss(img_f, txt_f, out, positives):
+        if cfg.loss == "sigmoid":
+            return contrastive(img_f, txt_f, out[2], out[3], positives=positives)
+        return contrastive(img_f, txt_f, out[2])
+
     for step, batch in enumerate(data.batches(cfg, start), start=start):
         lr = cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps)
         for g in opt.param_groups:
             g["lr"] = lr
-        out = model(normalize_images(batch["image"]), batch["text"])
-        img_f, txt_f, logit_scale = out[:3]
-        if cfg.loss == "sigmoid":
-            positives = mine_false_negatives(img_f, txt_f, cfg.fff_it_threshold, cfg.fff_tt_threshold,
-                                             cfg.fff_ii_threshold) if mining else None
-            loss_c = contrastive(img_f, txt_f, logit_scale, out[3], positives=positives)
-        else:
-            loss_c = contrastive(img_f, txt_f, logit_scale)
-        loss = loss_c
-        loss_d = torch.zeros(())
-        if use_distill:
-            obj_logits, attr_logits = heads(img_f)
-            loss_d = distill(obj_logits, attr_logits, batch["obj"], batch["attr"])
-            loss = loss + loss_d
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        n = len(batch["image"])
+        chunks = torch.arange(n).chunk(max(1, min(cfg.accum_steps, n)))
+        if len(chunks) == 1:
+            cached = None
+        else:  # open_clip-style accumulation: every micro-batch's loss sees the whole batch's features
+            with torch.no_grad():
+                cached = [forward(batch["image"][c], batch["text"][c])[:2] for c in chunks]
+        loss_c_total, loss_d_total = 0.0, 0.0
+        for k, c in enumerate(chunks):
+            out = forward(batch["image"][c], batch["text"][c])
+            if cached is None:
+                img_f, txt_f = out[0], out[1]
+            else:
+                img_f = torch.cat([out[0] if j == k else cached[j][0] for j in range(len(chunks))])
+                txt_f = torch.cat([out[1] if j == k else cached[j][1] for j in range(len(chunks))])
+                if k > 0:  # the scale (and bias) get their gradient once, from the first micro-batch
+                    out = (*out[:2], *(t.detach() for t in out[2:]))
+            positives = None
+            if cfg.loss == "sigmoid" and mining:
+                positives = mine_false_negatives(img_f, txt_f, cfg.fff_it_threshold, cfg.fff_tt_threshold,
+                                                 cfg.fff_ii_threshold)
+            loss_c = contrastive_loss(img_f, txt_f, out, positives)
+            loss = loss_c
+            loss_d = torch.zeros((), device=device)
+            if use_distill:
+                obj_logits, attr_logits = heads(out[0].float())
+                loss_d = distill(obj_logits, attr_logits, batch["obj"][c].to(device), batch["attr"][c].to(device))
+                loss_d = loss_d * (len(c) / n)
+                loss = loss + loss_d
+            scaler.scale(loss).backward()
+            loss_c_total = loss_c.detach()
+            loss_d_total = loss_d_total + loss_d.detach()
+        scaler.step(opt)
+        scaler.update()
+        loss_c, loss_d = loss_c_total, torch.as_tensor(loss_d_total)
+        loss = loss_c + loss_d
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:

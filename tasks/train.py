@@ -29,7 +29,8 @@ def body(p, run) -> dict:
                       lambda_obj=tp.lambda_obj, lambda_attr=tp.lambda_attr, checkpoint_every=tp.checkpoint_every,
                       log_every=tp.log_every, seed=p.seed, hn_alpha=tp.hn_alpha, hn_beta=tp.hn_beta,
                       fff_it_threshold=tp.fff_it_threshold, fff_tt_threshold=tp.fff_tt_threshold,
-                      fff_ii_threshold=tp.fff_ii_threshold)
+                      fff_ii_threshold=tp.fff_ii_threshold, precision=tp.precision,
+                      grad_checkpointing=tp.grad_checkpointing, accum_steps=tp.accum_steps)
     # the sigmoid loss starts where open_clip's SigLIP does: scale ln(10), bias -10
     sig = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if tp.loss == "sigmoid" else {}
     model, _, tokenizer = create_model(tp.model, **sig)

@@ -184,3 +184,41 @@ def test_sigmoid_loss_needs_a_bias(tmp_path):
     with pytest.raises(ValueError, match="logit_bias"):
         train(model, load_train_set(tmp_path, SIZE, tok), TrainConfig(steps=1, batch_size=8, loss="sigmoid"),
               tmp_path / "ck")
+
+
+@pytest.mark.parametrize("loss", ["infonce", "hn-nce", "sigmoid"])
+def test_accumulation_and_checkpointing_match_one_full_batch(tmp_path, loss):
+    """accum_steps=4 (cached features) and gradient checkpointing give the same update as one full batch."""
+    import math
+
+    keys = _shards(tmp_path)
+    kw = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if loss == "sigmoid" else {}
+    extra = {"hn_beta": 0.5} if loss == "hn-nce" else {}
+    _, _, tok = create_model("diht-tiny-vit")
+    data = load_train_set(tmp_path, SIZE, tok, _pseudo(keys))
+
+    def one_step(**cfg_kw):
+        torch.manual_seed(0)
+        model, _, _ = create_model("diht-tiny-vit", **kw)
+        heads = ConceptHeads(model.visual.output_dim, 6, 4)
+        cfg = TrainConfig(steps=1, batch_size=16, warmup_steps=1, loss=loss, lambda_obj=0.5, lambda_attr=0.5,
+                          **extra, **cfg_kw)
+        train(model, data, cfg, tmp_path / f"ck{len(cfg_kw)}{cfg_kw}", heads=heads)
+        return model.state_dict()
+
+    ref = one_step()
+    for variant in ({"accum_steps": 4}, {"grad_checkpointing": True}):
+        got = one_step(**variant)
+        for k, v in ref.items():
+            assert torch.allclose(v, got[k], atol=2e-5, rtol=1e-4), (variant, k)
+
+
+def test_bf16_autocast_trains(tmp_path):
+    import math
+
+    _shards(tmp_path)
+    torch.manual_seed(0)
+    model, _, tok = create_model("diht-tiny-vit")
+    out = train(model, load_train_set(tmp_path, SIZE, tok),
+                TrainConfig(steps=2, batch_size=8, warmup_steps=1, log_every=1, precision="bf16"), tmp_path / "ck")
+    assert all(math.isfinite(h["loss"]) for h in out["history"])
