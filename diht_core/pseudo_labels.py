@@ -31,14 +31,9 @@ def save_shard(path: str | Path, keys: list[str], obj: tuple, attr: tuple) -> No
 
 
 def load_all(directory: str | Path, n_objects: int, n_attributes: int) -> dict:
-    """All shards of a directory as {"index": key -> row, "objects": [N,Vo], "attributes": [N,Va]}."""
-    keys, o, a = [], [], []
-    files = sorted(Path(directory).glob("*.npz"))
-    if not files:
-        raise FileNotFoundError(f"no pseudo-label shards in {directory}")
-    for f in files:
-        z = np.load(f)
-        keys.extend(z["keys"].tolist())
-        o.append(densify(z["obj_idx"], z["obj_p"], n_objects))
-        a.append(densify(z["attr_idx"], z["attr_p"], n_attributes))
-    return {"index": {k: i for i, k in enumerate(keys)}, "objects": torch.cat(o), "attributes": torch.cat(a)}
+    """All shards of a directory, dense: {"index": key -> row, "objects": [N,Vo], "attributes": [N,Va]}."""
+    from .data.loader import SparsePseudoLabels
+
+    sp = SparsePseudoLabels(directory, n_objects, n_attributes)
+    return {"index": sp.row, "objects": densify(sp.obj_idx, sp.obj_p, n_objects),
+            "attributes": densify(sp.attr_idx, sp.attr_p, n_attributes)}

@@ -17,7 +17,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data.shards import decode_image, read_samples, shard_paths
@@ -103,7 +102,7 @@ def load_train_set(shard_dir: str | Path, image_size: int, tokenizer, pseudo_lab
                    missing: str = "error", max_captions: int = 8) -> TrainSet:
     """Decode the (filtered) shards once into memory and join pseudo-labels by key."""
     keys, images, caps, index = [], [], [], []
-    obj, attr = [], []
+    pl_rows = []  # row of each kept sample in the pseudo-label arrays
     skipped = 0
     paths = shard_paths(shard_dir)
     if not paths:
@@ -127,12 +126,11 @@ def load_train_set(shard_dir: str | Path, image_size: int, tokenizer, pseudo_lab
             index.append(list(range(len(caps), len(caps) + len(captions[:max_captions]))))
             caps.extend(captions[:max_captions])
             if pseudo_labels is not None:
-                row = pseudo_labels["index"][key]
-                obj.append(row)
+                pl_rows.append(pseudo_labels["index"][key])
     tokens = tokenizer(caps)
     ts = TrainSet(keys, torch.stack(images), tokens, index, skipped=skipped)
     if pseudo_labels is not None:
-        rows = torch.tensor(obj, dtype=torch.long)
+        rows = torch.tensor(pl_rows, dtype=torch.long)
         ts.obj_targets = pseudo_labels["objects"][rows]
         ts.attr_targets = pseudo_labels["attributes"][rows]
     return ts

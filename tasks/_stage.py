@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -190,13 +189,3 @@ def save_figure(fig, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     pyplot().close(fig)
-
-
-@contextlib.contextmanager
-def pushd(path: str | Path):
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)

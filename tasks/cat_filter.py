@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path

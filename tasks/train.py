@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd

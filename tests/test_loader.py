@@ -2,7 +2,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from diht_core.data.loader import SparsePseudoLabels, make_loader
 from diht_core.data.scenes import render, sample_scene

@@ -3,7 +3,7 @@ import yaml
 
 from diht_core.params import Params, ParamsError, load_params, validate_params
 
-from conftest import ROOT, TINY
+from conftest import ROOT
 
 
 def test_project_params_validate():

@@ -118,7 +118,7 @@ def test_resume_continues_the_same_run(tmp_path):
 
 
 def test_checkpoint_of_other_data_is_not_resumed(tmp_path):
-    keys = _shards(tmp_path)
+    _shards(tmp_path)
     _, _, tok = create_model("diht-tiny-vit")
     data = load_train_set(tmp_path, SIZE, tok)
     cfg = TrainConfig(steps=4, batch_size=8, warmup_steps=1, checkpoint_every=2, log_every=1)
@@ -164,7 +164,7 @@ def test_diht_released_checkpoint_layout_loads(tmp_path):
 def test_train_with_hard_negative_and_sigmoid_losses(tmp_path, loss, extra):
     import math
 
-    keys = _shards(tmp_path)
+    _shards(tmp_path)
     torch.manual_seed(0)
     kw = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if loss == "sigmoid" else {}
     model, _, tok = create_model("diht-tiny-vit", **kw)

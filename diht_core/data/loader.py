@@ -37,12 +37,11 @@ class SparsePseudoLabels:
         return key in self.row
 
     def dense(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        from ..pseudo_labels import densify
+
         i = self.row[key]
-        obj, attr = torch.zeros(self.sizes[0]), torch.zeros(self.sizes[1])
-        obj[torch.from_numpy(self.obj_idx[i].astype(np.int64))] = torch.from_numpy(self.obj_p[i].astype(np.float32))
-        attr[torch.from_numpy(self.attr_idx[i].astype(np.int64))] = torch.from_numpy(
-            self.attr_p[i].astype(np.float32))
-        return obj, attr
+        return (densify(self.obj_idx[i:i + 1], self.obj_p[i:i + 1], self.sizes[0])[0],
+                densify(self.attr_idx[i:i + 1], self.attr_p[i:i + 1], self.sizes[1])[0])
 
 
 class _Join:
