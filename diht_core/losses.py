@@ -252,32 +252,37 @@ def _or_similar_(out, a, b, threshold, block: int = 1024):
 
 @torch.no_grad()
 def mine_false_negatives(image_features, text_features, it_threshold=None, tt_threshold=None, ii_threshold=None,
-                         groups=None) -> torch.Tensor:
-    """FFF's on-the-fly positive assignment matrix M [n, n] (bool; no gradients).
+                         groups=None, captions_per_image: int = 1) -> torch.Tensor:
+    """FFF's on-the-fly positive assignment matrix M [n, n*K] (bool; no gradients).
 
-    M[i, i] is always positive; (i, j) is also positive when cos(img_i, txt_j) >= it_threshold, or
-    cos(txt_i, txt_j) >= tt_threshold, or cos(img_i, img_j) >= ii_threshold (a threshold of None turns its rule
-    off), or groups[i] == groups[j] (``groups``: sample/image ids, e.g. several captions of one image).
-    For a distributed batch, mine on the gathered features and pass the result (or its local rows) to
-    ``SigmoidLoss``.
+    The texts are K = ``captions_per_image`` captions per image, image-major (text j belongs to image j // K);
+    all of an image's own captions are positives.  (i, j) is also positive when cos(img_i, txt_j) >=
+    it_threshold, or a caption of image i has cos(txt, txt_j) >= tt_threshold, or cos(img_i, img_{j//K}) >=
+    ii_threshold (a threshold of None turns its rule off), or groups[i] == groups[j // K] (``groups``: image ids,
+    e.g. one image that appears twice).  For a distributed batch, mine on the gathered features and pass the
+    result (or its local rows) to ``SigmoidLoss``.
     """
-    n = image_features.shape[0]
-    if text_features.shape[0] != n:
-        raise ValueError(f"image and text batches differ: {n} vs {text_features.shape[0]}")
-    m = torch.eye(n, dtype=torch.bool, device=image_features.device)
+    n, k = image_features.shape[0], captions_per_image
+    if text_features.shape[0] != n * k:
+        raise ValueError(f"expected {n} x {k} = {n * k} texts for {n} images, got {text_features.shape[0]}")
+    dev = image_features.device
+    owner = torch.arange(n * k, device=dev) // k
+    m = owner[None, :] == torch.arange(n, device=dev)[:, None]
     img = F.normalize(_at_least_fp32(image_features), dim=-1) if (it_threshold, ii_threshold) != (None, None) else None
     txt = F.normalize(_at_least_fp32(text_features), dim=-1) if (it_threshold, tt_threshold) != (None, None) else None
     if it_threshold is not None:
         _or_similar_(m, img, txt, it_threshold)
     if tt_threshold is not None:
-        _or_similar_(m, txt, txt, tt_threshold)
+        tt = _or_similar_(torch.zeros(n * k, n * k, dtype=torch.bool, device=dev), txt, txt, tt_threshold)
+        m |= tt.view(n, k, n * k).any(1)
     if ii_threshold is not None:
-        _or_similar_(m, img, img, ii_threshold)
+        ii = _or_similar_(torch.zeros(n, n, dtype=torch.bool, device=dev), img, img, ii_threshold)
+        m |= ii[:, owner]
     if groups is not None:
-        groups = torch.as_tensor(groups, device=m.device)
+        groups = torch.as_tensor(groups, device=dev)
         if groups.shape != (n,):
             raise ValueError(f"groups must be a [n] = [{n}] tensor of ids, got {list(groups.shape)}")
-        m |= groups[:, None] == groups[None, :]
+        m |= groups[:, None] == groups[owner][None, :]
     return m
 
 

@@ -119,6 +119,25 @@ class TrainParams(_Strict):
     accum_steps: int = Field(default=1, ge=1)           # micro-batches per step, exact (cached features)
     loader: Literal["memory", "webdataset"] = "memory"
     workers: int = Field(default=2, ge=0)
+    resample: bool = False              # webdataset: draw shards with replacement (required with torchrun)
+    captions_per_image: int = Field(default=1, ge=1)  # sigmoid: K captions of each image in a batch, all positives
+    compile: bool = False               # torch.compile the model
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    launcher: Literal["none", "torchrun"] = "none"    # torchrun: the stage starts nproc_per_node ranks
+    nproc_per_node: int = Field(default=1, ge=1)
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.captions_per_image > 1 and self.loss != "sigmoid":
+            raise ValueError(f"captions_per_image={self.captions_per_image} needs loss: sigmoid "
+                             f"(several positives per image), got loss: {self.loss}")
+        if self.launcher == "torchrun" and self.batch_size % self.nproc_per_node:
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by nproc_per_node={self.nproc_per_node}")
+        if self.launcher == "torchrun" and self.loader == "webdataset" and not self.resample:
+            raise ValueError("loader: webdataset with launcher: torchrun needs resample: true "
+                             "(ranks must see the same number of batches)")
+        return self
 
 
 TASK_NAMES = ("synthetic_shape", "synthetic_colour", "synthetic_count", "synthetic_retrieval", "synthetic_vqa")

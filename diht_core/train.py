@@ -20,6 +20,8 @@ import torch
 from tqdm import tqdm
 
 from .data.shards import decode_image, read_samples, shard_paths
+from .distributed import (DistInfo, all_mean, barrier, gather_no_grad, load_state_dicts, no_sync, replicated_params,
+                          state_dicts, sync_replicated_grads, wrap_model)
 from .losses import ConceptDistillationLoss, create_loss, mine_false_negatives
 from .models import ConceptHeads
 
@@ -44,6 +46,9 @@ class TrainConfig:
     precision: str = "fp32"          # fp32 | bf16 | fp16 (autocast; fp16 with a grad scaler on GPU)
     grad_checkpointing: bool = False
     accum_steps: int = 1             # micro-batches per step; features are cached so the loss sees the whole batch
+    captions_per_image: int = 1      # sigmoid: K captions per image in a batch, all positives (FFF)
+    compile: bool = False            # torch.compile the (wrapped) model
+    strategy: str = "ddp"            # ddp | fsdp, under torchrun
     lambda_obj: float = 0.0
     lambda_attr: float = 0.0
     checkpoint_every: int = 100
@@ -67,14 +72,21 @@ class TrainSet:
     def __len__(self):
         return len(self.keys)
 
-    def batches(self, cfg: "TrainConfig", start: int):
-        """The batch of every global step from `start` on: a pure function of (seed, step)."""
+    def batches(self, cfg: "TrainConfig", start: int, rank: int = 0, world_size: int = 1, position=None):
+        """This rank's share of the batch of every global step from `start` on: a pure function of
+        (seed, step). With K = cfg.captions_per_image the texts are K captions per image, image-major."""
+        k = cfg.captions_per_image
         for step in range(start, cfg.steps):
-            idx = batch_indices(step, len(self), cfg.batch_size, cfg.seed)
+            full = batch_indices(step, len(self), cfg.batch_size, cfg.seed)
             g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-            rows = [self.caption_index[i][int(torch.randint(len(self.caption_index[i]), (1,), generator=g))]
-                    for i in idx.tolist()]
-            batch = {"image": self.images[idx], "text": self.tokens[rows]}
+            rows = []
+            for i in full.tolist():
+                caps = self.caption_index[i]
+                order = torch.randperm(len(caps), generator=g).tolist() if k > 1 else \
+                    [int(torch.randint(len(caps), (1,), generator=g))]
+                rows.append([caps[order[j % len(order)]] for j in range(k)])  # fewer captions: cycle them
+            idx, rows = full.chunk(world_size)[rank], list(_chunks(rows, world_size))[rank]
+            batch = {"image": self.images[idx], "text": self.tokens[[r for row in rows for r in row]]}
             if self.obj_targets is not None:
                 batch["obj"], batch["attr"] = self.obj_targets[idx], self.attr_targets[idx]
             yield batch
@@ -89,13 +101,19 @@ class TrainSet:
         return h.hexdigest()[:16]
 
 
+def _chunks(items: list, parts: int):
+    """Split like torch.chunk: equal parts of ceil(n / parts)."""
+    size = -(-len(items) // parts)
+    return (items[i:i + size] for i in range(0, len(items), size))
+
+
 def image_to_uint8(img, size: int) -> torch.Tensor:
     img = img.resize((size, size), resample=3)  # bicubic
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def normalize_images(x: torch.Tensor) -> torch.Tensor:
-    return (x.float() / 255.0 - MEAN) / STD
+    return (x.float() / 255.0 - MEAN.to(x.device)) / STD.to(x.device)
 
 
 def load_train_set(shard_dir: str | Path, image_size: int, tokenizer, pseudo_labels: dict | None = None,
@@ -166,78 +184,116 @@ def _atomic_save(obj, path: Path):
 class StreamingData:
     """Training batches streamed from shards by a webdataset loader (see data/loader.py), epoch after epoch.
 
-    Resuming restarts the interrupted epoch's stream with that epoch's seed (the schedule continues
-    exactly; the order of the samples inside that epoch does not).
+    ``make_loader(seed, batch_size)`` returns one epoch's stream, a deterministic function of its seed; with
+    ``epoch_steps`` (resampled shards, an endless stream) an epoch is that many batches.  ``position`` (epoch,
+    batches consumed) goes into checkpoints: a resumed run replays the interrupted epoch's stream up to it and
+    continues with the very next batch.
     """
 
-    def __init__(self, make_loader: Callable[[int], object], fingerprint: str, distill: bool):
+    def __init__(self, make_loader: Callable[[int, int], object], fingerprint: str, distill: bool,
+                 epoch_steps: int | None = None):
         self.make_loader, self.fingerprint, self.has_targets = make_loader, fingerprint, distill
+        self.epoch_steps = epoch_steps
         self.skipped = 0
+        self.position = (0, 0)
 
     def digest(self) -> str:
         return self.fingerprint
 
-    def batches(self, cfg: "TrainConfig", start: int):
-        step, epoch = start, 0
+    def batches(self, cfg: "TrainConfig", start: int, rank: int = 0, world_size: int = 1, position=None):
+        if world_size > 1 and self.epoch_steps is None:
+            raise ValueError("streaming on several ranks needs resampled shards (train.resample: true)")
+        epoch, offset = position if position is not None else (0, 0)
+        step = start
         while step < cfg.steps:
-            for batch in self.make_loader(cfg.seed * 100_003 + epoch):
+            produced = 0
+            for i, batch in enumerate(self.make_loader(cfg.seed * 100_003 + epoch, cfg.batch_size // world_size)):
+                if self.epoch_steps is not None and i >= self.epoch_steps:
+                    break
+                if i < offset:  # replaying the interrupted epoch up to the checkpoint
+                    continue
+                self.position = (epoch, i + 1)
                 self.skipped += batch["skipped"]
                 if len(batch["key"]) < 2:
                     continue
+                produced += 1
                 yield batch
                 step += 1
                 if step >= cfg.steps:
                     return
-            epoch += 1
+            if produced == 0 and offset == 0:
+                raise RuntimeError(f"epoch {epoch} of the streaming loader produced no batch (all samples skipped?)")
+            epoch, offset = epoch + 1, 0
 
 
 def train(model, data, cfg: TrainConfig, checkpoint_dir: str | Path,
-          log_fn: Callable[[int, dict], None] | None = None, heads: ConceptHeads | None = None) -> dict:
+          log_fn: Callable[[int, dict], None] | None = None, heads: ConceptHeads | None = None,
+          dist: DistInfo | None = None) -> dict:
     """Train in place on a TrainSet (in memory) or StreamingData; resume from checkpoint_dir/latest.pt
-    when it matches cfg and the data. Returns summary metrics."""
+    when it matches cfg and the data. Under torchrun pass ``init_distributed()``: each rank trains on its share
+    of every global batch (DDP or FSDP by cfg.strategy). Returns summary metrics (rank 0 logs and saves)."""
+    info = dist or DistInfo(device=next(model.parameters()).device)
+    device, k = info.device, cfg.captions_per_image
+    if k > 1 and cfg.loss != "sigmoid":
+        raise ValueError(f"captions_per_image={k} needs the sigmoid loss (several positives per image)")
+    if cfg.loss == "sigmoid" and getattr(model, "logit_bias", None) is None:
+        raise ValueError("the sigmoid loss needs a model with a learnable logit_bias "
+                         "(create_model(..., init_logit_bias=-10))")
+    model.to(device)
+    if heads is not None:
+        heads.to(device)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    wrapped = wrap_model(model, cfg.strategy, info)
+    forward_model = torch.compile(wrapped) if cfg.compile else wrapped
     ckpt_path = Path(checkpoint_dir) / "latest.pt"
     params = list(model.parameters()) + (list(heads.parameters()) if heads is not None else [])
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    contrastive = create_loss(cfg.loss, **({"alpha": cfg.hn_alpha, "beta": cfg.hn_beta} if cfg.loss == "hn-nce" else {}))
-    if cfg.loss == "sigmoid" and getattr(model, "logit_bias", None) is None:
-        raise ValueError("the sigmoid loss needs a model with a learnable logit_bias "
-                         "(create_model(..., init_logit_bias=-10))")
+    replicated = replicated_params(model, cfg.strategy, heads.parameters() if heads is not None else ())
+    hn = {"alpha": cfg.hn_alpha, "beta": cfg.hn_beta} if cfg.loss == "hn-nce" else {}
+    contrastive = create_loss(cfg.loss, rank=info.rank, world_size=info.world_size, **hn)
     mining = any(t is not None for t in (cfg.fff_it_threshold, cfg.fff_tt_threshold, cfg.fff_ii_threshold))
     distill = ConceptDistillationLoss(cfg.lambda_obj, cfg.lambda_attr)
     has_targets = getattr(data, "has_targets", getattr(data, "obj_targets", None) is not None)
     use_distill = heads is not None and has_targets and (cfg.lambda_obj > 0 or cfg.lambda_attr > 0)
-    start, history = 0, []
+    start, history, position = 0, [], None
     digest = f"{cfg.digest()}-{data.digest()}"
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if ck.get("digest") == digest:  # same config and same data: continue that run
-            model.load_state_dict(ck["model"])
+            load_state_dicts(model, opt, ck["model"], ck["optimizer"], cfg.strategy, info)
             if heads is not None and ck.get("heads") is not None:
                 heads.load_state_dict(ck["heads"])
-            opt.load_state_dict(ck["optimizer"])
-            start, history = ck["step"], ck.get("history", [])
+            start, history, position = ck["step"], ck.get("history", []), ck.get("data_position")
+    barrier(info)  # nobody overwrites the checkpoint before every rank has read it
     model.train()
     t0 = time.time()
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", mininterval=2.0)
-    if cfg.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    device = next(model.parameters()).device
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", mininterval=2.0, disable=not info.is_main)
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16" and device.type == "cuda")
 
     def forward(images, text):
+        images = normalize_images(images.to(device, non_blocking=True))
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            return model(normalize_images(images).to(device), text.to(device))
+            return forward_model(images, text.to(device, non_blocking=True))
 
-    def contrastive_loss(img_f, txt_f, out, positives):
-        if cfg.loss == "sigmoid":
-            return contrastive(img_f, txt_f, out[2], out[3], positives=positives)
-        return contrastive(img_f, txt_f, out[2])
+    def text_rows(c):  # the K captions of the images in c (image-major)
+        return (c[:, None] * k + torch.arange(k)).reshape(-1) if k > 1 else c
 
-    for step, batch in enumerate(data.batches(cfg, start), start=start):
+    def contrastive_loss(img_f, txt_f, out):
+        if cfg.loss != "sigmoid":
+            return contrastive(img_f, txt_f, out[2])
+        positives = None
+        if mining or k > 1:  # FFF: mine on the gathered batch, keep this rank's rows
+            m = mine_false_negatives(gather_no_grad(img_f, info), gather_no_grad(txt_f, info), cfg.fff_it_threshold,
+                                     cfg.fff_tt_threshold, cfg.fff_ii_threshold, captions_per_image=k)
+            positives = m[info.rank * len(img_f):(info.rank + 1) * len(img_f)]
+        return contrastive(img_f, txt_f, out[2], out[3], positives=positives)
+
+    for step, batch in enumerate(data.batches(cfg, start, info.rank, info.world_size, position), start=start):
         lr = cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -248,53 +304,55 @@ def train(model, data, cfg: TrainConfig, checkpoint_dir: str | Path,
             cached = None
         else:  # open_clip-style accumulation: every micro-batch's loss sees the whole batch's features
             with torch.no_grad():
-                cached = [forward(batch["image"][c], batch["text"][c])[:2] for c in chunks]
+                cached = [forward(batch["image"][c], batch["text"][text_rows(c)])[:2] for c in chunks]
         loss_c_total, loss_d_total = 0.0, 0.0
-        for k, c in enumerate(chunks):
-            out = forward(batch["image"][c], batch["text"][c])
-            if cached is None:
-                img_f, txt_f = out[0], out[1]
-            else:
-                img_f = torch.cat([out[0] if j == k else cached[j][0] for j in range(len(chunks))])
-                txt_f = torch.cat([out[1] if j == k else cached[j][1] for j in range(len(chunks))])
-                if k > 0:  # the scale (and bias) get their gradient once, from the first micro-batch
-                    out = (*out[:2], *(t.detach() for t in out[2:]))
-            positives = None
-            if cfg.loss == "sigmoid" and mining:
-                positives = mine_false_negatives(img_f, txt_f, cfg.fff_it_threshold, cfg.fff_tt_threshold,
-                                                 cfg.fff_ii_threshold)
-            loss_c = contrastive_loss(img_f, txt_f, out, positives)
-            loss = loss_c
-            loss_d = torch.zeros((), device=device)
-            if use_distill:
-                obj_logits, attr_logits = heads(out[0].float())
-                loss_d = distill(obj_logits, attr_logits, batch["obj"][c].to(device), batch["attr"][c].to(device))
-                loss_d = loss_d * (len(c) / n)
-                loss = loss + loss_d
-            scaler.scale(loss).backward()
+        for j, c in enumerate(chunks):
+            last = j == len(chunks) - 1
+            with no_sync(wrapped, cfg.strategy, info, sync=last):
+                out = forward(batch["image"][c], batch["text"][text_rows(c)])
+                if cached is None:
+                    img_f, txt_f = out[0], out[1]
+                else:
+                    img_f = torch.cat([out[0] if i == j else cached[i][0] for i in range(len(chunks))])
+                    txt_f = torch.cat([out[1] if i == j else cached[i][1] for i in range(len(chunks))])
+                    if not last:  # the scale (and bias) get their gradient once, from the last micro-batch
+                        out = (*out[:2], *(t.detach() for t in out[2:]))
+                loss_c = contrastive_loss(img_f, txt_f, out)
+                loss = loss_c
+                loss_d = torch.zeros((), device=device)
+                if use_distill:
+                    obj_logits, attr_logits = heads(out[0].float())
+                    loss_d = distill(obj_logits, attr_logits, batch["obj"][c].to(device), batch["attr"][c].to(device))
+                    loss_d = loss_d * (len(c) / n)
+                    loss = loss + loss_d
+                scaler.scale(loss).backward()
             loss_c_total = loss_c.detach()
             loss_d_total = loss_d_total + loss_d.detach()
+        sync_replicated_grads(replicated, info)
         scaler.step(opt)
         scaler.update()
-        loss_c, loss_d = loss_c_total, torch.as_tensor(loss_d_total)
-        loss = loss_c + loss_d
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            rec = {"loss": loss.item(), "loss_contrastive": loss_c.item(), "loss_distill": loss_d.item(),
+            loss_c, loss_d = all_mean(loss_c_total, info), all_mean(torch.as_tensor(loss_d_total), info)
+            rec = {"loss": (loss_c + loss_d).item(), "loss_contrastive": loss_c.item(), "loss_distill": loss_d.item(),
                    "lr": lr, "logit_scale": model.logit_scale.exp().item(),
                    "samples_per_s": (step + 1 - start) * cfg.batch_size / max(1e-9, time.time() - t0)}
             bar.update(step + 1 - bar.n)
             history.append({"step": step + 1, **rec})
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
-            if log_fn:
+            if log_fn and info.is_main:
                 log_fn(step + 1, rec)
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            _atomic_save({"model": model.state_dict(), "heads": heads.state_dict() if heads is not None else None,
-                          "optimizer": opt.state_dict(), "step": step + 1, "digest": digest, "history": history},
-                         ckpt_path)
+            model_sd, optim_sd = state_dicts(wrapped, opt, cfg.strategy, info)
+            if info.is_main:
+                _atomic_save({"model": model_sd, "heads": heads.state_dict() if heads is not None else None,
+                              "optimizer": optim_sd, "step": step + 1, "digest": digest, "history": history,
+                              "data_position": getattr(data, "position", None)}, ckpt_path)
+            barrier(info)
     bar.close()
     model.eval()
-    ckpt_path.unlink(missing_ok=True)
+    if info.is_main:
+        ckpt_path.unlink(missing_ok=True)
     final = history[-1] if history else {}
     return {"final_loss": final.get("loss", float("nan")), "resumed_from_step": start, "history": history}

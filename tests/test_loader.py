@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from diht_core.data.loader import SparsePseudoLabels, make_loader
 from diht_core.data.scenes import render, sample_scene
@@ -61,3 +62,32 @@ def test_missing_pseudo_label_is_an_error_or_a_counted_skip(tmp_path):
     batches = list(make_loader(tmp_path / "shards", 32, tok, 8, workers=2, pseudo=pl, missing="skip"))
     assert sum(b["skipped"] for b in batches) == 2
     assert sum(len(b["key"]) for b in batches) == 38
+
+
+@pytest.mark.parametrize("resample,workers", [(False, 0), (True, 2)])
+def test_streaming_resume_replays_to_the_exact_next_batch(tmp_path, resample, workers):
+    from diht_core.train import StreamingData, TrainConfig
+
+    _setup(tmp_path)
+    model, _, tok = create_model("diht-tiny-vit")
+
+    def loader(seed, batch_size):
+        return make_loader(tmp_path / "shards", 32, tok, batch_size, workers, seed=seed, shuffle_buffer=20,
+                           resample=resample, captions_per_image=2)
+
+    def data():
+        return StreamingData(loader, "fp", distill=False, epoch_steps=5 if resample else None)
+
+    cfg = TrainConfig(steps=14, batch_size=6, captions_per_image=2)  # 40 samples: 7 batches an epoch, 2 epochs
+    d = data()
+    full, positions = [], []
+    for b in d.batches(cfg, 0):
+        full.append(b)
+        positions.append(d.position)
+    assert len(full) == 14 and all(b["text"].shape[0] == 2 * len(b["key"]) for b in full)
+    assert full[0]["key"] != full[7]["key"]  # epochs differ
+    stop = 9  # killed after 9 steps: the checkpoint holds the position after the 9th batch
+    resumed = list(data().batches(cfg, stop, position=positions[stop - 1]))
+    assert len(resumed) == 14 - stop
+    for a, b in zip(full[stop:], resumed):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])

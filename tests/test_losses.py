@@ -383,3 +383,23 @@ def test_two_process_gloo_equals_one_process_with_the_whole_batch(tmp_path):
     # and ContrastiveLoss's convention is open_clip's: its full-batch value is ClipLoss's
     img, txt = _feats(n=_LOCAL * _WORLD, d=_DIM, seed=17)
     assert torch.allclose(full["infonce"]["loss"], ClipLoss()(img, txt, torch.tensor(7.0)), rtol=1e-6)
+
+
+def test_mining_with_several_captions_per_image_matches_a_loop():
+    torch.manual_seed(0)
+    n, k = 5, 3
+    img, txt = F.normalize(torch.randn(n, 8), dim=-1), F.normalize(torch.randn(n * k, 8), dim=-1)
+    txt[7] = txt[1] + 0.01 * torch.randn(8)  # caption 1 of image 2 ~ caption 1 of image 0
+    img[4] = img[3] + 0.01 * torch.randn(8)
+    txt, img = F.normalize(txt, dim=-1), F.normalize(img, dim=-1)
+    it, tt, ii = 0.6, 0.95, 0.95
+    expected = torch.zeros(n, n * k, dtype=torch.bool)
+    for i in range(n):
+        for j in range(n * k):
+            expected[i, j] = (j // k == i or float(img[i] @ txt[j]) >= it
+                              or any(float(txt[a] @ txt[j]) >= tt for a in range(i * k, i * k + k))
+                              or float(img[i] @ img[j // k]) >= ii)
+    got = mine_false_negatives(img, txt, it, tt, ii, captions_per_image=k)
+    assert torch.equal(got, expected) and got[0, 7] and got[2, 1] and got[3, 12] and got[4, 9]
+    with pytest.raises(ValueError, match="texts"):
+        mine_false_negatives(img, txt[:-1], captions_per_image=k)

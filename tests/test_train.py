@@ -222,3 +222,38 @@ def test_bf16_autocast_trains(tmp_path):
     out = train(model, load_train_set(tmp_path, SIZE, tok),
                 TrainConfig(steps=2, batch_size=8, warmup_steps=1, log_every=1, precision="bf16"), tmp_path / "ck")
     assert all(math.isfinite(h["loss"]) for h in out["history"])
+
+
+def test_several_captions_per_image_are_consecutive_rows_of_that_image(tmp_path):
+    keys = _shards(tmp_path)  # odd samples have 2 captions, even ones 1
+    _, _, tok = create_model("diht-tiny-vit")
+    data = load_train_set(tmp_path, SIZE, tok)
+    cfg = TrainConfig(steps=2, batch_size=8, captions_per_image=3)
+    for step, batch in enumerate(data.batches(cfg, 0)):
+        idx = batch_indices(step, len(data), 8, 0).tolist()
+        assert batch["text"].shape[0] == 3 * 8
+        for r, i in enumerate(idx):
+            own = {tuple(data.tokens[j].tolist()) for j in data.caption_index[i]}
+            got = [tuple(t.tolist()) for t in batch["text"][3 * r:3 * r + 3]]
+            assert set(got) == own  # every caption of the image, cycled to K
+    halves = [list(data.batches(cfg, 0, rank=r, world_size=2)) for r in range(2)]
+    whole = list(data.batches(cfg, 0))
+    for s in range(2):  # the ranks' shares make up the global batch
+        assert torch.equal(torch.cat([halves[0][s]["text"], halves[1][s]["text"]]), whole[s]["text"])
+    with pytest.raises(ValueError, match="sigmoid"):
+        train(create_model("diht-tiny-vit")[0], data, cfg, tmp_path / "ck")
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_like_eager(tmp_path):
+    _shards(tmp_path)
+    _, _, tok = create_model("diht-tiny-vit")
+    data = load_train_set(tmp_path, SIZE, tok)
+
+    def losses(**kw):
+        torch.manual_seed(0)
+        model, _, _ = create_model("diht-tiny-vit")
+        cfg = TrainConfig(steps=3, batch_size=8, warmup_steps=1, log_every=1, **kw)
+        return [h["loss"] for h in train(model, data, cfg, tmp_path / f"ck{kw}")["history"]]
+
+    assert np.allclose(losses(compile=True), losses(), rtol=1e-4, atol=1e-4)

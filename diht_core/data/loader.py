@@ -47,8 +47,10 @@ class SparsePseudoLabels:
 class _Join:
     """Turns a raw webdataset sample into (key, image uint8, tokens, obj, attr), or a counted skip."""
 
-    def __init__(self, image_size: int, tokenizer, pseudo: SparsePseudoLabels | None, missing: str, seed: int):
+    def __init__(self, image_size: int, tokenizer, pseudo: SparsePseudoLabels | None, missing: str, seed: int,
+                 captions_per_image: int = 1):
         self.image_size, self.tokenizer, self.pseudo, self.missing = image_size, tokenizer, pseudo, missing
+        self.k = captions_per_image
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, raw: dict):
@@ -65,8 +67,12 @@ class _Join:
             return {"skip": 1}
         meta = json.loads(raw["json"]) if "json" in raw else {}
         captions = meta.get("captions") or [raw.get("txt", b"").decode("utf-8", errors="replace")]
-        text = captions[int(self.rng.integers(len(captions)))]  # several captions: one per visit
-        out = {"skip": 0, "key": key, "image": image, "text": self.tokenizer([text])[0]}
+        if self.k == 1:  # several captions: one per visit
+            texts = [captions[int(self.rng.integers(len(captions)))]]
+        else:  # K of them (cycled when there are fewer), all positives of this image
+            order = self.rng.permutation(len(captions))
+            texts = [captions[order[j % len(order)]] for j in range(self.k)]
+        out = {"skip": 0, "key": key, "image": image, "text": self.tokenizer(texts)}
         if self.pseudo is not None:
             out["obj"], out["attr"] = self.pseudo.dense(key)
         return out
@@ -75,25 +81,38 @@ class _Join:
 def _collate(samples: list[dict]) -> dict:
     kept = [s for s in samples if not s["skip"]]
     batch = {"skipped": sum(s["skip"] for s in samples), "key": [s["key"] for s in kept]}
-    for name in ("image", "text", "obj", "attr"):
+    for name in ("image", "obj", "attr"):
         if kept and name in kept[0]:
             batch[name] = torch.stack([s[name] for s in kept])
+    if kept:
+        batch["text"] = torch.cat([s["text"] for s in kept])  # K captions per image, image-major
     return batch
 
 
 def make_loader(shard_dir: str | Path, image_size: int, tokenizer, batch_size: int, workers: int = 0,
                 pseudo: SparsePseudoLabels | None = None, missing: str = "error", seed: int = 0,
-                shuffle_buffer: int = 1000) -> torch.utils.data.DataLoader:
-    """One epoch over the shards: shard order shuffled by seed, samples shuffled in a buffer, split
-    across workers by shard. Batches are dicts: key, image (uint8), text, obj, attr, skipped."""
+                shuffle_buffer: int = 1000, resample: bool = False,
+                captions_per_image: int = 1) -> torch.utils.data.DataLoader:
+    """One epoch over the shards, a deterministic function of `seed` (and the number of workers and ranks).
+
+    resample=False: shard order shuffled by seed, split across ranks and workers, partial last batch.
+    resample=True: an endless stream of shards drawn with replacement (per rank and worker), full batches;
+    the caller decides how many batches make an epoch.  Samples are shuffled in a seeded buffer.
+    Batches are dicts: key, image (uint8), text (K rows per image), obj, attr, skipped."""
     urls = [str(p) for p in shard_paths(shard_dir)]
     if not urls:
         raise FileNotFoundError(f"no shards in {shard_dir}")
-    ds = (wds.WebDataset(urls, shardshuffle=len(urls), seed=seed, empty_check=False,
-                         nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker)
-          .shuffle(shuffle_buffer)
-          .map(_Join(image_size, tokenizer, pseudo, missing, seed))
-          .batched(batch_size, collation_fn=_collate, partial=True))
+    if resample:
+        shards = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+    else:
+        shards = [wds.SimpleShardList(urls), wds.detshuffle(len(urls), seed=seed), wds.split_by_node,
+                  wds.split_by_worker]
+    ds = wds.DataPipeline(
+        *shards,
+        wds.tarfile_to_samples(),
+        wds.shuffle(shuffle_buffer, seed=seed),
+        wds.map(_Join(image_size, tokenizer, pseudo, missing, seed, captions_per_image)),
+        wds.batched(batch_size, collation_fn=_collate, partial=not resample))
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
                                        persistent_workers=False, worker_init_fn=_seed_worker(seed))
 

@@ -1,0 +1,95 @@
+"""torchrun training (gloo on CPU) equals one process holding the whole batch; the train stage launches torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, project_env, tiny_params
+
+HELPER = ROOT / "tests" / "helpers" / "dist_train.py"
+
+
+def _env(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    return env
+
+
+def _run(tmp_path, out, *args, nproc=None):
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+                              if nproc else []) + [str(HELPER), str(out), *map(str, args)]
+    proc = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize("strategy,loss,accum,k", [
+    ("ddp", "hn-nce", 1, 1),
+    ("fsdp", "sigmoid", 2, 2),   # FSDP + FFF mining + 2 captions per image + cached-feature accumulation
+    ("ddp", "infonce", 2, 1),
+])
+def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path, strategy, loss, accum, k):
+    one = _run(tmp_path, tmp_path / "one.pt", strategy, loss, accum, k)
+    two = _run(tmp_path, tmp_path / "two.pt", strategy, loss, accum, k, nproc=2)
+    assert np.allclose(one["losses"], two["losses"], rtol=1e-5, atol=1e-5)
+    for part in ("model", "heads"):  # three AdamW steps (lr 1e-3) from the same start
+        assert one[part].keys() == two[part].keys()
+        for name in one[part]:
+            torch.testing.assert_close(one[part][name], two[part][name], rtol=0, atol=2e-4, msg=name)
+    assert not torch.equal(one["model"]["logit_scale"], torch.tensor(np.log(1 / 0.07), dtype=torch.float32))
+
+
+def _mini_project(tmp_path: Path, train: dict) -> Path:
+    """Filtered shards + vocabulary sizes (what the train stage reads), a params.yaml with tiny training."""
+    from diht_core.data.scenes import render, sample_scene
+    from diht_core.data.shards import encode_jpg, write_shard
+
+    rng = np.random.default_rng(0)
+    for s in range(4):
+        samples = []
+        for i in range(12):
+            sc = sample_scene(rng)
+            caps = [f"a {sc.shapes[0].colour} {sc.shapes[0].shape}", f"one {sc.shapes[0].shape}"]
+            samples.append({"__key__": f"{s}{i:08d}", "jpg": encode_jpg(render(sc, 64, rng)), "txt": caps[0],
+                            "json": json.dumps({"captions": caps}).encode()})
+        write_shard(tmp_path / "data" / "filtered" / f"{s:05d}.tar", samples)
+    (tmp_path / "data" / "pseudo_labels").mkdir(parents=True)
+    (tmp_path / "data" / "pseudo_labels" / "vocab_sizes.json").write_text('{"objects": 4, "attributes": 3}')
+    params = tiny_params()
+    params["train"].update({"steps": 4, "batch_size": 8, "checkpoint_every": 2, "log_every": 1,
+                            "lambda_obj": 0.0, "lambda_attr": 0.0, **train})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_train_stage_launches_torchrun_and_logs_to_its_mlflow_run(tmp_path):
+    import mlflow
+
+    proj = _mini_project(tmp_path, {"launcher": "torchrun", "nproc_per_node": 2, "strategy": "ddp",
+                                    "loader": "webdataset", "resample": True, "workers": 1, "device": "cpu"})
+    env = {**project_env(proj), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "tasks.train", "--params", "params.yaml"], cwd=proj, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((proj / "metrics" / "train.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["samples_seen"] == 32 and np.isfinite(metrics["final_loss"])
+    import open_clip
+
+    from diht_core.models import register_configs
+
+    register_configs()
+    open_clip.create_model("diht-tiny-vit", pretrained=str(proj / "models" / "model.pt"))  # a plain open_clip file
+    mlflow.set_tracking_uri(f"sqlite:///{proj / '.state' / 'mlflow.db'}")
+    run = mlflow.search_runs(experiment_names=["diht"], output_format="list")[0]
+    client = mlflow.tracking.MlflowClient()
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]  # from rank 0
+    assert run.data.params["train.launcher"] == "torchrun"
