@@ -1,6 +1,6 @@
-"""Loss throughput: forward+backward time of our losses against open_clip's ClipLoss, fp32 on CPU.
+"""Loss throughput: forward+backward time of our losses against open_clip's ClipLoss, fp32 (CPU or GPU).
 
-    .venv/bin/python bench/losses.py [--batches 256 512 1024 2048 4096] [--dim 512] [--threads 1]
+    .venv/bin/python bench/losses.py [--batches 256 512 1024 2048 4096] [--dim 512] [--threads 1] [--device cuda]
 
 One thread by default (like bench/cat_filter.py: numbers per core): on a shared machine multi-threaded timings
 are noise, every idle-waiting barrier of a parallel op stalls when another process holds the other core.
@@ -37,9 +37,16 @@ def _step(fn, img, txt, scale, bias):
     txt = txt.detach().requires_grad_(True)
     scale = scale.detach().requires_grad_(True)
     bias = bias.detach().requires_grad_(True)
+    _sync(img)
     t = time.perf_counter()
     fn(img, txt, scale, bias).backward()
+    _sync(img)
     return time.perf_counter() - t
+
+
+def _sync(x):
+    if x.is_cuda:
+        torch.cuda.synchronize()
 
 
 def _medians(fns, img, txt, scale, bias, repeats):
@@ -59,6 +66,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -74,9 +82,11 @@ def main(argv=None) -> None:
     losses = [
         ("open_clip ClipLoss", lambda i, t, s, b: clip(i, t, s)),
         ("HN-NCE (beta=0.5)", lambda i, t, s, b: hn(i, t, s)),
+        ("sigmoid", lambda i, t, s, b: sig(i, t, s, b)),
         ("sigmoid+mining", sigmoid_mined),
     ]
-    print(f"forward+backward, fp32, CPU, {torch.get_num_threads()} thread(s), dim {args.dim}; median ms; "
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
+    print(f"forward+backward, fp32, {where}, dim {args.dim}; median ms; "
           f"goal: ratio to ClipLoss <= {GOAL}x (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     header = f"{'batch':>6} {'reps':>4} | " + " | ".join(f"{name:>20}" for name, _ in losses) + \
         " | " + " | ".join(f"{name.split(' ')[0] + ' ratio':>14}" for name, _ in losses[1:])
@@ -85,9 +95,9 @@ def main(argv=None) -> None:
     worst = 0.0
     for n in args.batches:
         g = torch.Generator().manual_seed(n)
-        img = F.normalize(torch.randn(n, args.dim, generator=g), dim=-1)
-        txt = F.normalize(img + 0.7 * torch.randn(n, args.dim, generator=g), dim=-1)
-        scale, bias = torch.tensor(100.0), torch.tensor(-10.0)
+        img = F.normalize(torch.randn(n, args.dim, generator=g), dim=-1).to(args.device)
+        txt = F.normalize(img + 0.7 * torch.randn(n, args.dim, generator=g).to(args.device), dim=-1)
+        scale, bias = torch.tensor(100.0, device=args.device), torch.tensor(-10.0, device=args.device)
         repeats = 15 if n <= 512 else 7 if n <= 1024 else 5 if n <= 2048 else 3
         times = _medians([fn for _, fn in losses], img, txt, scale, bias, repeats)
         ratios = [t / times[0] for t in times[1:]]

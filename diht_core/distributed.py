@@ -149,7 +149,7 @@ def barrier(info: DistInfo) -> None:
 
 
 def destroy(info: DistInfo) -> None:
-    if info.world_size > 1 and dist.is_initialized():
+    if launched_by_torchrun() and dist.is_initialized():
         dist.destroy_process_group()
 
 

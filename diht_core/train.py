@@ -86,7 +86,9 @@ class TrainSet:
                     [int(torch.randint(len(caps), (1,), generator=g))]
                 rows.append([caps[order[j % len(order)]] for j in range(k)])  # fewer captions: cycle them
             idx, rows = full.chunk(world_size)[rank], list(_chunks(rows, world_size))[rank]
-            batch = {"image": self.images[idx], "text": self.tokens[[r for row in rows for r in row]]}
+            rows = torch.tensor([r for row in rows for r in row])
+            batch = {"image": self.images[to_device(idx, self.images.device)],
+                     "text": self.tokens[to_device(rows, self.tokens.device)]}
             if self.obj_targets is not None:
                 batch["obj"], batch["attr"] = self.obj_targets[idx], self.attr_targets[idx]
             yield batch
@@ -96,7 +98,7 @@ class TrainSet:
         h = hashlib.sha256("\n".join(self.keys).encode())
         for t in (self.images, self.tokens, self.obj_targets, self.attr_targets):
             if t is not None:
-                h.update(t.contiguous().numpy().tobytes())
+                h.update(t.contiguous().cpu().numpy().tobytes())
         h.update(json.dumps(self.caption_index).encode())
         return h.hexdigest()[:16]
 
@@ -112,8 +114,21 @@ def image_to_uint8(img, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
+_NORM: dict = {}
+
+
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """Host to GPU through pinned memory, asynchronously (a pageable copy would wait for the GPU to drain)."""
+    if torch.device(device).type != "cuda" or x.is_cuda:
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 def normalize_images(x: torch.Tensor) -> torch.Tensor:
-    return (x.float() / 255.0 - MEAN.to(x.device)) / STD.to(x.device)
+    if x.device not in _NORM:  # one host-to-device copy per device, not one per step
+        _NORM[x.device] = (MEAN.to(x.device) * 255.0, STD.to(x.device) * 255.0)
+    mean, std = _NORM[x.device]
+    return (x.float() - mean) / std
 
 
 def load_train_set(shard_dir: str | Path, image_size: int, tokenizer, pseudo_labels: dict | None = None,
@@ -276,12 +291,12 @@ def train(model, data, cfg: TrainConfig, checkpoint_dir: str | Path,
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16" and device.type == "cuda")
 
     def forward(images, text):
-        images = normalize_images(images.to(device, non_blocking=True))
+        images = normalize_images(to_device(images, device))
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            return forward_model(images, text.to(device, non_blocking=True))
+            return forward_model(images, to_device(text, device))
 
     def text_rows(c):  # the K captions of the images in c (image-major)
-        return (c[:, None] * k + torch.arange(k)).reshape(-1) if k > 1 else c
+        return (c[:, None] * k + torch.arange(k)).reshape(-1) if k > 1 and torch.is_tensor(c) else c
 
     def contrastive_loss(img_f, txt_f, out):
         if cfg.loss != "sigmoid":
@@ -301,7 +316,7 @@ def train(model, data, cfg: TrainConfig, checkpoint_dir: str | Path,
         n = len(batch["image"])
         chunks = torch.arange(n).chunk(max(1, min(cfg.accum_steps, n)))
         if len(chunks) == 1:
-            cached = None
+            cached, chunks = None, [slice(None)]  # the whole batch: no index copies
         else:  # open_clip-style accumulation: every micro-batch's loss sees the whole batch's features
             with torch.no_grad():
                 cached = [forward(batch["image"][c], batch["text"][text_rows(c)])[:2] for c in chunks]
@@ -322,8 +337,9 @@ def train(model, data, cfg: TrainConfig, checkpoint_dir: str | Path,
                 loss_d = torch.zeros((), device=device)
                 if use_distill:
                     obj_logits, attr_logits = heads(out[0].float())
-                    loss_d = distill(obj_logits, attr_logits, batch["obj"][c].to(device), batch["attr"][c].to(device))
-                    loss_d = loss_d * (len(c) / n)
+                    loss_d = distill(obj_logits, attr_logits, to_device(batch["obj"][c], device),
+                                     to_device(batch["attr"][c], device))
+                    loss_d = loss_d * (len(out[0]) / n)
                     loss = loss + loss_d
                 scaler.scale(loss).backward()
             loss_c_total = loss_c.detach()

@@ -3,6 +3,7 @@
 python tests/helpers/dist_train.py OUT STRATEGY LOSS [ACCUM] [K]
 """
 
+import os
 import sys
 
 import torch
@@ -22,7 +23,7 @@ def make_data(n=16, k=1, size=48, ctx=32):
 
 
 def main(out, strategy, loss, accum=1, k=1):
-    info = init_distributed("cpu")
+    info = init_distributed(os.environ.get("DIHT_DEVICE", "cpu"))
     torch.manual_seed(0)
     sig = {"init_logit_bias": -10.0} if loss == "sigmoid" else {}
     model, _, _ = create_model("diht-tiny-vit", **sig)
@@ -31,6 +32,7 @@ def main(out, strategy, loss, accum=1, k=1):
     cfg = TrainConfig(steps=3, batch_size=8, lr=1e-3, warmup_steps=1, loss=loss, strategy=strategy,
                       accum_steps=int(accum), captions_per_image=int(k), lambda_obj=0.5, lambda_attr=0.5,
                       checkpoint_every=100, log_every=1, hn_beta=0.5 if loss == "hn-nce" else 0.0, **fff)
+    torch.backends.cuda.matmul.allow_tf32 = False
     summary = train(model, make_data(), cfg, f"{out}.ckpt", heads=heads, dist=info)
     state = full_model_state(model, strategy, info)
     if info.is_main:
