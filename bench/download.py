@@ -40,7 +40,8 @@ import json, sys, pandas as pd
 from diht_core.data.fetch import FetchConfig
 from diht_core.data.url_download import DownloadConfig, download_url_list
 lst, out, threads, timeout, size, mode = sys.argv[1:]
-cfg = DownloadConfig(fetch=FetchConfig(timeout=float(timeout)), threads=int(threads), resize_mode=mode, image_size=int(size))
+cfg = DownloadConfig(fetch=FetchConfig(timeout=float(timeout)), threads=int(threads), resize_mode=mode,
+                     image_size=int(size))
 print(json.dumps(download_url_list(pd.read_parquet(lst), out, cfg, progress=False)))
 """
 

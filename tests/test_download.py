@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -9,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -80,7 +80,7 @@ def test_every_url_accounted_for_with_its_reason(server, tmp_path):
         meta = s["json"]
         assert meta["url"] == r.url and meta["key"] == r.key and meta["status"] == "success"
         assert meta["error_message"] is None and s["txt"] == r.caption == meta["caption"]
-        assert meta["sha256"] == r.sha256 == __import__("hashlib").sha256(s["image_bytes"]).hexdigest()
+        assert meta["sha256"] == r.sha256 == hashlib.sha256(s["image_bytes"]).hexdigest()
         img = Image.open(io.BytesIO(s["image_bytes"]))
         assert img.format == "JPEG" and img.size == (meta["width"], meta["height"]) == (256, 256)  # border
         assert meta["original_width"] > 0 and meta["original_height"] > 0
@@ -142,7 +142,7 @@ def test_retries_with_exponential_backoff(server):
     assert fetch(server.url("/flaky/t1/2/img/32x32/0.jpg"), cfg, sleep=sleeps.append) == image_bytes(32, 32, 0)
     assert sleeps == [0.01, 0.02]
     with pytest.raises(FetchError) as err:
-        fetch(server.url("/flaky/t2/2/img/32x32/0.jpg"), FetchConfig(timeout=2, retries=1, backoff=0), sleep=sleeps.append)
+        fetch(server.url("/flaky/t2/2/img/32x32/0.jpg"), FetchConfig(timeout=2, retries=1), sleep=sleeps.append)
     assert err.value.reason == "http_503" and err.value.attempts == 2
     sleeps.clear()
     with pytest.raises(FetchError) as err:  # a 404 is final
@@ -288,3 +288,11 @@ def test_url_list_stage_then_cat_filter(server, tmp_path):
     assert c["funnel"]["kept"] >= 2
     decisions = pd.read_parquet(tmp_path / "data" / "cat" / "decisions.parquet")
     assert decisions.key.tolist() == [f"{i:09d}" for i in range(8)]
+
+
+def test_an_unexpected_error_is_a_reason_too(server, monkeypatch):
+    import diht_core.data.url_download as ud
+
+    monkeypatch.setattr(ud, "resize", lambda *a: 1 / 0)
+    sample, row = ud.download_one("000000000", server.url("/img/32x32/0.jpg"), "c", DownloadConfig(fetch=FAST))
+    assert sample is None and row["reason"] == "error" and "ZeroDivisionError" in row["error_message"]

@@ -57,15 +57,16 @@ def retryable(reason: str) -> bool:
 
 def fetch(url: str, cfg: FetchConfig = FetchConfig(), sleep=time.sleep) -> bytes:
     """The body of url, or FetchError with the reason of the last attempt."""
-    for attempt in range(cfg.retries + 1):
+    attempt = 1
+    while True:
         try:
             return fetch_once(url, cfg)
         except Exception as exc:  # every failure becomes a reason
             reason, message = classify(exc)
-        if attempt == cfg.retries or not retryable(reason):
-            raise FetchError(reason, message, attempt + 1)
-        sleep(cfg.backoff * 2 ** attempt)
-    raise AssertionError("unreachable")
+        if attempt > cfg.retries or not retryable(reason):
+            raise FetchError(reason, message, attempt)
+        sleep(cfg.backoff * 2 ** (attempt - 1))
+        attempt += 1
 
 
 def fetch_once(url: str, cfg: FetchConfig) -> bytes:

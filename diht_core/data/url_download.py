@@ -61,8 +61,10 @@ def download_one(key: str, url: str, caption: str, cfg: DownloadConfig) -> tuple
         row.update(original_width=img.width, original_height=img.height)
         img = resize(img, cfg.resize_mode, cfg.image_size, cfg.resize_only_if_bigger)
         jpg = encode_jpg(img, cfg.encode_quality)
-    except (FetchError, ImageError) as err:
-        row.update(status="failed", reason=err.reason, error_message=err.message[:500])
+    except Exception as err:  # a URL never stops the run: it fails with a reason
+        known = isinstance(err, (FetchError, ImageError))
+        row.update(status="failed", reason=err.reason if known else "error",
+                   error_message=(err.message if known else f"{type(err).__name__}: {err}")[:500])
         return None, row
     row.update(status="success", reason="ok", width=img.width, height=img.height,
                sha256=hashlib.sha256(jpg).hexdigest())
