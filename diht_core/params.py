@@ -51,8 +51,40 @@ class EvalSplitParams(_Strict):
     fewshot_per_class: int = Field(default=16, ge=1)
 
 
+class UrlListParams(_Strict):
+    """download.source: url_list, img2dataset's conventions (diht_core/data/url_download.py)."""
+    path: str | None = None                  # a TSV (CC3M), CSV, parquet (LAION) or txt list
+    format: Literal["tsv", "csv", "parquet", "txt"] | None = None  # null: from the file's suffix
+    url_col: str = Field(default="url", min_length=1)
+    caption_col: str | None = "caption"
+    threads: int = Field(default=64, ge=1, le=1024)
+    timeout: float = Field(default=10.0, gt=0)
+    retries: int = Field(default=0, ge=0, le=10)
+    backoff: float = Field(default=1.0, ge=0)
+    max_redirects: int = Field(default=5, ge=0, le=50)
+    max_bytes: int = Field(default=20_000_000, ge=1024)
+    max_pixels: int = Field(default=89_478_485, ge=1)
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "border"
+    image_size: int = Field(default=256, ge=8, le=8192)
+    resize_only_if_bigger: bool = False
+    encode_quality: int = Field(default=95, ge=1, le=100)
+    shard_size: int = Field(default=10_000, ge=1)
+    user_agent: str = Field(default="diht-pipeline/0.1 (img2dataset-style downloader)", min_length=1)
+    respect_opt_out: bool = True
+
+    @model_validator(mode="after")
+    def _format_known(self):
+        from .data.url_lists import infer_format
+
+        if self.path and self.format is None and infer_format(self.path) is None:
+            raise ValueError(f"download.url_list.format: cannot tell the format of {self.path!r} from its suffix; "
+                             "set it to tsv, csv, parquet or txt")
+        return self
+
+
 class DownloadParams(_Strict):
-    source: Literal["synthetic"] = "synthetic"
+    source: Literal["synthetic", "url_list"] = "synthetic"
+    url_list: UrlListParams = UrlListParams()
     num_train: int = Field(default=4000, ge=16)
     shard_size: int = Field(default=500, ge=1)
     image_size: int = Field(default=128, ge=32, le=1024)
@@ -61,6 +93,12 @@ class DownloadParams(_Strict):
     max_captions: int = Field(default=3, ge=2, le=10)
     teacher_samples: int = Field(default=2000, ge=16)
     eval: EvalSplitParams = EvalSplitParams()
+
+    @model_validator(mode="after")
+    def _url_list_needs_a_path(self):
+        if self.source == "url_list" and not self.url_list.path:
+            raise ValueError("download.url_list.path: required when download.source is url_list")
+        return self
 
 
 class CatFilterParams(_Strict):

@@ -73,7 +73,8 @@ def body(p, run) -> dict:
     resumed = sum(r.get("skipped_done", 0) for r in results)
     print(f"[cat_filter] {len(jobs)} shards, {resumed} already done (reused)")
     metrics = {"funnel": funnel, "kept_fraction": funnel["kept"] / max(1, funnel["in"]),
-               "drop_rate_by_noise": by_noise, "quality": cat_quality(df)}
+               "drop_rate_by_noise": by_noise,
+               "quality": cat_quality(df) or None}  # None: no planted ground truth (a URL list)
     plots = Path(p.paths.plots)
     plots.mkdir(parents=True, exist_ok=True)
     pd.DataFrame([{"step": k, "count": v} for k, v in funnel.items()]).to_csv(plots / "cat_funnel.csv", index=False)

@@ -227,13 +227,16 @@ def write_eval_splits(cfg: SyntheticConfig, root: Path) -> dict[str, int]:
     return counts
 
 
-def generate(cfg: SyntheticConfig, root: str | Path, progress: Callable | None = None) -> dict:
-    """Materialise the whole synthetic source under root: raw/train, raw/teacher, eval/<task>/<split>."""
+def generate(cfg: SyntheticConfig, root: str | Path, progress: Callable | None = None, train: bool = True) -> dict:
+    """Materialise the whole synthetic source under root: raw/train, raw/teacher, eval/<task>/<split>.
+
+    train=False leaves raw/train alone (it comes from a URL list)."""
     root = Path(root)
-    stats = {
-        "train": _write_split(train_samples(cfg), root / "raw" / "train", cfg.shard_size, "train", cfg.num_train),
-        "teacher": _write_split(teacher_samples(cfg), root / "raw" / "teacher", cfg.shard_size, "teacher",
-                                cfg.teacher_samples),
-    }
+    stats = {}
+    if train:
+        stats["train"] = _write_split(train_samples(cfg), root / "raw" / "train", cfg.shard_size, "train",
+                                      cfg.num_train)
+    stats["teacher"] = _write_split(teacher_samples(cfg), root / "raw" / "teacher", cfg.shard_size, "teacher",
+                                    cfg.teacher_samples)
     stats.update(write_eval_splits(cfg, root / "eval"))
     return stats

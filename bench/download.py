@@ -1,0 +1,155 @@
+"""URL-list download: ours vs img2dataset on the same loopback list, same threads, timeout and resizing.
+
+    .venv/bin/python bench/download.py [--urls 2000] [--threads 64] [--timeout 2] \
+        [--img2dataset .state/img2dataset-venv/bin/img2dataset]
+
+The server (diht_core/data/loopback.py) runs in its own process and serves a mix of good images,
+dead links (404, refused), slow responses, non-images, corrupt files, redirects, loops, huge bodies and
+decompression bombs. img2dataset pins packages this project does not (webdataset 0.2, pandas 2), so it
+lives in its own virtualenv: `python3.11 -m venv .state/img2dataset-venv && .state/img2dataset-venv/bin/pip
+install img2dataset`. Each tool runs once in a fresh process, one after the other; the server's images
+are warmed first so neither pays for their rendering.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from diht_core.data.loopback import mixed_url_list  # noqa: E402
+
+MIX = {"good_jpg": 0.56, "good_png": 0.10, "redirect_ok": 0.04, "dead_404": 0.10, "dead_refused": 0.10,
+       "slow": 0.03, "html": 0.02, "html_as_jpeg": 0.01, "truncated": 0.015, "redirect_loop": 0.01,
+       "huge": 0.003, "bomb": 0.002}
+
+OURS = """
+import json, sys, pandas as pd
+from diht_core.data.fetch import FetchConfig
+from diht_core.data.url_download import DownloadConfig, download_url_list
+lst, out, threads, timeout, size, mode = sys.argv[1:]
+cfg = DownloadConfig(fetch=FetchConfig(timeout=float(timeout)), threads=int(threads), resize_mode=mode,
+                     image_size=int(size))
+print(json.dumps(download_url_list(pd.read_parquet(lst), out, cfg, progress=False)))
+"""
+
+# img2dataset's error messages -> our reasons
+I2D_REASONS = [
+    (r"redirect error that would lead to an infinite loop", "redirect_loop"),
+    (r"HTTP Error (\d+)", lambda m: f"http_{m.group(1)}"),
+    (r"timed out", "timeout"),
+    (r"Connection refused|Remote end closed|Connection reset", "connection_error"),
+    (r"decoding error|cannot identify|truncated", "decode_error"),
+    (r"X-Robots-Tag", "opted_out"),
+    (r"image area too large", "decompression_bomb"),
+]
+
+
+def i2d_reason(msg) -> str:
+    if msg is None or (isinstance(msg, float) and msg != msg):
+        return "ok"
+    for pattern, reason in I2D_REASONS:
+        m = re.search(pattern, msg)
+        if m:
+            return reason(m) if callable(reason) else reason
+    return "other: " + msg[:40]
+
+
+def start_server() -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "diht_core.data.loopback"], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True)
+    return proc, proc.stdout.readline().strip()
+
+
+def warm(urls: pd.DataFrame) -> None:
+    for url in urls[urls.expected == "ok"].url.unique():
+        urllib.request.urlopen(url, timeout=30).read()
+
+
+def run_ours(lst: Path, out: Path, a) -> dict:
+    t = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", OURS, str(lst), str(out), str(a.threads), str(a.timeout),
+                          str(a.image_size), a.resize_mode], cwd=ROOT, capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - t
+    stats = json.loads(res.stdout.strip().splitlines()[-1])
+    return {"wall": wall, "seconds": stats["seconds"], "ok": stats["successes"], "reasons": stats["reasons"]}
+
+
+def run_img2dataset(lst: Path, out: Path, a) -> dict:
+    cmd = [a.img2dataset, f"--url_list={lst}", "--input_format=parquet", "--url_col=url", "--caption_col=caption",
+           f"--output_folder={out}", "--output_format=webdataset", f"--thread_count={a.threads}",
+           "--processes_count=1", f"--timeout={a.timeout}", "--retries=0", f"--image_size={a.image_size}",
+           f"--resize_mode={a.resize_mode}", "--number_sample_per_shard=10000", "--enable_wandb=False",
+           "--distributor=multiprocessing", f"--max_image_area={a.max_pixels}"]
+    t = time.perf_counter()
+    subprocess.run(cmd, capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - t
+    stats = [json.loads(p.read_text()) for p in out.glob("*_stats.json")]
+    rows = pd.concat([pd.read_parquet(p) for p in out.glob("*.parquet")])
+    reasons = Counter(i2d_reason(m) for m in rows.error_message)
+    return {"wall": wall, "seconds": sum(s["duration"] for s in stats), "ok": reasons["ok"], "reasons": dict(reasons)}
+
+
+def table(results: dict, expected: Counter) -> str:
+    tools = list(results)
+    lines = ["| | " + " | ".join(tools) + " | expected |", "|---" * (len(tools) + 2) + "|"]
+
+    def row(name, values, exp=""):
+        lines.append(f"| {name} | " + " | ".join(values) + f" | {exp} |")
+
+    row("wall time, s (process start to exit)", [f"{r['wall']:.1f}" for r in results.values()])
+    row("download time, s (the tool's own timer)", [f"{r['seconds']:.1f}" for r in results.values()])
+    row("images/s (ok / download time)", [f"{r['ok'] / r['seconds']:.0f}" for r in results.values()])
+    reasons = sorted(set(expected) | {k for r in results.values() for k in r["reasons"]}, key=lambda k: (k != "ok", k))
+    for k in reasons:
+        row(k, [str(r["reasons"].get(k, 0)) for r in results.values()], str(expected.get(k, 0)))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--urls", type=int, default=2000)
+    ap.add_argument("--threads", type=int, default=64)
+    ap.add_argument("--timeout", type=float, default=2.0)
+    ap.add_argument("--slow-ms", type=int, default=3000)
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--resize-mode", default="border")
+    ap.add_argument("--max-pixels", type=int, default=89_478_485)
+    ap.add_argument("--bomb-fraction", type=float, default=MIX["bomb"], help="share of decompression bombs")
+    ap.add_argument("--img2dataset", default=str(ROOT / ".state" / "img2dataset-venv" / "bin" / "img2dataset"))
+    a = ap.parse_args()
+    server, base = start_server()
+    try:
+        mix = {**MIX, "bomb": a.bomb_fraction, "good_jpg": MIX["good_jpg"] + MIX["bomb"] - a.bomb_fraction}
+        urls = mixed_url_list(base, a.urls, mix, slow_ms=a.slow_ms)
+        warm(urls)
+        with tempfile.TemporaryDirectory() as tmp:
+            lst = Path(tmp) / "list.parquet"
+            urls[["url", "caption"]].to_parquet(lst)
+            results = {"ours": run_ours(lst, Path(tmp) / "ours", a)}
+            if Path(a.img2dataset).exists():
+                results["img2dataset"] = run_img2dataset(lst, Path(tmp) / "img2dataset", a)
+            else:
+                print(f"(img2dataset not found at {a.img2dataset}: skipped)")
+    finally:
+        server.terminate()
+        server.wait()
+    print(f"{a.urls} URLs, {a.threads} threads, timeout {a.timeout} s, {a.resize_mode} {a.image_size} px, "
+          f"one process each\n")
+    print(table(results, Counter(urls.expected)))
+
+
+if __name__ == "__main__":
+    main()

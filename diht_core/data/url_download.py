@@ -1,0 +1,195 @@
+"""Download a URL list into webdataset shards, img2dataset's output layout, resumable.
+
+`<out>/<shard:05d>.tar` holds the successes (`jpg`, `txt`, `json` per sample), `<out>/<shard:05d>.parquet`
+one row per URL of the shard (successes and failures, with the reason), `<out>/_stats.json` the counts
+of the whole list. Keys are the row index in the list (`%09d`), so a rerun gives every URL its key again.
+
+A shard is finished when its parquet exists and carries the digest of its input rows and of the
+settings that shape the images; the tar is renamed into place before the parquet, both atomically.
+A rerun (after kill -9, say) skips finished shards and redoes the others from scratch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from .fetch import FetchConfig, FetchError, fetch
+from .resize import ImageError, load_image, resize
+from .shards import encode_jpg, write_shard
+
+COLUMNS = ["key", "url", "caption", "status", "reason", "error_message", "bytes",
+           "original_width", "original_height", "width", "height", "sha256"]
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    threads: int = 64
+    shard_size: int = 10_000
+    resize_mode: str = "border"
+    image_size: int = 256
+    resize_only_if_bigger: bool = False
+    encode_quality: int = 95
+    max_pixels: int = 89_478_485   # PIL's own default limit
+
+    def image_digest(self) -> str:
+        """The settings that decide the stored bytes (not timeouts or threads)."""
+        keep = ("resize_mode", "image_size", "resize_only_if_bigger", "encode_quality", "max_pixels")
+        return json.dumps({k: getattr(self, k) for k in keep} | {"max_bytes": self.fetch.max_bytes}, sort_keys=True)
+
+
+def download_one(key: str, url: str, caption: str, cfg: DownloadConfig) -> tuple[dict | None, dict]:
+    """(webdataset sample or None, parquet row) of one URL."""
+    row = dict.fromkeys(COLUMNS)
+    row.update(key=key, url=url, caption=caption, bytes=0)
+    try:
+        data = fetch(url, cfg.fetch)
+        row["bytes"] = len(data)
+        img = load_image(data, cfg.max_pixels)
+        row.update(original_width=img.width, original_height=img.height)
+        img = resize(img, cfg.resize_mode, cfg.image_size, cfg.resize_only_if_bigger)
+        jpg = encode_jpg(img, cfg.encode_quality)
+    except Exception as err:  # a URL never stops the run: it fails with a reason
+        known = isinstance(err, (FetchError, ImageError))
+        row.update(status="failed", reason=err.reason if known else "error",
+                   error_message=(err.message if known else f"{type(err).__name__}: {err}")[:500])
+        return None, row
+    row.update(status="success", reason="ok", width=img.width, height=img.height,
+               sha256=hashlib.sha256(jpg).hexdigest())
+    meta = {k: row[k] for k in ("url", "caption", "key", "status", "error_message", "width", "height",
+                                "original_width", "original_height", "sha256")}
+    return {"__key__": key, "jpg": jpg, "txt": caption, "json": json.dumps(meta).encode()}, row
+
+
+def shard_digest(rows: pd.DataFrame, first_index: int, cfg: DownloadConfig) -> str:
+    h = hashlib.sha256(cfg.image_digest().encode())
+    h.update(str(first_index).encode())
+    for url, caption in zip(rows.url, rows.caption):
+        h.update(url.encode() + b"\t" + caption.encode() + b"\n")
+    return h.hexdigest()[:24]
+
+
+def shard_done(out_dir: Path, name: str, digest: str) -> bool:
+    pq_path = out_dir / f"{name}.parquet"
+    if not (pq_path.exists() and (out_dir / f"{name}.tar").exists()):
+        return False
+    try:
+        meta = pq.read_schema(pq_path).metadata or {}
+    except Exception:  # a damaged file
+        return False
+    return meta.get(b"input_digest", b"").decode() == digest
+
+
+def write_shard_pair(out_dir: Path, name: str, samples: list[dict], rows: list[dict], digest: str,
+                     seconds: float) -> None:
+    """The tar, then the parquet that marks the shard finished; each written to a tmp file and renamed."""
+    write_shard(out_dir / f"{name}.tar", samples)
+    table = pa.Table.from_pandas(pd.DataFrame(rows, columns=COLUMNS), preserve_index=False)
+    meta = {b"input_digest": digest.encode(), b"seconds": str(seconds).encode()}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
+    tmp = out_dir / f"{name}.parquet.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, out_dir / f"{name}.parquet")
+
+
+def _clean(out_dir: Path, names: set[str]) -> None:
+    """Drop tmp files of a killed run and the shards of another list."""
+    for f in out_dir.iterdir():
+        if f.name.endswith(".tmp") or (f.suffix in (".tar", ".parquet") and f.stem not in names):
+            f.unlink()
+
+
+def download_url_list(urls: pd.DataFrame, out_dir: str | Path, cfg: DownloadConfig = DownloadConfig(),
+                      progress: bool = True) -> dict:
+    """Download every row of urls (columns url, caption) into shards under out_dir; return the stats."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = len(urls)
+    shards = [(f"{i:05d}", start, urls.iloc[start:start + cfg.shard_size])
+              for i, start in enumerate(range(0, n, cfg.shard_size))]
+    _clean(out_dir, {name for name, _, _ in shards})
+    todo = [(name, start, rows, shard_digest(rows, start, cfg)) for name, start, rows in shards]
+    todo = [t for t in todo if not shard_done(out_dir, t[0], t[3])]
+    t0 = time.monotonic()
+    fetched = _run(todo, out_dir, cfg, progress, total=sum(len(t[2]) for t in todo))
+    seconds = time.monotonic() - t0
+    stats = shard_stats(out_dir, [name for name, _, _ in shards])
+    stats.update(shards=len(shards), resumed_shards=len(shards) - len(todo), seconds=round(seconds, 3),
+                 fetched_this_run=fetched["urls"], images_per_s=round(fetched["ok"] / seconds, 2) if seconds else 0.0,
+                 config={**asdict(cfg), "fetch": asdict(cfg.fetch)})
+    tmp = out_dir / "_stats.json.tmp"
+    tmp.write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out_dir / "_stats.json")
+    return stats
+
+
+def _run(todo: list, out_dir: Path, cfg: DownloadConfig, progress: bool, total: int) -> dict:
+    """Fetch the shards' URLs on one thread pool (a shard's slow tail overlaps the next shard) and write
+    each shard as soon as its last URL is in."""
+    jobs = ((si, j, f"{start + j:09d}", url, cap)
+            for si, (_, start, rows, _) in enumerate(todo) for j, (url, cap) in enumerate(zip(rows.url, rows.caption)))
+    results = [[None] * len(t[2]) for t in todo]
+    left = [len(t[2]) for t in todo]
+    started = [0.0] * len(todo)
+    done = {"urls": 0, "ok": 0}
+    bar = tqdm(total=total, unit="url", desc="download", disable=not progress, mininterval=1.0, smoothing=0.1)
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(cfg.threads) as ex:
+        inflight = set()
+
+        def submit() -> None:
+            for si, j, key, url, cap in jobs:
+                started[si] = started[si] or time.monotonic()
+                inflight.add(ex.submit(_job, si, j, key, url, cap, cfg))
+                if len(inflight) >= 4 * cfg.threads:
+                    return
+
+        submit()
+        while inflight:
+            finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
+            inflight.difference_update(finished)
+            for f in finished:
+                si, j, (sample, row) = f.result()
+                results[si][j] = (sample, row)
+                left[si] -= 1
+                done["urls"] += 1
+                done["ok"] += sample is not None
+                bar.update(1)
+                if left[si] == 0:
+                    name, _, _, digest = todo[si]
+                    write_shard_pair(out_dir, name, [s for s, _ in results[si] if s is not None],
+                                     [r for _, r in results[si]], digest, time.monotonic() - started[si])
+                    results[si] = None
+            bar.set_postfix(ok=done["ok"], img_s=f"{done['ok'] / max(1e-9, time.monotonic() - t0):.0f}", refresh=False)
+            submit()
+    bar.close()
+    return done
+
+
+def _job(si: int, j: int, key: str, url: str, caption: str, cfg: DownloadConfig):
+    return si, j, download_one(key, url, caption, cfg)
+
+
+def shard_stats(out_dir: Path, names: list[str]) -> dict:
+    """Counts per status and reason over the finished shards' parquets."""
+    reasons: Counter = Counter()
+    for name in names:
+        path = out_dir / f"{name}.parquet"
+        if path.exists():
+            reasons.update(pd.read_parquet(path, columns=["reason"]).reason)
+    count = sum(reasons.values())
+    ok = reasons.get("ok", 0)
+    return {"count": count, "successes": ok, "failed": count - ok,
+            "success_rate": ok / count if count else 0.0, "reasons": dict(sorted(reasons.items()))}
