@@ -16,6 +16,7 @@ from diht_core.data.loader import SparsePseudoLabels, make_loader
 from diht_core.data.shards import shard_paths
 from diht_core.train import StreamingData, TrainConfig, load_train_set, train
 
+from ._registry import register_trained_model
 from ._stage import STATE_DIR, cli, make_task, pyplot, save_figure
 
 
@@ -53,6 +54,7 @@ def body(p, run) -> dict:
     hist.drop(columns=["samples_per_s"]).to_csv(plots / "train_loss.csv", index=False)
     _loss_png(hist, plots / "train_loss.png")
     run.log_artifact(plots / "train_loss.png", "plots")
+    register_trained_model(p, models)  # a new version of the registered model diht-<train.model> (tasks/_registry.py)
     return {
         "model": tp.model,
         "loader": tp.loader,
