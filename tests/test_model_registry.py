@@ -55,7 +55,7 @@ def test_registered_model_loads_back_with_the_same_features(tmp_path, store):
     assert int(mv.version) == 1 and mv.run_id == run.info.run_id
     assert client.get_run(run.info.run_id).data.tags["diht.registered_model"] == "diht-tiny-vit/1"
 
-    loaded = mlflow.pyfunc.load_model("models:/diht-tiny-vit/1")
+    loaded = mlflow.pyfunc.load_model("models:/diht-tiny-vit/latest")  # as the README shows
     texts = ["a red circle", "two blue squares", "a green triangle near the top"]
     images = [_png((200, 30, 30)), _png((30, 30, 200))]
     with torch.no_grad():
