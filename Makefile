@@ -15,7 +15,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_HOME := $(STATE)/prefect
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install demo test test-fast serve run-full ui repro clean
+.PHONY: install demo test test-fast serve worker run-full ui repro docker-check compose-up clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,22 +44,52 @@ test-fast: install
 repro: install
 	dvc repro
 
-# A local Prefect server on 127.0.0.1 and the served deployment `full`.
-# In another shell: PREFECT_HOME=.state/prefect PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/prefect deployment run diht/full
+PREFECT_API := http://127.0.0.1:$(PREFECT_PORT)/api
+
+# Starts a Prefect server on 127.0.0.1:$(PREFECT_PORT) unless one answers there already (then reuses it);
+# a server started here stops when the recipe ends.
+define PREFECT_SERVER
+mkdir -p $(STATE)/prefect; \
+if ! curl -sf $(PREFECT_API)/health >/dev/null; then \
+  prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) > $(STATE)/prefect-server.log 2>&1 & echo $$! > $(STATE)/prefect-server.pid; \
+  trap 'kill $$(cat $(STATE)/prefect-server.pid) 2>/dev/null' EXIT INT TERM; \
+  for i in $$(seq 90); do curl -sf $(PREFECT_API)/health >/dev/null && break; sleep 1; done; \
+fi; \
+echo "Prefect server on http://127.0.0.1:$(PREFECT_PORT) (log: .state/prefect-server.log)"; \
+echo "Run:  make run-full   (= PREFECT_API_URL=$(PREFECT_API) prefect deployment run diht/full)"
+endef
+
+# The deployments full, filter-only, eval-only served by one process (flows/diht.py --serve).
+# In another shell: make run-full
 serve: install
-	@mkdir -p $(STATE)/prefect
-	@prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) > $(STATE)/prefect-server.log 2>&1 & echo $$! > $(STATE)/prefect-server.pid; \
-	trap 'kill $$(cat $(STATE)/prefect-server.pid) 2>/dev/null' EXIT INT TERM; \
-	for i in $$(seq 90); do curl -sf http://127.0.0.1:$(PREFECT_PORT)/api/health >/dev/null && break; sleep 1; done; \
-	echo "Prefect server on http://127.0.0.1:$(PREFECT_PORT) (log: .state/prefect-server.log)"; \
-	echo "Run:  make run-full   (= PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api prefect deployment run diht/full)"; \
-	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(PY) -m flows.diht --serve --params params.yaml
+	@$(PREFECT_SERVER); \
+	PREFECT_API_URL=$(PREFECT_API) $(PY) -m flows.diht --serve --params params.yaml
+
+# Or the same deployments from prefect.yaml, run by a worker of the process pool diht-local.
+worker: install
+	@$(PREFECT_SERVER); \
+	export PREFECT_API_URL=$(PREFECT_API) DIHT_PROJECT_DIR=$(CURDIR); \
+	prefect work-pool create diht-local --type process --overwrite >/dev/null && \
+	prefect --no-prompt deploy --all && \
+	prefect worker start --pool diht-local
 
 run-full:
-	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api prefect deployment run diht/full --watch
+	PREFECT_API_URL=$(PREFECT_API) prefect deployment run diht/full --watch
 
 ui: install
 	mlflow ui --backend-store-uri sqlite:///$(STATE)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+# Lint docker/ without a Docker daemon: hadolint on the Dockerfiles, compose.yaml against the compose-spec schema
+# and its own references (tests/test_docker.py); plus `docker compose config` where Compose is installed.
+docker-check: install
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_docker.py
+	@if docker compose version >/dev/null 2>&1; then docker compose -f docker/compose.yaml config -q && echo "docker compose config: ok"; \
+	else echo "docker compose: not installed here (checked against the compose-spec schema only)"; fi
+
+# The stack of docker/compose.yaml: Postgres, MLflow server, Prefect server, a GPU worker.
+compose-up:
+	mkdir -p data models metrics plots datasets
+	docker compose -p diht -f docker/compose.yaml up -d --build
 
 clean:
 	rm -rf data models metrics plots .state/checkpoints

@@ -71,7 +71,8 @@ def run_registered(name: str, model, preprocess, tokenizer, data_root: str | Pat
         metrics = vqa_accuracy(img, st, torch.as_tensor(data["labels"]), data.get("qtypes"))
         chance = metrics.get("chance", float("nan"))
     metrics = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
-    return {**metrics, "main": float(metrics[spec.main_metric]), "chance": float(chance)}
+    counts = {k: int(data[k]) for k in ("missing", "total") if k in data}  # e.g. CC captions of dead URLs
+    return {**metrics, **counts, "main": float(metrics[spec.main_metric]), "chance": float(chance)}
 
 
 def markdown_table(results: dict[str, dict]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -30,6 +31,18 @@ class Paths(_Strict):
 class MLflowParams(_Strict):
     tracking_uri: str | None = None
     experiment: str = Field(default="diht", min_length=1)
+    # the model registry entry of each trained model: null: diht-<train.model>; false: none; or a name
+    registered_model: str | Literal[False] | None = None
+
+    @field_validator("registered_model", mode="before")
+    @classmethod
+    def _model_name(cls, v):
+        if v is True:
+            raise ValueError("true is not a name: null for the default name diht-<train.model>, false for none")
+        if isinstance(v, str) and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}", v):
+            raise ValueError("a registered model name is 1-255 letters, digits, '.', '_' or '-', starting with a "
+                             "letter or digit (false: register nothing)")
+        return v
 
 
 class NoiseParams(_Strict):

@@ -2,6 +2,7 @@
 
     python -m flows.diht                 # ephemeral mode, no server (what `make demo` runs)
     python -m flows.diht --serve         # serve the deployments full, filter-only, eval-only (`make serve`)
+    prefect --no-prompt deploy --all     # or: the same deployments from prefect.yaml, for a worker (`make worker`)
     prefect deployment run diht/full     # run one through the server
 """
 
@@ -31,11 +32,16 @@ TASKS = {"download": download, "cat_filter": cat_filter, "concepts": concepts, "
          "pseudo_labels": pseudo_labels, "train": train_task, "benchmark": benchmark, "fewshot": fewshot}
 
 
-DEPLOYMENTS = {  # name -> the stages it runs
+DEPLOYMENTS = {  # name -> the stages it runs (served by --serve; declared for workers in prefect.yaml)
     "full": list(STAGES),
     "filter-only": ["download", "cat_filter"],
     "eval-only": ["benchmark", "fewshot"],
 }
+
+
+def deployment_parameters(name: str, params_path: str = "params.yaml") -> dict:
+    """The flow parameters of deployment `name` (`full` runs every stage, present and future)."""
+    return {"params_path": params_path, "stages": None if name == "full" else DEPLOYMENTS[name]}
 
 
 @flow(name="diht", log_prints=True)
@@ -105,9 +111,9 @@ def main(argv=None) -> None:
     if args.serve:
         from prefect import serve
 
-        serve(*[diht.to_deployment(name, parameters={"params_path": args.params, "workdir": os.getcwd(),
-                                                     "stages": stages if name != "full" else None})
-                for name, stages in DEPLOYMENTS.items()])
+        serve(*[diht.to_deployment(name, parameters={**deployment_parameters(name, args.params),
+                                                     "workdir": os.getcwd()})
+                for name in DEPLOYMENTS])
         return
     out = diht(params_path=args.params)
     print(json.dumps(out, indent=1))

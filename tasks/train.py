@@ -26,6 +26,7 @@ from diht_core.distributed import destroy, full_model_state, init_distributed, l
 from diht_core.params import load_params
 from diht_core.train import StreamingData, TrainConfig, load_train_set, train
 
+from ._registry import register_trained_model
 from ._stage import STATE_DIR, cli, make_task, mlflow_names, pyplot, run_stage, save_figure, seed_everything, set_env
 
 RUN_ENV = "DIHT_MLFLOW_RUN_ID"  # the stage's MLflow run, which rank 0 of a torchrun launch logs into
@@ -33,8 +34,11 @@ RUN_ENV = "DIHT_MLFLOW_RUN_ID"  # the stage's MLflow run, which rank 0 of a torc
 
 def body(p, run) -> dict:
     if p.train.launcher == "torchrun" and not launched_by_torchrun():
-        return _launch_torchrun(p, run)
-    return fit(p, run.log_step, run)
+        metrics = _launch_torchrun(p, run)
+    else:
+        metrics = fit(p, run.log_step, run)
+    register_trained_model(p, Path(p.paths.models))  # a new version of diht-<train.model> (tasks/_registry.py)
+    return metrics
 
 
 def fit(p, log_fn=None, run=None) -> dict:

@@ -1,11 +1,14 @@
 """Real registry tasks run through the benchmark on data in their layouts; absent data is skipped, with the reason."""
 
+import json
+
 import torch
+import webdataset as wds
 
 from diht_core.benchmark import markdown_table, run_registered
 from diht_core.eval.registry import get_task
 from diht_core.models import create_model
-from test_registry import make_wds_classification, make_wds_retrieval
+from test_registry import COLOURS, img_bytes, make_wds_classification, make_wds_retrieval
 
 
 def test_registered_tasks_run_or_skip(tmp_path):
@@ -21,3 +24,20 @@ def test_registered_tasks_run_or_skip(tmp_path):
     assert set(skipped) == {"skipped"} and "imagenet1k" in skipped["skipped"]
     table = markdown_table({"cifar10": cls, "imagenet1k": skipped})
     assert "| cifar10 | acc1 |" in table and "imagenet1k | skipped:" in table
+
+
+def test_cc_validation_reports_the_captions_of_dead_urls(tmp_path):
+    """cc_val_*: the Conceptual Captions TSV + img2dataset shards; captions without an image are counted."""
+    torch.manual_seed(0)
+    model, preprocess, tok = create_model("diht-tiny-vit")
+    cc = tmp_path / "cc"
+    (cc / "validation").mkdir(parents=True)
+    urls = [f"http://example.com/{i}.jpg" for i in range(4)]
+    (cc / "Validation_GCC-1.1.0-Validation.tsv").write_text("".join(f"a shape {i}\t{u}\n" for i, u in enumerate(urls)))
+    with wds.TarWriter(str(cc / "validation" / "00000.tar")) as sink:  # url 3 is dead
+        for i in range(3):
+            sink.write({"__key__": f"{i:09d}", "jpg": img_bytes(COLOURS[i], "JPEG"),
+                        "json": json.dumps({"url": urls[i], "status": "success"}).encode()})
+    r = run_registered("cc_val_i2t", model, preprocess, tok, tmp_path)
+    assert r["missing"] == 1 and r["total"] == 4
+    assert r["main"] == r["text_retrieval_recall@1"] and r["chance"] == 1 / 3

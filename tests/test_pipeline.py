@@ -1,9 +1,10 @@
-"""End to end: the Prefect flow (ephemeral), `dvc repro`, and the served deployment `diht/full`."""
+"""End to end: the Prefect flow (ephemeral), `dvc repro`, the served deployment `diht/full`, a worker."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import project_env
+from conftest import ROOT, project_env
 from tasks import STAGES
 
 pytestmark = pytest.mark.slow
@@ -23,6 +24,14 @@ BIN = Path(PY).parent
 
 def _metrics(project: Path) -> dict:
     return {s: json.loads((project / "metrics" / f"{s}.json").read_text()) for s in STAGES}
+
+
+def _tree(project: Path, *dirs: str) -> dict:
+    """relative path -> sha256 of every file under dirs."""
+    import hashlib
+
+    return {str(f.relative_to(project)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for d in dirs for f in sorted((project / d).rglob("*")) if f.is_file()}
 
 
 def _run(cmd, project, timeout=600, env=None):
@@ -55,6 +64,11 @@ def test_flow_then_dvc_repro_give_the_same_metrics(tiny_project):
     assert sorted(r.data.tags["diht.stage"] for r in children) == sorted(STAGES)
     assert all(r.data.metrics for r in children)
     assert all(r.info.status == "FINISHED" for r in runs)
+    # the trained model is a version of the registered model diht-tiny-vit, logged by the train run
+    client = mlflow.MlflowClient()
+    [version] = client.search_model_versions("name='diht-tiny-vit'")
+    train_run = next(r for r in children if r.data.tags["diht.stage"] == "train")
+    assert version.run_id == train_run.info.run_id and version.status == "READY"
 
     # dvc repro runs the same stages from params.yaml and reproduces the same metrics
     env = project_env(tiny_project)
@@ -63,6 +77,25 @@ def test_flow_then_dvc_repro_give_the_same_metrics(tiny_project):
     assert _metrics(tiny_project) == flow_metrics
     assert (tiny_project / "dvc.lock").exists()
     # and now nothing is left to rerun
+    status = _run([str(BIN / "dvc"), "status", "--json"], tiny_project, env=env)
+    assert json.loads(status.stdout or "{}") == {}
+    assert len(client.search_model_versions("name='diht-tiny-vit'")) == 2  # dvc repro trained (and registered) again
+
+    # the committed default remote (.state/dvc-remote): push, lose the cache and the outputs, pull them back
+    from configobj import ConfigObj  # DVC's config format
+
+    dvc_config = ConfigObj(str(tiny_project / ".dvc" / "config"))
+    dvc_config.merge(ConfigObj(str(ROOT / ".dvc" / "config")))
+    dvc_config.write()
+    before = _tree(tiny_project, "data", "models", "plots")
+    _run([str(BIN / "dvc"), "push", "-q"], tiny_project, env=env)
+    assert any((tiny_project / ".state" / "dvc-remote").rglob("*"))
+    for d in ("data", "models", ".dvc/cache"):
+        shutil.rmtree(tiny_project / d)
+    for png in (tiny_project / "plots").glob("*.png"):
+        png.unlink()
+    _run([str(BIN / "dvc"), "pull", "-q"], tiny_project, env=env)
+    assert _tree(tiny_project, "data", "models", "plots") == before
     status = _run([str(BIN / "dvc"), "status", "--json"], tiny_project, env=env)
     assert json.loads(status.stdout or "{}") == {}
 
@@ -144,3 +177,33 @@ def test_served_deployment_runs_the_pipeline(tiny_project):
         _stop(server)
         log.close()
     assert server.poll() is not None
+
+
+def test_worker_runs_the_deployments_of_prefect_yaml(tiny_project):
+    """prefect.yaml's deployments, deployed to the process pool diht-local and run by a worker."""
+    shutil.copy(ROOT / "prefect.yaml", tiny_project / "prefect.yaml")
+    port = _free_port()
+    env = project_env(tiny_project)
+    env.update(PREFECT_API_URL=f"http://127.0.0.1:{port}/api", DIHT_PROJECT_DIR=str(tiny_project))
+    prefect = str(BIN / "prefect")
+    log = open(tiny_project / "server.log", "w")
+    server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              cwd=tiny_project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    worker = None
+    try:
+        _wait_health(f"http://127.0.0.1:{port}/api/health")
+        _run([prefect, "work-pool", "create", "diht-local", "--type", "process", "--overwrite"], tiny_project, env=env)
+        _run([prefect, "--no-prompt", "deploy", "--all"], tiny_project, env=env)
+        worker = subprocess.Popen([prefect, "worker", "start", "--pool", "diht-local"], cwd=tiny_project, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        res = _run([prefect, "deployment", "run", "diht/filter-only", "--watch", "--watch-timeout", "300"],
+                   tiny_project, timeout=350, env=env)
+        assert "COMPLETED" in (res.stdout + res.stderr).upper()
+        ran = {p.stem for p in (tiny_project / "metrics").glob("*.json")}
+        assert ran == {"download", "cat_filter"}
+    finally:
+        if worker is not None:
+            _stop(worker)
+        _stop(server)
+        log.close()
+    assert server.poll() is not None and worker.poll() is not None
