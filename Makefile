@@ -15,7 +15,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_HOME := $(STATE)/prefect
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install demo test test-fast serve worker run-full ui repro docker-check compose-up clean
+.PHONY: install demo test test-fast serve worker run-full ui repro docker-check compose-up clean ablation ablation-quick ablation-dvc
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -90,6 +90,19 @@ docker-check: install
 compose-up:
 	mkdir -p data models metrics plots datasets
 	docker compose -p diht -f docker/compose.yaml up -d --build
+
+# The ablation grid (flows/ablation.py; params.yaml: ablation): metrics/ablation.json, plots/ablation.png, MLflow.
+ablation: install
+	@mkdir -p $(STATE)/prefect
+	$(PY) -m flows.ablation --params params.yaml
+
+ablation-quick: install
+	@mkdir -p $(STATE)/prefect
+	$(PY) -m flows.ablation --params params.yaml --quick
+
+# The same grid as DVC experiments: queue them, then `dvc queue start -j 1`; compare with `dvc exp show`.
+ablation-dvc: install
+	$(PY) -m flows.ablation --params params.yaml --dvc-queue
 
 clean:
 	rm -rf data models metrics plots .state/checkpoints

@@ -45,6 +45,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
         return DistInfo(device=pick_device(device))
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     dev = pick_device(device, local)
+    if dev.type == "cuda" and local >= torch.cuda.device_count():
+        raise RuntimeError(f"local rank {local} but only {torch.cuda.device_count()} CUDA devices: "
+                           "lower train.nproc_per_node (or --nproc-per-node)")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
@@ -141,6 +144,15 @@ def load_state_dicts(model, optimizer, model_sd: dict, optim_sd: dict, strategy:
         return
     getattr(model, "module", model).load_state_dict(model_sd)
     optimizer.load_state_dict(optim_sd)
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's object on every rank (pickled; e.g. the checkpoint it read)."""
+    if info.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier(info: DistInfo) -> None:

@@ -224,6 +224,9 @@ class SigmoidLoss(nn.Module):
                 bias = _at_least_fp32(torch.as_tensor(logit_bias, device=image_features.device))
                 logits = torch.addmm(bias, logit_scale * image_features, all_text.T)
             if positives is None:
+                if n_all != n * self.world_size:
+                    raise ValueError(f"{n} images against {n_all} texts: pass the positives matrix (several "
+                                     "captions per image)")
                 rows = torch.arange(n, device=logits.device)
                 pos_flat = rows * n_all + rows + n * self.rank
             else:

@@ -170,6 +170,8 @@ class TrainParams(_Strict):
     accum_steps: int = Field(default=1, ge=1)           # micro-batches per step, exact (cached features)
     loader: Literal["memory", "webdataset"] = "memory"
     workers: int = Field(default=2, ge=0)
+    source: Literal["filtered", "raw"] = "filtered"  # raw: train on the unfiltered shards (no CAT filter)
+    seed: int | None = Field(default=None, ge=0)      # model init and data order; null: the global seed
     resample: bool = False              # webdataset: draw shards with replacement (required with torchrun)
     captions_per_image: int = Field(default=1, ge=1)  # sigmoid: K captions of each image in a batch, all positives
     compile: bool = False               # torch.compile the model
@@ -241,6 +243,31 @@ class FewshotParams(_Strict):
         return v
 
 
+class AblationParams(_Strict):
+    """The ablation grid (flows/ablation.py): every config x seed trains and benchmarks at one budget."""
+    seeds: list[int] = Field(default=[0, 1, 2], min_length=1)
+    steps: int = Field(default=200, ge=1)          # samples seen = steps x batch_size, the same for every config
+    batch_size: int = Field(default=128, ge=2)
+    configs: dict[str, dict] = {"baseline": {"source": "raw"}}   # name -> overrides of `train`
+    beta_sweep: list[float] = []                   # extra runs of `beta_sweep_of` with these hn_beta
+    beta_sweep_of: str = "diht"
+    baseline: str = "baseline"                     # the config the others are compared with
+    quick: dict = {}                               # overrides of the whole params for `--quick` (CI)
+
+    @model_validator(mode="after")
+    def _configs(self):
+        for name, ov in self.configs.items():
+            try:
+                TrainParams.model_validate({**ov, "steps": self.steps, "batch_size": self.batch_size})
+            except ValidationError as err:
+                raise ValueError(f"configs.{name}: {err.errors()[0]['loc']} {err.errors()[0]['msg']}") from None
+        if self.beta_sweep and self.beta_sweep_of not in self.configs:
+            raise ValueError(f"beta_sweep_of: {self.beta_sweep_of!r} is not one of configs {list(self.configs)}")
+        if self.baseline not in self.configs:
+            raise ValueError(f"baseline: {self.baseline!r} is not one of configs {list(self.configs)}")
+        return self
+
+
 class Params(_Strict):
     seed: int = Field(default=0, ge=0)
     paths: Paths = Paths()
@@ -253,6 +280,7 @@ class Params(_Strict):
     train: TrainParams = TrainParams()
     benchmark: BenchmarkParams = BenchmarkParams()
     fewshot: FewshotParams = FewshotParams()
+    ablation: AblationParams = AblationParams()
 
     @model_validator(mode="after")
     def _cross(self):
@@ -318,6 +346,7 @@ def stage_params(params: Params, stage: str) -> dict:
         "train": ["seed", "train"],
         "benchmark": ["benchmark"],
         "fewshot": ["seed", "fewshot"],
+        "ablation": ["seed", "ablation"],
     }[stage]
     dump = params.model_dump()
     flat: dict = {}

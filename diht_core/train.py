@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from .data.shards import decode_image, read_samples, shard_paths
-from .distributed import (DistInfo, all_mean, barrier, gather_no_grad, load_state_dicts, no_sync, replicated_params,
+from .distributed import (DistInfo, all_mean, barrier, broadcast_object, gather_no_grad, load_state_dicts, no_sync, replicated_params,
                           state_dicts, sync_replicated_grads, wrap_model)
 from .losses import ConceptDistillationLoss, create_loss, mine_false_negatives
 from .models import ConceptHeads
@@ -241,6 +241,16 @@ class StreamingData:
             epoch, offset = epoch + 1, 0
 
 
+def _adamw(params, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW, decoupled weight decay on matrices only. Scalars get a group of their own: under FSDP they are
+    plain tensors among DTensors, and a foreach step cannot mix the two."""
+    params = list(params)
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim == 1], "weight_decay": 0.0},
+              {"params": [p for p in params if p.ndim == 0], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
 def train(model, data, cfg: TrainConfig, checkpoint_dir: str | Path,
           log_fn: Callable[[int, dict], None] | None = None, heads: ConceptHeads | None = None,
           dist: DistInfo | None = None) -> dict:
@@ -249,6 +259,8 @@ def train(model, data, cfg: TrainConfig, checkpoint_dir: str | Path,
     of every global batch (DDP or FSDP by cfg.strategy). Returns summary metrics (rank 0 logs and saves)."""
     info = dist or DistInfo(device=next(model.parameters()).device)
     device, k = info.device, cfg.captions_per_image
+    if cfg.batch_size % info.world_size:
+        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the world size {info.world_size}")
     if k > 1 and cfg.loss != "sigmoid":
         raise ValueError(f"captions_per_image={k} needs the sigmoid loss (several positives per image)")
     if cfg.loss == "sigmoid" and getattr(model, "logit_bias", None) is None:
@@ -262,11 +274,9 @@ def train(model, data, cfg: TrainConfig, checkpoint_dir: str | Path,
     wrapped = wrap_model(model, cfg.strategy, info)
     forward_model = torch.compile(wrapped) if cfg.compile else wrapped
     ckpt_path = Path(checkpoint_dir) / "latest.pt"
-    params = list(model.parameters()) + (list(heads.parameters()) if heads is not None else [])
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = _adamw(model.parameters(), cfg)
+    opt_heads = _adamw(heads.parameters(), cfg) if heads is not None else None  # apart: FSDP's state dicts
+    optimizers = [o for o in (opt, opt_heads) if o is not None]                 # know the model's params only
     replicated = replicated_params(model, cfg.strategy, heads.parameters() if heads is not None else ())
     hn = {"alpha": cfg.hn_alpha, "beta": cfg.hn_beta} if cfg.loss == "hn-nce" else {}
     contrastive = create_loss(cfg.loss, rank=info.rank, world_size=info.world_size, **hn)
@@ -276,19 +286,25 @@ def train(model, data, cfg: TrainConfig, checkpoint_dir: str | Path,
     use_distill = heads is not None and has_targets and (cfg.lambda_obj > 0 or cfg.lambda_attr > 0)
     start, history, position = 0, [], None
     digest = f"{cfg.digest()}-{data.digest()}"
-    if ckpt_path.exists():
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16" and device.type == "cuda")
+    ck = None
+    if info.is_main and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ck.get("digest") == digest:  # same config and same data: continue that run
-            load_state_dicts(model, opt, ck["model"], ck["optimizer"], cfg.strategy, info)
-            if heads is not None and ck.get("heads") is not None:
-                heads.load_state_dict(ck["heads"])
-            start, history, position = ck["step"], ck.get("history", []), ck.get("data_position")
-    barrier(info)  # nobody overwrites the checkpoint before every rank has read it
+        ck = ck if ck.get("digest") == digest else None  # same config and same data: continue that run
+    ck = broadcast_object(ck, info)  # rank 0 decides (and reads) for every rank: one resume point
+    if ck is not None:
+        load_state_dicts(model, opt, ck["model"], ck["optimizer"], cfg.strategy, info)
+        if heads is not None and ck.get("heads") is not None:
+            heads.load_state_dict(ck["heads"])
+            opt_heads.load_state_dict(ck["optimizer_heads"])
+        if ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        start, history, position = ck["step"], ck.get("history", []), ck.get("data_position")
+        del ck
     model.train()
     t0 = time.time()
     bar = tqdm(total=cfg.steps, initial=start, desc="train", mininterval=2.0, disable=not info.is_main)
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16" and device.type == "cuda")
 
     def forward(images, text):
         images = normalize_images(to_device(images, device))
@@ -298,21 +314,24 @@ def train(model, data, cfg: TrainConfig, checkpoint_dir: str | Path,
     def text_rows(c):  # the K captions of the images in c (image-major)
         return (c[:, None] * k + torch.arange(k)).reshape(-1) if k > 1 and torch.is_tensor(c) else c
 
-    def contrastive_loss(img_f, txt_f, out):
+    def mine(img_f, txt_f):  # FFF: positives mined on the gathered batch, this rank's rows (None: identity)
+        if cfg.loss != "sigmoid" or not (mining or k > 1):
+            return None
+        m = mine_false_negatives(gather_no_grad(img_f, info), gather_no_grad(txt_f, info), cfg.fff_it_threshold,
+                                 cfg.fff_tt_threshold, cfg.fff_ii_threshold, captions_per_image=k)
+        return m[info.rank * len(img_f):(info.rank + 1) * len(img_f)]
+
+    def contrastive_loss(img_f, txt_f, out, positives):
         if cfg.loss != "sigmoid":
             return contrastive(img_f, txt_f, out[2])
-        positives = None
-        if mining or k > 1:  # FFF: mine on the gathered batch, keep this rank's rows
-            m = mine_false_negatives(gather_no_grad(img_f, info), gather_no_grad(txt_f, info), cfg.fff_it_threshold,
-                                     cfg.fff_tt_threshold, cfg.fff_ii_threshold, captions_per_image=k)
-            positives = m[info.rank * len(img_f):(info.rank + 1) * len(img_f)]
         return contrastive(img_f, txt_f, out[2], out[3], positives=positives)
 
     for step, batch in enumerate(data.batches(cfg, start, info.rank, info.world_size, position), start=start):
         lr = cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
+        for o in optimizers:
+            for g in o.param_groups:
+                g["lr"] = lr
+            o.zero_grad(set_to_none=True)
         n = len(batch["image"])
         chunks = torch.arange(n).chunk(max(1, min(cfg.accum_steps, n)))
         if len(chunks) == 1:
@@ -320,6 +339,7 @@ def train(model, data, cfg: TrainConfig, checkpoint_dir: str | Path,
         else:  # open_clip-style accumulation: every micro-batch's loss sees the whole batch's features
             with torch.no_grad():
                 cached = [forward(batch["image"][c], batch["text"][text_rows(c)])[:2] for c in chunks]
+            positives = mine(torch.cat([f[0] for f in cached]), torch.cat([f[1] for f in cached]))  # once a step
         loss_c_total, loss_d_total = 0.0, 0.0
         for j, c in enumerate(chunks):
             last = j == len(chunks) - 1
@@ -327,12 +347,13 @@ def train(model, data, cfg: TrainConfig, checkpoint_dir: str | Path,
                 out = forward(batch["image"][c], batch["text"][text_rows(c)])
                 if cached is None:
                     img_f, txt_f = out[0], out[1]
+                    positives = mine(img_f, txt_f)
                 else:
                     img_f = torch.cat([out[0] if i == j else cached[i][0] for i in range(len(chunks))])
                     txt_f = torch.cat([out[1] if i == j else cached[i][1] for i in range(len(chunks))])
                     if not last:  # the scale (and bias) get their gradient once, from the last micro-batch
                         out = (*out[:2], *(t.detach() for t in out[2:]))
-                loss_c = contrastive_loss(img_f, txt_f, out)
+                loss_c = contrastive_loss(img_f, txt_f, out, positives)
                 loss = loss_c
                 loss_d = torch.zeros((), device=device)
                 if use_distill:
@@ -345,7 +366,8 @@ def train(model, data, cfg: TrainConfig, checkpoint_dir: str | Path,
             loss_c_total = loss_c.detach()
             loss_d_total = loss_d_total + loss_d.detach()
         sync_replicated_grads(replicated, info)
-        scaler.step(opt)
+        for o in optimizers:
+            scaler.step(o)
         scaler.update()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
@@ -364,7 +386,9 @@ def train(model, data, cfg: TrainConfig, checkpoint_dir: str | Path,
             if info.is_main:
                 _atomic_save({"model": model_sd, "heads": heads.state_dict() if heads is not None else None,
                               "optimizer": optim_sd, "step": step + 1, "digest": digest, "history": history,
-                              "data_position": getattr(data, "position", None)}, ckpt_path)
+                              "optimizer_heads": opt_heads.state_dict() if opt_heads is not None else None,
+                              "scaler": scaler.state_dict(), "data_position": getattr(data, "position", None)},
+                             ckpt_path)
             barrier(info)
     bar.close()
     model.eval()

@@ -1,7 +1,7 @@
 """The Prefect flow `diht`: every stage, in order, under one MLflow parent run.
 
     python -m flows.diht                 # ephemeral mode, no server (what `make demo` runs)
-    python -m flows.diht --serve         # serve the deployments full, filter-only, eval-only (`make serve`)
+    python -m flows.diht --serve         # serve the deployments full, filter-only, eval-only, ablation (`make serve`)
     prefect --no-prompt deploy --all     # or: the same deployments from prefect.yaml, for a worker (`make worker`)
     prefect deployment run diht/full     # run one through the server
 """
@@ -36,26 +36,36 @@ DEPLOYMENTS = {  # name -> the stages it runs (served by --serve; declared for w
     "full": list(STAGES),
     "filter-only": ["download", "cat_filter"],
     "eval-only": ["benchmark", "fewshot"],
+    "ablation": None,  # the ablation grid (flows/ablation.py): upstream stages once, then train + benchmark runs
 }
 
 
 def deployment_parameters(name: str, params_path: str = "params.yaml") -> dict:
     """The flow parameters of deployment `name` (`full` runs every stage, present and future)."""
+    if name == "ablation":
+        return {"params_path": params_path, "ablation": True}
     return {"params_path": params_path, "stages": None if name == "full" else DEPLOYMENTS[name]}
 
 
 @flow(name="diht", log_prints=True)
 def diht(params_path: str = "params.yaml", overrides: dict | None = None, workdir: str | None = None,
-         stages: list[str] | None = None) -> dict:
+         stages: list[str] | None = None, ablation: bool = False, quick: bool = False) -> dict:
     """download -> cat_filter -> concepts -> teacher -> pseudo_labels -> train -> benchmark -> fewshot.
 
     stages: run only these (in pipeline order), on the files the earlier stages left.
+    ablation: run the ablation grid of params.yaml's `ablation` instead (quick: its tiny CI variant).
     """
     import mlflow
 
     if workdir:
         os.chdir(workdir)
     set_env()
+    if ablation:
+        from flows.ablation import run_ablation
+
+        report = run_ablation(params_path, overrides, quick)
+        return {"parent_run_id": report["parent_run_id"], "table": report["table"],
+                "mean_main": {c: r["mean_main"]["mean"] for c, r in report["configs"].items()}}
     params = load_params(params_path, overrides)  # validated before any work starts
     unknown = sorted(set(stages or ()) - set(STAGES))
     if unknown:

@@ -49,13 +49,14 @@ def fit(p, log_fn=None, run=None) -> dict:
     cfg = TrainConfig(model=tp.model, steps=tp.steps, batch_size=tp.batch_size, lr=tp.lr,
                       weight_decay=tp.weight_decay, warmup_steps=tp.warmup_steps, loss=tp.loss,
                       lambda_obj=tp.lambda_obj, lambda_attr=tp.lambda_attr, checkpoint_every=tp.checkpoint_every,
-                      log_every=tp.log_every, seed=p.seed, hn_alpha=tp.hn_alpha, hn_beta=tp.hn_beta,
+                      log_every=tp.log_every, seed=p.seed if tp.seed is None else tp.seed, hn_alpha=tp.hn_alpha, hn_beta=tp.hn_beta,
                       fff_it_threshold=tp.fff_it_threshold, fff_tt_threshold=tp.fff_tt_threshold,
                       fff_ii_threshold=tp.fff_ii_threshold, precision=tp.precision,
                       grad_checkpointing=tp.grad_checkpointing, accum_steps=tp.accum_steps,
                       captions_per_image=tp.captions_per_image, compile=tp.compile, strategy=tp.strategy)
     # the sigmoid loss starts where open_clip's SigLIP does: scale ln(10), bias -10
     sig = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if tp.loss == "sigmoid" else {}
+    torch.manual_seed(cfg.seed)  # train.seed: the model's init too
     model, _, tokenizer = create_model(tp.model, **sig)
     distill = tp.lambda_obj > 0 or tp.lambda_attr > 0
     pseudo = None
@@ -66,7 +67,7 @@ def fit(p, log_fn=None, run=None) -> dict:
     else:
         if distill:
             pseudo = PL.load_all(data / "pseudo_labels", sizes["objects"], sizes["attributes"])
-        trainset = load_train_set(data / "filtered", image_size(model), tokenizer, pseudo, p.pseudo_labels.missing)
+        trainset = load_train_set(shard_dir(p), image_size(model), tokenizer, pseudo, p.pseudo_labels.missing)
     summary = train(model, trainset, cfg, STATE_DIR / "checkpoints" / "train", log_fn=log_fn, heads=heads, dist=info)
     state = full_model_state(model, tp.strategy, info)
     destroy(info)
@@ -84,6 +85,8 @@ def fit(p, log_fn=None, run=None) -> dict:
         run.log_artifact(plots / "train_loss.png", "plots")
     return {
         "model": tp.model,
+        "source": tp.source,
+        "seed": cfg.seed,
         "loader": tp.loader,
         "world_size": info.world_size,
         "device": info.device.type,
@@ -98,6 +101,11 @@ def fit(p, log_fn=None, run=None) -> dict:
     }
 
 
+def shard_dir(p) -> Path:
+    """The training shards: the CAT-filtered ones, or the raw ones (train.source: raw, no CAT filter)."""
+    return Path(p.paths.data) / ("raw/train" if p.train.source == "raw" else "filtered")
+
+
 def _launch_torchrun(p, run) -> dict:
     """`torchrun --standalone --nproc-per-node N -m tasks.train`: the ranks train, rank 0 logs to this stage's
     MLflow run and hands its metrics back through a file."""
@@ -108,13 +116,15 @@ def _launch_torchrun(p, run) -> dict:
     params_file, result = work / "params.yaml", work / "result.json"
     params_file.write_text(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False))
     result.unlink(missing_ok=True)
+    project = str(Path(__file__).resolve().parents[1])  # where tasks/ and diht_core/ are
     env = {**os.environ, RUN_ENV: mlflow.active_run().info.run_id, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")]))}
+           "PYTHONPATH": os.pathsep.join(filter(None, [project, os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={p.train.nproc_per_node}",
            "-m", "tasks.train", "--params", str(params_file), "--result", str(result)]
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0 or not result.exists():
-        raise RuntimeError(f"torchrun training failed (exit code {proc.returncode}); command: {' '.join(cmd)}")
+        raise RuntimeError(f"torchrun training failed (exit code {proc.returncode}; the ranks' errors are above); "
+                           f"command: {' '.join(cmd)}")
     run.log_artifact(Path(p.paths.plots) / "train_loss.png", "plots")
     return json.loads(result.read_text())
 
@@ -144,16 +154,18 @@ def _streaming(p, data: Path, size: int, tokenizer, sizes: dict | None) -> Strea
     tp = p.train
     pseudo = SparsePseudoLabels(data / "pseudo_labels", sizes["objects"], sizes["attributes"]) if sizes else None
     h = hashlib.sha256()
-    files = shard_paths(data / "filtered") + (sorted((data / "pseudo_labels").glob("*.npz")) if sizes else [])
+    files = shard_paths(shard_dir(p)) + (sorted((data / "pseudo_labels").glob("*.npz")) if sizes else [])
     for f in files:
         h.update(f.read_bytes())
+    # the stream also depends on these: a resume under other ones must not reuse the position
+    h.update(json.dumps([tp.resample, tp.workers, os.environ.get("WORLD_SIZE", "1")]).encode())
 
     def loader(seed: int, batch_size: int):
-        return make_loader(data / "filtered", size, tokenizer, batch_size, tp.workers, pseudo,
+        return make_loader(shard_dir(p), size, tokenizer, batch_size, tp.workers, pseudo,
                            p.pseudo_labels.missing, seed, resample=tp.resample,
                            captions_per_image=tp.captions_per_image)
 
-    epoch_steps = math.ceil(_count_samples(data / "filtered") / tp.batch_size) if tp.resample else None
+    epoch_steps = math.ceil(_count_samples(shard_dir(p)) / tp.batch_size) if tp.resample else None
     return StreamingData(loader, h.hexdigest()[:16], distill=sizes is not None, epoch_steps=epoch_steps)
 
 

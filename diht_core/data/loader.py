@@ -78,15 +78,32 @@ class _Join:
         return out
 
 
-def _collate(samples: list[dict]) -> dict:
-    kept = [s for s in samples if not s["skip"]]
-    batch = {"skipped": sum(s["skip"] for s in samples), "key": [s["key"] for s in kept]}
+def _collate(kept: list[dict], skipped: int) -> dict:
+    batch = {"skipped": skipped, "key": [s["key"] for s in kept]}
     for name in ("image", "obj", "attr"):
         if kept and name in kept[0]:
             batch[name] = torch.stack([s[name] for s in kept])
     if kept:
         batch["text"] = torch.cat([s["text"] for s in kept])  # K captions per image, image-major
     return batch
+
+
+def _batch_kept(batch_size: int, partial: bool):
+    """Batches of exactly `batch_size` kept samples (a smaller last one when partial), each with the count of
+    samples skipped on its way: a skip never shrinks a batch, so every rank's batch has the same size."""
+    def stage(src):
+        kept, skipped = [], 0
+        for s in src:
+            if s["skip"]:
+                skipped += 1
+                continue
+            kept.append(s)
+            if len(kept) == batch_size:
+                yield _collate(kept, skipped)
+                kept, skipped = [], 0
+        if (kept and partial) or skipped:
+            yield _collate(kept if partial else [], skipped)
+    return stage
 
 
 def make_loader(shard_dir: str | Path, image_size: int, tokenizer, batch_size: int, workers: int = 0,
@@ -112,7 +129,7 @@ def make_loader(shard_dir: str | Path, image_size: int, tokenizer, batch_size: i
         wds.tarfile_to_samples(),
         wds.shuffle(shuffle_buffer, seed=seed),
         wds.map(_Join(image_size, tokenizer, pseudo, missing, seed, captions_per_image)),
-        wds.batched(batch_size, collation_fn=_collate, partial=not resample))
+        _batch_kept(batch_size, partial=not resample))
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
                                        persistent_workers=False, worker_init_fn=_seed_worker(seed))
 
