@@ -161,6 +161,8 @@ class TrainParams(_Strict):
     fff_it_threshold: float | None = Field(default=None, ge=-1, le=1)  # sigmoid: FFF mining, image-text cosine
     fff_tt_threshold: float | None = Field(default=None, ge=-1, le=1)  # text-text cosine
     fff_ii_threshold: float | None = Field(default=None, ge=-1, le=1)  # image-image cosine
+    fff_mining_start: int = Field(default=0, ge=0)
+    sigmoid_bias_init: float = -10.0      # SigLIP's, chosen for batches of ~32k; smaller batches may want less    # mine from this step on (an untrained model finds all alike)
     lambda_obj: float = Field(default=0.0, ge=0)
     lambda_attr: float = Field(default=0.0, ge=0)
     checkpoint_every: int = Field(default=100, ge=1)

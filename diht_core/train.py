@@ -43,6 +43,7 @@ class TrainConfig:
     fff_it_threshold: float | None = None
     fff_tt_threshold: float | None = None
     fff_ii_threshold: float | None = None
+    fff_mining_start: int = 0        # FFF mining from this global step on (before: own captions only)
     precision: str = "fp32"          # fp32 | bf16 | fp16 (autocast; fp16 with a grad scaler on GPU)
     grad_checkpointing: bool = False
     accum_steps: int = 1             # micro-batches per step; features are cached so the loss sees the whole batch
@@ -314,11 +315,13 @@ def train(model, data, cfg: TrainConfig, checkpoint_dir: str | Path,
     def text_rows(c):  # the K captions of the images in c (image-major)
         return (c[:, None] * k + torch.arange(k)).reshape(-1) if k > 1 and torch.is_tensor(c) else c
 
-    def mine(img_f, txt_f):  # FFF: positives mined on the gathered batch, this rank's rows (None: identity)
-        if cfg.loss != "sigmoid" or not (mining or k > 1):
+    def mine(img_f, txt_f, step):  # FFF: positives mined on the gathered batch, this rank's rows (None: identity)
+        on = mining and step >= cfg.fff_mining_start
+        if cfg.loss != "sigmoid" or not (on or k > 1):
             return None
-        m = mine_false_negatives(gather_no_grad(img_f, info), gather_no_grad(txt_f, info), cfg.fff_it_threshold,
-                                 cfg.fff_tt_threshold, cfg.fff_ii_threshold, captions_per_image=k)
+        thresholds = (cfg.fff_it_threshold, cfg.fff_tt_threshold, cfg.fff_ii_threshold) if on else (None,) * 3
+        m = mine_false_negatives(gather_no_grad(img_f, info), gather_no_grad(txt_f, info), *thresholds,
+                                 captions_per_image=k)
         return m[info.rank * len(img_f):(info.rank + 1) * len(img_f)]
 
     def contrastive_loss(img_f, txt_f, out, positives):
@@ -339,7 +342,7 @@ def train(model, data, cfg: TrainConfig, checkpoint_dir: str | Path,
         else:  # open_clip-style accumulation: every micro-batch's loss sees the whole batch's features
             with torch.no_grad():
                 cached = [forward(batch["image"][c], batch["text"][text_rows(c)])[:2] for c in chunks]
-            positives = mine(torch.cat([f[0] for f in cached]), torch.cat([f[1] for f in cached]))  # once a step
+            positives = mine(torch.cat([f[0] for f in cached]), torch.cat([f[1] for f in cached]), step)  # once
         loss_c_total, loss_d_total = 0.0, 0.0
         for j, c in enumerate(chunks):
             last = j == len(chunks) - 1
@@ -347,7 +350,7 @@ def train(model, data, cfg: TrainConfig, checkpoint_dir: str | Path,
                 out = forward(batch["image"][c], batch["text"][text_rows(c)])
                 if cached is None:
                     img_f, txt_f = out[0], out[1]
-                    positives = mine(img_f, txt_f)
+                    positives = mine(img_f, txt_f, step)
                 else:
                     img_f = torch.cat([out[0] if i == j else cached[i][0] for i in range(len(chunks))])
                     txt_f = torch.cat([out[1] if i == j else cached[i][1] for i in range(len(chunks))])
@@ -375,6 +378,7 @@ def train(model, data, cfg: TrainConfig, checkpoint_dir: str | Path,
             loss_c, loss_d = all_mean(loss_c_total, info), all_mean(torch.as_tensor(loss_d_total), info)
             rec = {"loss": (loss_c + loss_d).item(), "loss_contrastive": loss_c.item(), "loss_distill": loss_d.item(),
                    "lr": lr, "logit_scale": model.logit_scale.exp().item(),
+                   "positives_per_image": float(positives.sum(1).float().mean()) if positives is not None else 1.0,
                    "samples_per_s": (step + 1 - start) * cfg.batch_size / max(1e-9, time.time() - t0)}
             bar.update(step + 1 - bar.n)
             history.append({"step": step + 1, **rec})

@@ -81,7 +81,9 @@ def run_ablation(params_path: str = "params.yaml", overrides: dict | None = None
         mlflow.log_params({"mode": mode, "runs": len(runs), "seeds": str(params.ablation.seeds),
                            "samples_seen": params.ablation.steps * params.ablation.batch_size})
         marker = root / "upstream.json"
-        up_digest = _digest(load_params(params_path, up_ov).model_dump())
+        dump = load_params(params_path, up_ov).model_dump()
+        up_digest = _digest({k: dump[k] for k in ("seed", "paths", "download", "cat_filter", "concepts", "teacher",
+                                                  "pseudo_labels")})
         if not (marker.exists() and json.loads(marker.read_text()).get("digest") == up_digest):
             for stage in UPSTREAM:
                 TASKS[stage](params_path, up_ov, parent.info.run_id)
@@ -158,7 +160,12 @@ def aggregate(results: list[dict], baseline: str, mode: str, params: Params | No
     seed_std = statistics.fmean([c["mean_main"]["std"] for c in configs.values()])
     spread = max(means) - min(means)
     chance = {t: v for r in results for t, v in r["chance"].items() if v is not None}
-    noise = {"mean_seed_std": seed_std, "config_range": spread,
+    n_seeds = min(c["mean_main"]["n"] for c in configs.values())
+    pooled = math.sqrt(statistics.fmean([c["mean_main"]["std"] ** 2 for c in configs.values()]))
+    # the smallest difference of two configs' means that a t-test at p < 0.05 could resolve with these seeds
+    mdd = float(sps.t.ppf(0.975, 2 * (n_seeds - 1)) * pooled * math.sqrt(2 / n_seeds)) if n_seeds > 1 else math.inf
+    noise = {"mean_seed_std": seed_std, "pooled_seed_std": pooled, "min_detectable_difference": mdd,
+             "config_range": spread,
              "range_over_seed_std": spread / seed_std if seed_std > 0 else math.inf,
              "significant_vs_baseline_p05": sorted(n for n, c in configs.items()
                                                    if c["p_vs_baseline"] is not None and c["p_vs_baseline"] < 0.05)}

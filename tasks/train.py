@@ -51,11 +51,12 @@ def fit(p, log_fn=None, run=None) -> dict:
                       lambda_obj=tp.lambda_obj, lambda_attr=tp.lambda_attr, checkpoint_every=tp.checkpoint_every,
                       log_every=tp.log_every, seed=p.seed if tp.seed is None else tp.seed, hn_alpha=tp.hn_alpha, hn_beta=tp.hn_beta,
                       fff_it_threshold=tp.fff_it_threshold, fff_tt_threshold=tp.fff_tt_threshold,
-                      fff_ii_threshold=tp.fff_ii_threshold, precision=tp.precision,
+                      fff_ii_threshold=tp.fff_ii_threshold, fff_mining_start=tp.fff_mining_start,
+                      precision=tp.precision,
                       grad_checkpointing=tp.grad_checkpointing, accum_steps=tp.accum_steps,
                       captions_per_image=tp.captions_per_image, compile=tp.compile, strategy=tp.strategy)
-    # the sigmoid loss starts where open_clip's SigLIP does: scale ln(10), bias -10
-    sig = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if tp.loss == "sigmoid" else {}
+    # the sigmoid loss starts where open_clip's SigLIP does: scale ln(10), bias -10 (train.sigmoid_bias_init)
+    sig = {"init_logit_scale": math.log(10), "init_logit_bias": tp.sigmoid_bias_init} if tp.loss == "sigmoid" else {}
     torch.manual_seed(cfg.seed)  # train.seed: the model's init too
     model, _, tokenizer = create_model(tp.model, **sig)
     distill = tp.lambda_obj > 0 or tp.lambda_attr > 0
