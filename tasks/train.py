@@ -98,7 +98,6 @@ def fit(p, log_fn=None, run=None) -> dict:
         "distillation": distill,
         "final_loss": summary["final_loss"],
         "final_logit_scale": float(state["logit_scale"].exp()),
-        "samples_per_s": summary["history"][-1]["samples_per_s"] if summary["history"] else None,
     }
 
 

@@ -113,9 +113,9 @@ def test_quick_ablation_flow_end_to_end(tiny_project):
     assert len(children) == 3 * n_configs
     trains = [r for r in runs if r.data.tags.get("diht.stage") == "train"]
     assert {r.data.tags["mlflow.parentRunId"] for r in trains} == {c.info.run_id for c in children}
-    art = subprocess.run(["prefect", "artifact", "ls"], cwd=tiny_project, env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert "ablation-quick" in art.stdout
+    art = subprocess.run(["prefect", "artifact", "inspect", "ablation-quick"], cwd=tiny_project,
+                         env={**env, "COLUMNS": "200"}, capture_output=True, text=True, timeout=120)
+    assert art.returncode == 0 and "baseline" in art.stdout, art.stdout[-2000:] + art.stderr[-2000:]
     # a rerun keeps every finished run: no new training
     proc = subprocess.run(cmd, cwd=tiny_project, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
