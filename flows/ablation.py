@@ -51,8 +51,7 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run_ablation(params_path: str = "params.yaml", overrides: dict | None = None, quick: bool = False,
-                 report_dir: str | None = None) -> dict:
+def run_ablation(params_path: str = "params.yaml", overrides: dict | None = None, quick: bool = False) -> dict:
     """The grid, inside a Prefect flow run (tasks are the stages); returns the report."""
     import mlflow
     from prefect.artifacts import create_markdown_artifact
@@ -93,10 +92,9 @@ def run_ablation(params_path: str = "params.yaml", overrides: dict | None = None
             results.append(_one_run(params_path, name, seed, ov, parent.info.run_id, experiment_id,
                                     train_task, benchmark))
         report = aggregate(results, params.ablation.baseline, mode, params)
-        out_metrics = Path(report_dir or params.paths.metrics)
-        out_plots = Path(report_dir or params.paths.plots)
         suffix = "" if mode == "full" else "_quick"
-        paths = write_report(report, out_metrics / f"ablation{suffix}.json", out_plots / f"ablation{suffix}")
+        paths = write_report(report, Path(params.paths.metrics) / f"ablation{suffix}.json",
+                             Path(params.paths.plots) / f"ablation{suffix}")
         for path in paths:
             mlflow.log_artifact(str(path))
         mlflow.log_text(report["table"], "ablation.md")
