@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diht_core.models import create_model, image_size  # noqa: E402
-from diht_core.train import MEAN, STD, TrainConfig, TrainSet, train  # noqa: E402
+from diht_core.data.images import MEAN, STD  # noqa: E402
+from diht_core.train import TrainConfig, TrainSet, train  # noqa: E402
 
 
 def make_data(n: int, size: int, ctx: int, device) -> TrainSet:

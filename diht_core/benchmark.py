@@ -12,11 +12,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.shards import decode_image, read_samples, shard_paths
+from .data.images import normalize_images
+from .data.shards import load_split
 from .eval.retrieval import retrieval_metrics
 from .eval.vqa import vqa_accuracy
 from .eval.zeroshot import build_classifier, zero_shot_classification
-from .train import image_to_uint8, normalize_images
 
 MAIN_METRIC = {
     "synthetic_shape": "acc1",
@@ -134,21 +134,6 @@ def encode_statements(encode, statements: list[list[str]]) -> torch.Tensor:
         out[i, :len(row)] = flat[offset:offset + len(row)]
         offset += len(row)
     return out
-
-
-def load_split(directory: str | Path, image_size: int) -> dict:
-    """Images (uint8 at the model's size) and the other fields of a wds split."""
-    paths = shard_paths(directory)
-    if not paths:
-        raise FileNotFoundError(f"no shards in {directory}")
-    images, cls, txt, meta = [], [], [], []
-    for p in paths:
-        for s in read_samples(p):
-            images.append(image_to_uint8(decode_image(s["image_bytes"]), image_size))
-            cls.append(s.get("cls", -1))
-            txt.append(s.get("txt", ""))
-            meta.append(s.get("json", {}))
-    return {"images": torch.stack(images), "cls": torch.tensor(cls), "txt": txt, "json": meta}
 
 
 def read_lines(path: Path) -> list[str]:

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .data.scenes import COLOURS, RELATIONS, SHAPES, SIZES
 from .losses import SoftTargetCrossEntropy
-from .train import normalize_images
+from .data.images import normalize_images
 
 LABELS = ([f"shape:{s}" for s in SHAPES] + [f"colour:{c}" for c in COLOURS] + [f"size:{s}" for s in SIZES]
           + [f"relation:{r}" for r in RELATIONS] + [f"count:{k}" for k in (1, 2, 3)])

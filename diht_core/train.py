@@ -19,15 +19,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .data.images import MEAN, STD, image_to_uint8, normalize_images, to_device  # noqa: F401 (re-exported)
 from .data.shards import decode_image, read_samples, shard_paths
 from .distributed import (DistInfo, all_mean, barrier, broadcast_object, gather_no_grad, load_state_dicts, no_sync, replicated_params,
                           state_dicts, sync_replicated_grads, wrap_model)
 from .losses import ConceptDistillationLoss, create_loss, mine_false_negatives
 from .models import ConceptHeads
-
-MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
-STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
-
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -108,28 +105,6 @@ def _chunks(items: list, parts: int):
     """Split like torch.chunk: equal parts of ceil(n / parts)."""
     size = -(-len(items) // parts)
     return (items[i:i + size] for i in range(0, len(items), size))
-
-
-def image_to_uint8(img, size: int) -> torch.Tensor:
-    img = img.resize((size, size), resample=3)  # bicubic
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
-_NORM: dict = {}
-
-
-def to_device(x: torch.Tensor, device) -> torch.Tensor:
-    """Host to GPU through pinned memory, asynchronously (a pageable copy would wait for the GPU to drain)."""
-    if torch.device(device).type != "cuda" or x.is_cuda:
-        return x.to(device)
-    return x.pin_memory().to(device, non_blocking=True)
-
-
-def normalize_images(x: torch.Tensor) -> torch.Tensor:
-    if x.device not in _NORM:  # one host-to-device copy per device, not one per step
-        _NORM[x.device] = (MEAN.to(x.device) * 255.0, STD.to(x.device) * 255.0)
-    mean, std = _NORM[x.device]
-    return (x.float() - mean) / std
 
 
 def load_train_set(shard_dir: str | Path, image_size: int, tokenizer, pseudo_labels: dict | None = None,

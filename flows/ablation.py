@@ -21,7 +21,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from diht_core.params import Params, ParamsError, deep_merge, load_params
+from diht_core.config import Params, ParamsError, deep_merge, load_params
 
 UPSTREAM = ("download", "cat_filter", "concepts", "teacher", "pseudo_labels")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from diht_core.params import ParamsError, load_params
+from diht_core.config import ParamsError, load_params
 from tasks import STAGES
 from tasks._stage import mlflow_names, set_env, setup_mlflow, tracking_uri
 from tasks.benchmark import benchmark

@@ -16,7 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import diht_core
-from diht_core.params import Params, stage_params
+from diht_core.config import Params, stage_params
 
 PYFUNC_CODE = Path(__file__).with_name("_clip_pyfunc.py")
 REQUIREMENTS = ("torch", "torchvision", "open_clip_torch", "timm", "mlflow", "numpy", "pandas", "pillow")

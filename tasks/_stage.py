@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from diht_core.params import Params, ParamsError, load_params, stage_params
+from diht_core.config import Params, ParamsError, load_params, stage_params
 
 PARENT_ENV = "DIHT_MLFLOW_PARENT_RUN_ID"
 STATE_DIR = Path(os.environ.get("DIHT_STATE_DIR", ".state"))

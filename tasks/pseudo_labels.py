@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from diht_core.pseudo_labels import save_shard, sparsify
+from diht_core.data.pseudo_labels import save_shard, sparsify
 
 from ._stage import cli, make_task
 

@@ -14,11 +14,12 @@ from sklearn.linear_model import LogisticRegression
 from tqdm import tqdm
 
 from diht_core import teacher as T
-from diht_core.benchmark import encode_images, load_split
+from diht_core.benchmark import encode_images
+from diht_core.data.shards import load_split
 from diht_core.concepts import multi_hot, sqrt_resampling_weights
 from diht_core.data.shards import decode_image, read_samples, shard_paths
 from diht_core.models import create_model, image_size
-from diht_core.train import image_to_uint8
+from diht_core.data.images import image_to_uint8
 
 from ._stage import cli, make_task
 

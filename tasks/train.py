@@ -18,12 +18,12 @@ import pandas as pd
 import torch
 import yaml
 
-from diht_core import pseudo_labels as PL
+from diht_core.data import pseudo_labels as PL
 from diht_core.models import ConceptHeads, create_model, image_size
 from diht_core.data.loader import SparsePseudoLabels, make_loader
 from diht_core.data.shards import shard_paths
 from diht_core.distributed import destroy, full_model_state, init_distributed, launched_by_torchrun
-from diht_core.params import load_params
+from diht_core.config import load_params
 from diht_core.train import StreamingData, TrainConfig, load_train_set, train
 
 from ._registry import register_trained_model

@@ -21,7 +21,7 @@ os.environ.update({
 
 def tiny_params() -> dict:
     """The project's params.yaml with the tiny overrides applied (dvc.yaml needs every key present)."""
-    from diht_core.params import deep_merge
+    from diht_core.config import deep_merge
 
     return deep_merge(yaml.safe_load((ROOT / "params.yaml").read_text()), yaml.safe_load(TINY.read_text()))
 

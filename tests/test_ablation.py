@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, project_env, tiny_params
-from diht_core.params import ParamsError, validate_params
+from diht_core.config import ParamsError, validate_params
 from flows.ablation import aggregate, dvc_queue_commands, grid
 
 

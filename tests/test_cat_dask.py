@@ -26,7 +26,7 @@ def test_dask_task_runner_matches_process_pool(tiny_project):
     params = yaml.safe_load((tiny_project / "params.yaml").read_text())
     params["cat_filter"].update(task_runner="dask", workers=2, min_complexity=2)  # new config: no shard reused
     (tiny_project / "params.yaml").write_text(yaml.safe_dump(params))
-    code = ("from prefect import flow\nfrom diht_core.params import load_params\n"
+    code = ("from prefect import flow\nfrom diht_core.config import load_params\n"
             "from tasks._stage import run_stage\nfrom tasks.cat_filter import body\n"
             "@flow\ndef f():\n    return run_stage('cat_filter', body, load_params('params.yaml'))\nf()\n")
     run("-c", code)

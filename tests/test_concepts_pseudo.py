@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from diht_core.concepts import build_vocabulary, multi_hot, sqrt_resampling_weights
-from diht_core.pseudo_labels import densify, load_all, save_shard, sparsify
+from diht_core.data.pseudo_labels import densify, load_all, save_shard, sparsify
 
 
 def test_vocabulary_counts_min_count_and_max_size():

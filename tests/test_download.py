@@ -21,7 +21,7 @@ from diht_core.data.resize import RESIZE_MODES, ImageError, load_image, resize
 from diht_core.data.shards import iter_shard, read_samples, shard_paths
 from diht_core.data.url_download import DownloadConfig, download_url_list
 from diht_core.data.url_lists import read_url_list
-from diht_core.params import ParamsError, validate_params
+from diht_core.config import ParamsError, validate_params
 
 from conftest import ROOT, tiny_params
 
@@ -256,7 +256,7 @@ class _Run:
 
 def test_url_list_stage_then_cat_filter(server, tmp_path):
     """tasks.download with source url_list fills data/raw/train, and cat_filter runs on it unchanged."""
-    from diht_core.params import deep_merge
+    from diht_core.config import deep_merge
     from tasks import cat_filter, download
 
     captions = ["a black dog chases a small brown cat", "stock photo 123", "a man rides a red bicycle",

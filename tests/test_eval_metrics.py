@@ -10,8 +10,9 @@ from sklearn.metrics import balanced_accuracy_score
 
 from clip_benchmark.metrics.zeroshot_classification import accuracy as _cb_accuracy
 from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
-from diht_core.eval import (build_classifier, classification_metrics, retrieval_metrics, vqa_accuracy,
-                            zero_shot_classification)
+from diht_core.eval.retrieval import retrieval_metrics
+from diht_core.eval.vqa import vqa_accuracy
+from diht_core.eval.zeroshot import build_classifier, classification_metrics, zero_shot_classification
 
 
 def accuracy(output, target, topk=(1,)):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diht_core.eval import zero_shot_classification
+from diht_core.eval.zeroshot import zero_shot_classification
 from diht_core.fewshot import kshot_indices, pgd_probe, probe_accuracy, run_fewshot, scratch_probe
 
 

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from diht_core.data.loader import SparsePseudoLabels, make_loader
+from diht_core.data.loader import make_loader
+from diht_core.data.pseudo_labels import SparsePseudoLabels
 from diht_core.data.scenes import render, sample_scene
 from diht_core.data.shards import encode_jpg, write_shard
 from diht_core.models import create_model
-from diht_core.pseudo_labels import save_shard
+from diht_core.data.pseudo_labels import save_shard
 
 N_OBJ, N_ATTR = 12, 8
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from diht_core.models import ConceptHeads, create_model
-from diht_core.params import ParamsError, validate_params
+from diht_core.config import ParamsError, validate_params
 from tasks._registry import register_trained_model, registered_model_name
 
 

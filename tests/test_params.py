@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from diht_core.params import Params, ParamsError, load_params, validate_params
+from diht_core.config import Params, ParamsError, load_params, validate_params
 
 from conftest import ROOT
 
@@ -54,3 +54,36 @@ def test_overrides_and_bad_yaml(tmp_path):
         load_params(f)
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "missing.yaml")
+
+
+def test_schema_defaults_are_the_defaults_of_params_yaml():
+    """params.yaml restates the schema's defaults (the only defaults): every value it sets equals the default."""
+    def walk(yaml_v, default_v, key):
+        if isinstance(yaml_v, dict) and isinstance(default_v, dict):
+            assert set(yaml_v) == set(default_v), key
+            for k in yaml_v:
+                walk(yaml_v[k], default_v[k], f"{key}.{k}")
+        else:
+            assert yaml_v == default_v, key
+
+    walk(yaml.safe_load((ROOT / "params.yaml").read_text()), Params().model_dump(mode="json"), "params")
+
+
+@pytest.mark.parametrize("key", [("train", "lr"), ("train", "weight_decay"), ("train", "hn_beta"),
+                                 ("train", "sigmoid_bias_init"), ("teacher", "lr"), ("fewshot", "lr")])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_numbers_must_be_finite(key, value):
+    with pytest.raises(ParamsError) as err:
+        validate_params({key[0]: {key[1]: value}}, "params.yaml")
+    assert ".".join(key) in str(err.value)
+
+
+def test_the_schema_is_a_leaf():
+    """Importing the schema pulls in neither the task registry, torch nor pandas."""
+    import subprocess
+    import sys
+
+    code = ("import sys, diht_core.config; "
+            "print(sorted(m for m in ('torch', 'pandas', 'diht_core.eval.registry') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -58,7 +58,7 @@ def test_open_clip_tower_as_teacher(tmp_path):
     torch.save(clip.state_dict(), tmp_path / "clip.pt")  # a plain open_clip checkpoint
     teacher = T.freeze(T.build_teacher("open_clip:diht-tiny-vit", tmp_path / "clip.pt"))
     images = torch.randint(0, 255, (3, 3, 48, 48), dtype=torch.uint8)
-    from diht_core.train import normalize_images
+    from diht_core.data.images import normalize_images
 
     with torch.no_grad():
         expected = clip.encode_image(normalize_images(images))

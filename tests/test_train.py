@@ -7,7 +7,7 @@ import torch
 from diht_core.data.scenes import render, sample_scene
 from diht_core.data.shards import encode_jpg, write_shard
 from diht_core.models import ConceptHeads, create_model, image_size, list_models
-from diht_core.pseudo_labels import densify, sparsify
+from diht_core.data.pseudo_labels import densify, sparsify
 from diht_core.train import TrainConfig, batch_indices, cosine_lr, load_train_set, train
 
 SIZE = image_size(create_model("diht-tiny-vit")[0])

@@ -14,34 +14,9 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from .images import image_to_uint8
+from .pseudo_labels import SparsePseudoLabels
 from .shards import decode_image, shard_paths
-
-
-class SparsePseudoLabels:
-    """All pseudo-label shards of a directory, kept sparse (int32 index, fp16 prob), looked up by key."""
-
-    def __init__(self, directory: str | Path, n_objects: int, n_attributes: int):
-        files = sorted(Path(directory).glob("*.npz"))
-        if not files:
-            raise FileNotFoundError(f"no pseudo-label shards in {directory}")
-        parts = [np.load(f) for f in files]
-        self.keys = [k for z in parts for k in z["keys"].tolist()]
-        self.row = {k: i for i, k in enumerate(self.keys)}
-        self.obj_idx = np.concatenate([z["obj_idx"] for z in parts])
-        self.obj_p = np.concatenate([z["obj_p"] for z in parts])
-        self.attr_idx = np.concatenate([z["attr_idx"] for z in parts])
-        self.attr_p = np.concatenate([z["attr_p"] for z in parts])
-        self.sizes = (n_objects, n_attributes)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.row
-
-    def dense(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        from ..pseudo_labels import densify
-
-        i = self.row[key]
-        return (densify(self.obj_idx[i:i + 1], self.obj_p[i:i + 1], self.sizes[0])[0],
-                densify(self.attr_idx[i:i + 1], self.attr_p[i:i + 1], self.sizes[1])[0])
 
 
 class _Join:
@@ -54,8 +29,6 @@ class _Join:
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, raw: dict):
-        from ..train import image_to_uint8
-
         key = raw["__key__"]
         if self.pseudo is not None and key not in self.pseudo:
             if self.missing == "error":

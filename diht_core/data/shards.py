@@ -1,4 +1,4 @@
-"""Webdataset shard I/O shared by the stages."""
+"""Webdataset shards: the one reader and writer every stage uses, and image decoding."""
 
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
+import torch
 import webdataset as wds
 from PIL import Image
+
+from .images import image_to_uint8
 
 
 def shard_paths(directory: str | Path) -> list[Path]:
@@ -66,3 +69,31 @@ def read_samples(path: str | Path) -> Iterator[dict]:
         if "cls" in raw:
             out["cls"] = int(raw["cls"])
         yield out
+
+
+def read_decoded(paths: Iterable[str | Path], image_size: int) -> Iterator[dict]:
+    """The samples of these shards (as ``read_samples``) with ``image``: uint8 [3, S, S] at ``image_size``, or
+    None where the image is missing or corrupt (the caller skips and counts it, or fails)."""
+    for path in paths:
+        for s in read_samples(path):
+            try:
+                s["image"] = image_to_uint8(decode_image(s["image_bytes"]), image_size)
+            except (ValueError, KeyError):
+                s["image"] = None
+            yield s
+
+
+def load_split(directory: str | Path, image_size: int) -> dict:
+    """A whole split in memory: images (uint8 at image_size), cls, txt and json of every sample."""
+    paths = shard_paths(directory)
+    if not paths:
+        raise FileNotFoundError(f"no shards in {directory}")
+    images, cls, txt, meta = [], [], [], []
+    for s in read_decoded(paths, image_size):
+        if s["image"] is None:
+            raise ValueError(f"sample {s['key']!r} of {directory}: no readable image")
+        images.append(s["image"])
+        cls.append(s.get("cls", -1))
+        txt.append(s.get("txt", ""))
+        meta.append(s.get("json", {}))
+    return {"images": torch.stack(images), "cls": torch.tensor(cls), "txt": txt, "json": meta}

@@ -15,17 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
-FORMATS = ("tsv", "csv", "parquet", "txt")
-_SUFFIXES = {".tsv": "tsv", ".csv": "csv", ".parquet": "parquet", ".txt": "txt"}
+from ..config import URL_LIST_FORMATS, infer_format
 
-
-def infer_format(path: str | Path) -> str | None:
-    """The format from the file name (compression suffixes such as .gz are looked through)."""
-    suffixes = [s.lower() for s in Path(path).suffixes]
-    for s in reversed(suffixes):
-        if s in _SUFFIXES:
-            return _SUFFIXES[s]
-    return None
+FORMATS = URL_LIST_FORMATS
 
 
 def read_url_list(path: str | Path, fmt: str | None = None, url_col: str = "url",

@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from . import catalog
 from .datasets import (DatasetNotFound, load_cc_validation, load_karpathy_json, load_wds_classification,
                        load_wds_retrieval, load_wds_vqa)
 
 KINDS = ("classification", "retrieval", "vqa")
 DIHT_CAPTION_TEMPLATE = "a photo of {}."  # DiHT wraps every retrieval caption (example_retrieval_eval.py)
-CC_BLOCK_SIZE = 2000  # diht-gcc-evaluation-report.md: blocks of 2,000 images, each its own gallery
+CC_BLOCK_SIZE = next(row[4] for row in catalog.RETRIEVAL if row[0] == "cc_val")  # blocks of 2,000 images
+T2I, I2T = (d[1] for d in catalog.DIRECTIONS)
 
 
 @dataclass(frozen=True)
@@ -125,89 +127,42 @@ def _wds_layout(rel: str, kind: str) -> str:
 
 # --------------------------------------------------------------------------- the benchmark
 
-# name, CLIP_benchmark wds folder (HF clip-benchmark/wds_<folder>), main metric, notes
-_CLASSIFICATION = [
-    ("imagenet1k", "imagenet1k", "acc1", "ImageNet-1K validation (50k); named in the paper"),
-    ("imagenetv2", "imagenetv2", "acc1", "ImageNet-V2 matched-frequency"),
-    ("imagenet-r", "imagenet-r", "acc1", "ImageNet-Rendition, 200 classes"),
-    ("imagenet-a", "imagenet-a", "acc1", "ImageNet-Adversarial, 200 classes"),
-    ("imagenet_sketch", "imagenet_sketch", "acc1", "ImageNet-Sketch"),
-    ("objectnet", "objectnet", "acc1", "ObjectNet, 113 classes overlapping ImageNet"),
-    ("cifar10", "cifar10", "acc1", "CIFAR-10 test"),
-    ("cifar100", "cifar100", "acc1", "CIFAR-100 test"),
-    ("mnist", "mnist", "acc1", "MNIST test"),
-    ("food101", "food101", "acc1", "Food-101 test"),
-    ("sun397", "sun397", "acc1", "SUN397 (CLIP_benchmark split)"),
-    ("cars", "cars", "acc1", "Stanford Cars test"),
-    ("fgvc_aircraft", "fgvc_aircraft", "mean_per_class_recall", "FGVC Aircraft (variant level) test"),
-    ("dtd", "dtd", "acc1", "Describable Textures test"),
-    ("pets", "vtab-pets", "mean_per_class_recall", "Oxford-IIIT Pets (CLIP_benchmark vtab/pets)"),
-    ("caltech101", "vtab-caltech101", "mean_per_class_recall", "Caltech-101 (CLIP_benchmark vtab/caltech101)"),
-    ("flowers102", "vtab-flowers", "mean_per_class_recall", "Oxford Flowers-102 (CLIP_benchmark vtab/flowers)"),
-]
 
-T2I = "image_retrieval_recall@1"  # text -> image: a caption finds its image
-I2T = "text_retrieval_recall@1"   # image -> text: an image finds one of its captions
+def _retrieval_source(layout: str, rel: str) -> tuple[Callable[[Path], dict], str]:
+    """(loader, layout description) of a retrieval set in one of catalog.RETRIEVAL's layouts."""
+    if layout == "karpathy":
+        folder = rel.split("/")[0]
+        return _karpathy_loader(rel), (f'ALBEF {Path(rel).name} (Karpathy test: list of {{"image": "...jpg", '
+                                       f'"caption": [5]}}); images under {folder}/<image>')
+    if layout == "wds":
+        return _wds_loader("retrieval", rel, "test"), _wds_layout(rel, "retrieval")
+    return (_cc_loader(f"{rel}/Validation_GCC-1.1.0-Validation.tsv", f"{rel}/validation"),
+            f"Conceptual Captions validation: {rel}/Validation_GCC-1.1.0-Validation.tsv (caption<TAB>url, no header) "
+            f"+ img2dataset shards {rel}/validation/*.tar (image + json with url)")
 
 
 def _register_benchmark() -> None:
-    for name, folder, metric, notes in _CLASSIFICATION:
+    """Every row of catalog.py as a TaskSpec."""
+    for name, folder, metric, notes in catalog.CLASSIFICATION:
         rel = f"wds/{folder}"
         register_task(TaskSpec(name=name, kind="classification", main_metric=metric,
                                loader=_wds_loader("classification", rel, "test"), default_path=rel,
                                layout=_wds_layout(rel, "classification"), notes=notes))
-
-    retrieval = [
-        # (stem, loader, default path, layout, notes, block size)
-        ("coco", _karpathy_loader("coco/coco_test.json"), "coco/coco_test.json",
-         'ALBEF coco_test.json (Karpathy 5k test: list of {"image": "val2014/...jpg", "caption": [5]}); '
-         "images under coco/<image>",
-         "COCO 5k Karpathy test, as DiHT's example_retrieval_eval.py; named in the paper", None),
-        ("flickr30k", _karpathy_loader("flickr30k/flickr30k_test.json"), "flickr30k/flickr30k_test.json",
-         'ALBEF flickr30k_test.json (1k test: list of {"image": "flickr30k-images/...jpg", "caption": [5]}); '
-         "images under flickr30k/<image>",
-         "Flickr30K 1k Karpathy test, as DiHT's example_retrieval_eval.py; named in the paper", None),
-        ("flickr8k", _wds_loader("retrieval", "wds/flickr8k", "test"), "wds/flickr8k",
-         _wds_layout("wds/flickr8k", "retrieval"),
-         "Flickr8k 1k Karpathy test (CLIP_benchmark's third retrieval set); reconstruction", None),
-        ("xm3600", _wds_loader("retrieval", "wds/crossmodal3600", "test"), "wds/crossmodal3600",
-         _wds_layout("wds/crossmodal3600", "retrieval"),
-         "Crossmodal-3600, English captions (clip_benchmark_export_wds --dataset crossmodal3600 --retrieval); "
-         "reconstruction", None),
-        ("cc_val", _cc_loader("cc/Validation_GCC-1.1.0-Validation.tsv", "cc/validation"), "cc",
-         "Conceptual Captions validation: cc/Validation_GCC-1.1.0-Validation.tsv (caption<TAB>url, no header) "
-         "+ img2dataset shards cc/validation/*.tar (image + json with url)",
-         "GCC validation as in diht-gcc-evaluation-report.md: blocks of 2,000 images, each its own gallery, "
-         "mean over blocks; captions of dead URLs are dropped and counted; not in the DiHT paper", CC_BLOCK_SIZE),
-    ]
-    for stem, loader, rel, layout, notes, block in retrieval:
-        for direction, metric, what in (("t2i", T2I, "text-to-image"), ("i2t", I2T, "image-to-text")):
+    for stem, source, rel, notes, block in catalog.RETRIEVAL:
+        loader, layout = _retrieval_source(source, rel)
+        for direction, metric, what in catalog.DIRECTIONS:
             register_task(TaskSpec(name=f"{stem}_{direction}", kind="retrieval", main_metric=metric, loader=loader,
                                    default_path=rel, layout=layout, caption_template=DIHT_CAPTION_TEMPLATE,
                                    notes=f"{what} R@1. {notes}", block_size=block))
-
-    for name, notes in (
-        ("vqav2", "VQAv2 val as zero-shot answer selection (candidate answers per question); reconstruction"),
-        ("gqa", "GQA testdev-balanced as zero-shot answer selection; reconstruction"),
-    ):
+    for name, notes in catalog.VQA:
         rel = f"wds/{name}"
         register_task(TaskSpec(name=name, kind="vqa", main_metric="accuracy", loader=_wds_loader("vqa", rel, "test"),
                                default_path=rel, layout=_wds_layout(rel, "vqa"), notes=notes))
-
-    # The synthetic tasks: written by the download stage under <data>/eval/<task>/, run by
-    # diht_core.benchmark.run_task (kept in sync with its MAIN_METRIC; tests check it).
-    for name, kind, metric in (
-        ("synthetic_shape", "classification", "acc1"),
-        ("synthetic_colour", "classification", "acc1"),
-        ("synthetic_count", "classification", "acc1"),
-        ("synthetic_retrieval", "retrieval", "mean_recall@1"),
-        ("synthetic_vqa", "vqa", "accuracy"),
-    ):
+    for name, kind, metric in catalog.SYNTHETIC:  # written by the download stage under <data>/eval/<task>/
         rel = f"eval/{name}"
         register_task(TaskSpec(name=name, kind=kind, main_metric=metric, loader=_wds_loader(kind, rel, "test"),
                                default_path=rel, layout=_wds_layout(rel, kind), synthetic=True,
-                               notes="synthetic task generated by the download stage; run by "
-                                     "diht_core.benchmark.run_task"))
+                               notes="synthetic task generated by the download stage"))
 
 
 _register_benchmark()

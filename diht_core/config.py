@@ -1,7 +1,9 @@
-"""params.yaml schema. Validated before any work starts; errors name the key."""
+"""The params schema: params.yaml validated once, before any work; errors name the key. Its defaults are the
+only defaults; the library takes its section objects directly."""
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Literal
@@ -9,13 +11,35 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .eval.catalog import task_names
+
 
 class ParamsError(ValueError):
     """A params file that is unreadable or does not match the schema."""
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True, allow_inf_nan=False)  # numbers are finite
+
+
+URL_LIST_FORMATS = ("tsv", "csv", "parquet", "txt")
+_SUFFIXES = {".tsv": "tsv", ".csv": "csv", ".parquet": "parquet", ".txt": "txt"}
+
+
+def infer_format(path: str | Path) -> str | None:
+    """A URL list's format from its file name (compression suffixes such as .gz are looked through)."""
+    for s in reversed([s.lower() for s in Path(path).suffixes]):
+        if s in _SUFFIXES:
+            return _SUFFIXES[s]
+    return None
+
+
+def check_hn_nce(alpha: float, beta: float) -> None:
+    """HN-NCE's ranges, for the schema and the loss alike."""
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"HN-NCE alpha must lie in (0, 1] (it scales the positive term), got {alpha}")
+    if not (beta >= 0.0 and math.isfinite(beta)):
+        raise ValueError(f"HN-NCE beta must be a finite number >= 0 (0 = uniform negative weights), got {beta}")
 
 
 Fraction = Field(ge=0.0, le=1.0)
@@ -87,8 +111,6 @@ class UrlListParams(_Strict):
 
     @model_validator(mode="after")
     def _format_known(self):
-        from .data.url_lists import infer_format
-
         if self.path and self.format is None and infer_format(self.path) is None:
             raise ValueError(f"download.url_list.format: cannot tell the format of {self.path!r} from its suffix; "
                              "set it to tsv, csv, parquet or txt")
@@ -136,7 +158,7 @@ class TeacherParams(_Strict):
     arch: str = "resnet18"
     weights: str | None = None
     image_size: int = Field(default=64, ge=16)
-    pretrain_epochs: int = Field(default=4, ge=0)
+    pretrain_epochs: int = Field(default=3, ge=0)
     batch_size: int = Field(default=64, ge=1)
     lr: float = Field(default=2e-3, gt=0)
     classifier_epochs: int = Field(default=60, ge=1)
@@ -150,19 +172,19 @@ class PseudoLabelParams(_Strict):
 
 class TrainParams(_Strict):
     model: str = "diht-tiny-vit"
-    steps: int = Field(default=500, ge=1)
+    steps: int = Field(default=450, ge=1)
     batch_size: int = Field(default=128, ge=2)
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.1, ge=0)
     warmup_steps: int = Field(default=50, ge=0)
     loss: Literal["infonce", "hn-nce", "sigmoid"] = "infonce"
-    hn_alpha: float = Field(default=1.0, gt=0, le=1)      # HN-NCE: scales the positive term in the denominator
-    hn_beta: float = Field(default=0.0, ge=0)             # HN-NCE: hardness of the negative weights (0: InfoNCE)
+    hn_alpha: float = 1.0     # HN-NCE: scales the positive term in the denominator, in (0, 1]
+    hn_beta: float = 0.0      # HN-NCE: hardness of the negative weights, >= 0 (0: InfoNCE)
     fff_it_threshold: float | None = Field(default=None, ge=-1, le=1)  # sigmoid: FFF mining, image-text cosine
     fff_tt_threshold: float | None = Field(default=None, ge=-1, le=1)  # text-text cosine
     fff_ii_threshold: float | None = Field(default=None, ge=-1, le=1)  # image-image cosine
     fff_mining_start: int = Field(default=0, ge=0)
-    sigmoid_bias_init: float = -10.0      # SigLIP's, chosen for batches of ~32k; smaller batches may want less    # mine from this step on (an untrained model finds all alike)
+    sigmoid_bias_init: float = -10.0      # SigLIP's, chosen for batches of ~32k; smaller batches may want less
     lambda_obj: float = Field(default=0.0, ge=0)
     lambda_attr: float = Field(default=0.0, ge=0)
     checkpoint_every: int = Field(default=100, ge=1)
@@ -184,6 +206,7 @@ class TrainParams(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self):
+        check_hn_nce(self.hn_alpha, self.hn_beta)
         if self.captions_per_image > 1 and self.loss != "sigmoid":
             raise ValueError(f"captions_per_image={self.captions_per_image} needs loss: sigmoid "
                              f"(several positives per image), got loss: {self.loss}")
@@ -195,11 +218,9 @@ class TrainParams(_Strict):
         return self
 
 
-TASK_NAMES = ("synthetic_shape", "synthetic_colour", "synthetic_count", "synthetic_retrieval", "synthetic_vqa")
-
-
 class BenchmarkParams(_Strict):
-    tasks: list[str] = list(TASK_NAMES)
+    tasks: list[str] = ["synthetic_shape", "synthetic_colour", "synthetic_count", "synthetic_retrieval",
+                        "synthetic_vqa"]
     data_root: str = "datasets"   # where the real tasks' data lives (diht_core/eval/registry.py)
     model: str | None = None       # open_clip config of the evaluated model; null: train.model
     checkpoint: str | None = None  # a local checkpoint (ours, open_clip's, DiHT's); null: models/model.pt
@@ -208,9 +229,7 @@ class BenchmarkParams(_Strict):
     @field_validator("tasks")
     @classmethod
     def _known(cls, v):
-        from .eval.registry import list_tasks
-
-        known = set(list_tasks())
+        known = set(task_names())
         unknown = [t for t in v if t not in known]
         if unknown:
             raise ValueError(f"unknown task(s) {unknown}; see docs/benchmark_tasks.md or "
@@ -250,11 +269,29 @@ class AblationParams(_Strict):
     seeds: list[int] = Field(default=[0, 1, 2], min_length=1)
     steps: int = Field(default=200, ge=1)          # samples seen = steps x batch_size, the same for every config
     batch_size: int = Field(default=128, ge=2)
-    configs: dict[str, dict] = {"baseline": {"source": "raw"}}   # name -> overrides of `train`
-    beta_sweep: list[float] = []                   # extra runs of `beta_sweep_of` with these hn_beta
+    configs: dict[str, dict] = {                   # name -> overrides of `train`
+        "baseline": {"source": "raw", "loss": "infonce", "lambda_obj": 0, "lambda_attr": 0},  # no CAT, InfoNCE
+        "cat": {"loss": "infonce", "lambda_obj": 0, "lambda_attr": 0},                        # + the CAT filter
+        "cat+distill": {"loss": "infonce", "lambda_obj": 0.1, "lambda_attr": 0.1},            # + distillation
+        "diht": {"loss": "hn-nce", "hn_beta": 0.25, "lambda_obj": 0.1, "lambda_attr": 0.1},   # + HN-NCE
+        "fff": {"loss": "sigmoid", "sigmoid_bias_init": -5.0, "captions_per_image": 2, "fff_mining_start": 100,
+                "fff_tt_threshold": 0.95, "fff_ii_threshold": 0.98, "lambda_obj": 0, "lambda_attr": 0},
+        "sigmoid-2caps": {"loss": "sigmoid", "sigmoid_bias_init": -5.0, "captions_per_image": 2, "lambda_obj": 0,
+                          "lambda_attr": 0},
+    }
+    beta_sweep: list[float] = [0.1, 0.5, 1.0]      # extra runs of `beta_sweep_of` with these hn_beta
     beta_sweep_of: str = "diht"
     baseline: str = "baseline"                     # the config the others are compared with
-    quick: dict = {}                               # overrides of the whole params for `--quick` (CI)
+    quick: dict = {                                # overrides of the whole params for `--quick` (CI)
+        "download": {"num_train": 240, "shard_size": 80, "teacher_samples": 160,
+                     "eval": {"per_class": 6, "retrieval_images": 20, "vqa_questions": 20, "fewshot_per_class": 4}},
+        "cat_filter": {"workers": 1},
+        "concepts": {"min_count": 2},
+        "teacher": {"pretrain_epochs": 1, "batch_size": 32, "classifier_epochs": 3},
+        "fewshot": {"shots": [0, 1, 2]},
+        "train": {"warmup_steps": 2},
+        "ablation": {"steps": 6, "batch_size": 32, "beta_sweep": [1.0], "configs": {"fff": {"fff_mining_start": 3}}},
+    }
 
     @model_validator(mode="after")
     def _configs(self):

@@ -1,4 +1,5 @@
-"""Top-k sparsified teacher pseudo-labels: index int32, probability fp16, renormalised."""
+"""The pseudo-label file format: per shard an .npz of top-k teacher concepts (index int32, probability fp16,
+renormalised) for each sample key; read sparse (``SparsePseudoLabels``) or dense (``load_all``)."""
 
 from __future__ import annotations
 
@@ -30,10 +31,33 @@ def save_shard(path: str | Path, keys: list[str], obj: tuple, attr: tuple) -> No
     tmp.replace(path)
 
 
+class SparsePseudoLabels:
+    """All pseudo-label shards of a directory, kept sparse (int32 index, fp16 prob), looked up by key."""
+
+    def __init__(self, directory: str | Path, n_objects: int, n_attributes: int):
+        files = sorted(Path(directory).glob("*.npz"))
+        if not files:
+            raise FileNotFoundError(f"no pseudo-label shards in {directory}")
+        parts = [np.load(f) for f in files]
+        self.keys = [k for z in parts for k in z["keys"].tolist()]
+        self.row = {k: i for i, k in enumerate(self.keys)}
+        self.obj_idx = np.concatenate([z["obj_idx"] for z in parts])
+        self.obj_p = np.concatenate([z["obj_p"] for z in parts])
+        self.attr_idx = np.concatenate([z["attr_idx"] for z in parts])
+        self.attr_p = np.concatenate([z["attr_p"] for z in parts])
+        self.sizes = (n_objects, n_attributes)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.row
+
+    def dense(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        i = self.row[key]
+        return (densify(self.obj_idx[i:i + 1], self.obj_p[i:i + 1], self.sizes[0])[0],
+                densify(self.attr_idx[i:i + 1], self.attr_p[i:i + 1], self.sizes[1])[0])
+
+
 def load_all(directory: str | Path, n_objects: int, n_attributes: int) -> dict:
     """All shards of a directory, dense: {"index": key -> row, "objects": [N,Vo], "attributes": [N,Va]}."""
-    from .data.loader import SparsePseudoLabels
-
     sp = SparsePseudoLabels(directory, n_objects, n_attributes)
     return {"index": sp.row, "objects": densify(sp.obj_idx, sp.obj_p, n_objects),
             "attributes": densify(sp.attr_idx, sp.attr_p, n_attributes)}
