@@ -195,7 +195,7 @@ def markdown(report: dict) -> str:
 
 def write_report(report: dict, json_path: Path, plot_stem: Path) -> list[Path]:
     """metrics JSON, a CSV for DVC plots and a PNG (mean +- std per config, one panel per task + the mean)."""
-    from tasks._stage import pyplot, save_figure
+    from diht_core.plots import pyplot, save_figure
 
     json_path.parent.mkdir(parents=True, exist_ok=True)
     plot_stem.parent.mkdir(parents=True, exist_ok=True)

@@ -173,19 +173,3 @@ def make_task(name: str, body: Callable[[Params, StageRun], dict]):
         return run_stage(name, body, load_params(params_path, overrides), parent_run_id)
 
     return _task
-
-
-def pyplot():
-    """matplotlib.pyplot on the headless Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: str | Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    pyplot().close(fig)

@@ -15,7 +15,9 @@ from diht_core.cat.quality import cat_quality
 from diht_core.cat.shards import CatConfig, filter_shard
 from diht_core.data.shards import iter_shard, shard_paths
 
-from ._stage import cli, make_task, pyplot, save_figure
+from diht_core.plots import pyplot, save_figure
+
+from ._stage import cli, make_task
 
 
 def _job(args):

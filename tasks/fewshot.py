@@ -10,7 +10,9 @@ from diht_core.benchmark import classification_features
 from diht_core.fewshot import run_fewshot
 from diht_core.models import image_size
 
-from ._stage import cli, make_task, pyplot, save_figure
+from diht_core.plots import pyplot, save_figure
+
+from ._stage import cli, make_task
 from .benchmark import load_trained
 
 

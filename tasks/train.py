@@ -27,7 +27,9 @@ from diht_core.config import load_params
 from diht_core.train import StreamingData, TrainConfig, load_train_set, train
 
 from ._registry import register_trained_model
-from ._stage import STATE_DIR, cli, make_task, mlflow_names, pyplot, run_stage, save_figure, seed_everything, set_env
+from diht_core.plots import pyplot, save_figure
+
+from ._stage import STATE_DIR, cli, make_task, mlflow_names, run_stage, seed_everything, set_env
 
 RUN_ENV = "DIHT_MLFLOW_RUN_ID"  # the stage's MLflow run, which rank 0 of a torchrun launch logs into
 
