@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from open_clip.loss import ClipLoss  # noqa: E402
 
-from diht_core.losses import HardNegativeContrastiveLoss, SigmoidLoss, mine_false_negatives  # noqa: E402
+from diht_core.train.losses import HardNegativeContrastiveLoss, SigmoidLoss, mine_false_negatives  # noqa: E402
 
 GOAL = 1.2
 

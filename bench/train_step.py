@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diht_core.models import create_model, image_size  # noqa: E402
 from diht_core.data.images import MEAN, STD  # noqa: E402
-from diht_core.train import TrainConfig, TrainSet, train  # noqa: E402
+from diht_core.config import TrainParams  # noqa: E402
+from diht_core.train import TrainSet, train  # noqa: E402
 
 
 def make_data(n: int, size: int, ctx: int, device) -> TrainSet:
@@ -44,7 +45,7 @@ def ours(name, data, batch, steps, warmup, precision, device, compile=False) -> 
     model, _, _ = create_model(name)
     model.to(device)
     stamps = {}
-    cfg = TrainConfig(model=name, steps=warmup + steps, batch_size=batch, warmup_steps=1, precision=precision,
+    cfg = TrainParams(seed=0, model=name, steps=warmup + steps, batch_size=batch, warmup_steps=1, precision=precision,
                       checkpoint_every=10**9, log_every=warmup, compile=compile)
     with tempfile.TemporaryDirectory() as d:
         train(model, data, cfg, d, log_fn=lambda step, rec: stamps.setdefault(step, time.perf_counter()))

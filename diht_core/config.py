@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .eval.catalog import task_names
 
@@ -308,6 +308,7 @@ class AblationParams(_Strict):
 
 
 class Params(_Strict):
+    _source: tuple[str, dict] | None = PrivateAttr(default=None)  # (params file, overrides) it was loaded from
     seed: int = Field(default=0, ge=0)
     paths: Paths = Paths()
     mlflow: MLflowParams = MLflowParams()
@@ -320,6 +321,16 @@ class Params(_Strict):
     benchmark: BenchmarkParams = BenchmarkParams()
     fewshot: FewshotParams = FewshotParams()
     ablation: AblationParams = AblationParams()
+
+    @property
+    def source(self) -> tuple[str, dict] | None:
+        """(params file, overrides) these params were loaded from (load_params), for processes that load them
+        again (torchrun ranks)."""
+        return self._source
+
+    def resolved_train(self) -> TrainParams:
+        """The train section with its seed resolved (train.seed null: the global seed)."""
+        return self.train if self.train.seed is not None else self.train.model_copy(update={"seed": self.seed})
 
     @model_validator(mode="after")
     def _cross(self):
@@ -364,7 +375,9 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None)
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     if overrides:
         raw = deep_merge(raw, overrides)
-    return validate_params(raw, str(path))
+    params = validate_params(raw, str(path))
+    params._source = (str(path), dict(overrides or {}))
+    return params
 
 
 def deep_merge(base: dict, override: dict) -> dict:

@@ -16,7 +16,7 @@ from sklearn.metrics import average_precision_score
 from tqdm import tqdm
 
 from .data.scenes import COLOURS, RELATIONS, SHAPES, SIZES
-from .losses import SoftTargetCrossEntropy
+from .train.losses import SoftTargetCrossEntropy
 from .data.images import normalize_images
 
 LABELS = ([f"shape:{s}" for s in SHAPES] + [f"colour:{c}" for c in COLOURS] + [f"size:{s}" for s in SIZES]

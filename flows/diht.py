@@ -14,22 +14,14 @@ import os
 import sys
 from pathlib import Path
 
+import mlflow
 from prefect import flow, get_run_logger
 
 from diht_core.config import ParamsError, load_params
+from flows.ablation import ablation as ablation_flow
+from flows.stages import TASKS
 from tasks import STAGES
 from tasks._stage import mlflow_names, set_env, setup_mlflow, tracking_uri
-from tasks.benchmark import benchmark
-from tasks.cat_filter import cat_filter
-from tasks.concepts import concepts
-from tasks.download import download
-from tasks.fewshot import fewshot
-from tasks.pseudo_labels import pseudo_labels
-from tasks.teacher import teacher
-from tasks.train import train_task
-
-TASKS = {"download": download, "cat_filter": cat_filter, "concepts": concepts, "teacher": teacher,
-         "pseudo_labels": pseudo_labels, "train": train_task, "benchmark": benchmark, "fewshot": fewshot}
 
 
 DEPLOYMENTS = {  # name -> the stages it runs (served by --serve; declared for workers in prefect.yaml)
@@ -53,17 +45,14 @@ def diht(params_path: str = "params.yaml", overrides: dict | None = None, workdi
     """download -> cat_filter -> concepts -> teacher -> pseudo_labels -> train -> benchmark -> fewshot.
 
     stages: run only these (in pipeline order), on the files the earlier stages left.
-    ablation: run the ablation grid of params.yaml's `ablation` instead (quick: its tiny CI variant).
+    ablation: run the ablation grid of params.yaml's `ablation` instead (the flow `ablation`; quick: its tiny CI
+    variant).
     """
-    import mlflow
-
     if workdir:
         os.chdir(workdir)
     set_env()
     if ablation:
-        from flows.ablation import run_ablation
-
-        report = run_ablation(params_path, overrides, quick)
+        report = ablation_flow(params_path, overrides, quick)
         return {"parent_run_id": report["parent_run_id"], "table": report["table"],
                 "mean_main": {c: r["mean_main"]["mean"] for c, r in report["configs"].items()}}
     params = load_params(params_path, overrides)  # validated before any work starts
@@ -81,7 +70,7 @@ def diht(params_path: str = "params.yaml", overrides: dict | None = None, workdi
         mlflow.set_tag("diht.stages", ",".join(run_stages))
         for name in run_stages:
             logger.info("stage %s", name)
-            results[name] = TASKS[name](params_path, overrides, parent.info.run_id)
+            results[name] = TASKS[name](params, parent.info.run_id)
         if "benchmark" in results:
             headline = {f"{t}/{k}": v for t, r in results["benchmark"]["tasks"].items() for k, v in r.items()
                         if k in ("main", "chance")}

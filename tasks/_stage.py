@@ -163,13 +163,12 @@ def cli(name: str, body: Callable[[Params, StageRun], dict]) -> None:
 
 
 def make_task(name: str, body: Callable[[Params, StageRun], dict]):
-    """The Prefect task of a stage (takes the params path + overrides, so runs are reproducible)."""
+    """The Prefect task of a stage: the validated params in (validated once, by the flow), the stage's metrics out."""
     from prefect import task
     from prefect.cache_policies import NO_CACHE
 
     @task(name=name, cache_policy=NO_CACHE)
-    def _task(params_path: str = "params.yaml", overrides: dict | None = None,
-              parent_run_id: str | None = None) -> dict:
-        return run_stage(name, body, load_params(params_path, overrides), parent_run_id)
+    def _task(params: Params, parent_run_id: str | None = None) -> dict:
+        return run_stage(name, body, params, parent_run_id)
 
     return _task

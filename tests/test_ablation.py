@@ -11,7 +11,7 @@ import yaml
 
 from conftest import ROOT, project_env, tiny_params
 from diht_core.config import ParamsError, validate_params
-from flows.ablation import aggregate, dvc_queue_commands, grid
+from diht_core.eval.ablation import aggregate, dvc_queue_commands, grid
 
 
 def _results():

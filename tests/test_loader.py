@@ -67,7 +67,8 @@ def test_missing_pseudo_label_is_an_error_or_a_counted_skip(tmp_path):
 
 @pytest.mark.parametrize("resample,workers", [(False, 0), (True, 2)])
 def test_streaming_resume_replays_to_the_exact_next_batch(tmp_path, resample, workers):
-    from diht_core.train import StreamingData, TrainConfig
+    from diht_core.config import TrainParams
+    from diht_core.train import StreamingData
 
     _setup(tmp_path)
     model, _, tok = create_model("diht-tiny-vit")
@@ -79,7 +80,7 @@ def test_streaming_resume_replays_to_the_exact_next_batch(tmp_path, resample, wo
     def data():
         return StreamingData(loader, "fp", distill=False, epoch_steps=5 if resample else None)
 
-    cfg = TrainConfig(steps=14, batch_size=6, captions_per_image=2)  # 40 samples: 7 batches an epoch, 2 epochs
+    cfg = TrainParams(seed=0, steps=14, batch_size=6, captions_per_image=2, loss="sigmoid")  # 40 samples: 7 batches an epoch, 2 epochs
     d = data()
     full, positions = [], []
     for b in d.batches(cfg, 0):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 
-from diht_core.losses import (ConceptDistillationLoss, ContrastiveLoss, HardNegativeContrastiveLoss, SigmoidLoss,
+from diht_core.train.losses import (ConceptDistillationLoss, ContrastiveLoss, HardNegativeContrastiveLoss, SigmoidLoss,
                               SoftTargetCrossEntropy, _or_similar_, create_loss, mine_false_negatives)
 
 

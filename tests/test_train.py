@@ -8,7 +8,8 @@ from diht_core.data.scenes import render, sample_scene
 from diht_core.data.shards import encode_jpg, write_shard
 from diht_core.models import ConceptHeads, create_model, image_size, list_models
 from diht_core.data.pseudo_labels import densify, sparsify
-from diht_core.train import TrainConfig, batch_indices, cosine_lr, load_train_set, train
+from diht_core.config import TrainParams
+from diht_core.train import batch_indices, cosine_lr, load_train_set, train
 
 SIZE = image_size(create_model("diht-tiny-vit")[0])
 
@@ -105,7 +106,7 @@ def test_resume_continues_the_same_run(tmp_path):
     _, _, tok = create_model("diht-tiny-vit")
     torch.manual_seed(0)
     data = load_train_set(tmp_path, SIZE, tok, _pseudo(keys))
-    cfg = TrainConfig(steps=6, batch_size=8, warmup_steps=2, checkpoint_every=2, log_every=1,
+    cfg = TrainParams(seed=0, steps=6, batch_size=8, warmup_steps=2, checkpoint_every=2, log_every=1,
                       lambda_obj=0.5, lambda_attr=0.5)
     straight, out = _run(tmp_path / "a", data, cfg)
     assert out["resumed_from_step"] == 0 and len(out["history"]) == 6
@@ -121,7 +122,7 @@ def test_checkpoint_of_other_data_is_not_resumed(tmp_path):
     _shards(tmp_path)
     _, _, tok = create_model("diht-tiny-vit")
     data = load_train_set(tmp_path, SIZE, tok)
-    cfg = TrainConfig(steps=4, batch_size=8, warmup_steps=1, checkpoint_every=2, log_every=1)
+    cfg = TrainParams(seed=0, steps=4, batch_size=8, warmup_steps=1, checkpoint_every=2, log_every=1)
     assert _run(tmp_path / "d", data, cfg, stop_at=3) == (None, None)
     data.images = data.images.flip(-1)  # same config, different data
     _, out = _run(tmp_path / "d", data, cfg)
@@ -169,7 +170,7 @@ def test_train_with_hard_negative_and_sigmoid_losses(tmp_path, loss, extra):
     kw = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if loss == "sigmoid" else {}
     model, _, tok = create_model("diht-tiny-vit", **kw)
     data = load_train_set(tmp_path, SIZE, tok)
-    cfg = TrainConfig(steps=3, batch_size=8, warmup_steps=1, log_every=1, loss=loss, **extra)
+    cfg = TrainParams(seed=0, steps=3, batch_size=8, warmup_steps=1, log_every=1, loss=loss, **extra)
     out = train(model, data, cfg, tmp_path / "ck")
     assert len(out["history"]) == 3 and all(math.isfinite(h["loss"]) for h in out["history"])
     torch.save(model.state_dict(), tmp_path / "m.pt")
@@ -182,7 +183,7 @@ def test_sigmoid_loss_needs_a_bias(tmp_path):
     _shards(tmp_path)
     model, _, tok = create_model("diht-tiny-vit")
     with pytest.raises(ValueError, match="logit_bias"):
-        train(model, load_train_set(tmp_path, SIZE, tok), TrainConfig(steps=1, batch_size=8, loss="sigmoid"),
+        train(model, load_train_set(tmp_path, SIZE, tok), TrainParams(seed=0, steps=1, batch_size=8, loss="sigmoid"),
               tmp_path / "ck")
 
 
@@ -201,7 +202,7 @@ def test_accumulation_and_checkpointing_match_one_full_batch(tmp_path, loss):
         torch.manual_seed(0)
         model, _, _ = create_model("diht-tiny-vit", **kw)
         heads = ConceptHeads(model.visual.output_dim, 6, 4)
-        cfg = TrainConfig(steps=1, batch_size=16, warmup_steps=1, loss=loss, lambda_obj=0.5, lambda_attr=0.5,
+        cfg = TrainParams(seed=0, steps=1, batch_size=16, warmup_steps=1, loss=loss, lambda_obj=0.5, lambda_attr=0.5,
                           **extra, **cfg_kw)
         train(model, data, cfg, tmp_path / f"ck{len(cfg_kw)}{cfg_kw}", heads=heads)
         return model.state_dict()
@@ -220,7 +221,7 @@ def test_bf16_autocast_trains(tmp_path):
     torch.manual_seed(0)
     model, _, tok = create_model("diht-tiny-vit")
     out = train(model, load_train_set(tmp_path, SIZE, tok),
-                TrainConfig(steps=2, batch_size=8, warmup_steps=1, log_every=1, precision="bf16"), tmp_path / "ck")
+                TrainParams(seed=0, steps=2, batch_size=8, warmup_steps=1, log_every=1, precision="bf16"), tmp_path / "ck")
     assert all(math.isfinite(h["loss"]) for h in out["history"])
 
 
@@ -228,7 +229,7 @@ def test_several_captions_per_image_are_consecutive_rows_of_that_image(tmp_path)
     keys = _shards(tmp_path)  # odd samples have 2 captions, even ones 1
     _, _, tok = create_model("diht-tiny-vit")
     data = load_train_set(tmp_path, SIZE, tok)
-    cfg = TrainConfig(steps=2, batch_size=8, captions_per_image=3)
+    cfg = TrainParams(seed=0, steps=2, batch_size=8, captions_per_image=3, loss="sigmoid")
     for step, batch in enumerate(data.batches(cfg, 0)):
         idx = batch_indices(step, len(data), 8, 0).tolist()
         assert batch["text"].shape[0] == 3 * 8
@@ -240,8 +241,8 @@ def test_several_captions_per_image_are_consecutive_rows_of_that_image(tmp_path)
     whole = list(data.batches(cfg, 0))
     for s in range(2):  # the ranks' shares make up the global batch
         assert torch.equal(torch.cat([halves[0][s]["text"], halves[1][s]["text"]]), whole[s]["text"])
-    with pytest.raises(ValueError, match="sigmoid"):
-        train(create_model("diht-tiny-vit")[0], data, cfg, tmp_path / "ck")
+    with pytest.raises(ValueError, match="sigmoid"):  # K > 1 needs the sigmoid loss: refused by the params
+        TrainParams(seed=0, steps=2, batch_size=8, captions_per_image=3)
 
 
 @pytest.mark.slow
@@ -253,7 +254,7 @@ def test_torch_compile_trains_like_eager(tmp_path):
     def losses(**kw):
         torch.manual_seed(0)
         model, _, _ = create_model("diht-tiny-vit")
-        cfg = TrainConfig(steps=3, batch_size=8, warmup_steps=1, log_every=1, **kw)
+        cfg = TrainParams(seed=0, steps=3, batch_size=8, warmup_steps=1, log_every=1, **kw)
         return [h["loss"] for h in train(model, data, cfg, tmp_path / f"ck{kw}")["history"]]
 
     assert np.allclose(losses(compile=True), losses(), rtol=1e-4, atol=1e-4)

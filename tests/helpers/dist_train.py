@@ -12,10 +12,11 @@ import sys
 
 import torch
 
-import diht_core.train as T
-from diht_core.distributed import destroy, full_model_state, init_distributed
+import diht_core.train.optim as T
+from diht_core.config import TrainParams
+from diht_core.train.distributed import destroy, full_model_state, init_distributed
 from diht_core.models import ConceptHeads, create_model
-from diht_core.train import TrainConfig, TrainSet, train
+from diht_core.train import TrainSet, train
 
 
 def make_data(n=16, size=48, ctx=32):
@@ -30,7 +31,7 @@ def make_data(n=16, size=48, ctx=32):
 def main(out, strategy, loss, accum=1, k=1, opt="sgd", interrupt_at=0):
     info = init_distributed(os.environ.get("DIHT_DEVICE", "cpu"))
     if opt == "sgd":
-        T._adamw = lambda params, cfg: torch.optim.SGD(list(params), lr=cfg.lr)
+        T.adamw = lambda params, cfg: torch.optim.SGD(list(params), lr=cfg.lr)
     if int(interrupt_at):
         lr_of = T.cosine_lr
 
@@ -45,7 +46,7 @@ def main(out, strategy, loss, accum=1, k=1, opt="sgd", interrupt_at=0):
     heads = ConceptHeads(model.visual.output_dim, 7, 5)
     init = {n: v.clone() for n, v in model.state_dict().items()}
     fff = {"fff_tt_threshold": 0.9} if loss == "sigmoid" else {}
-    cfg = TrainConfig(steps=3, batch_size=8, lr=0.1 if opt == "sgd" else 1e-3, warmup_steps=1, loss=loss,
+    cfg = TrainParams(seed=0, steps=3, batch_size=8, lr=0.1 if opt == "sgd" else 1e-3, warmup_steps=1, loss=loss,
                       strategy=strategy, accum_steps=int(accum), captions_per_image=int(k), lambda_obj=0.5,
                       lambda_attr=0.5, checkpoint_every=2, log_every=1,
                       hn_beta=0.5 if loss == "hn-nce" else 0.0, **fff)

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import TrainParams, check_hn_nce
+
 
 def _at_least_fp32(x):
     """fp16/bf16 tensors -> fp32; fp32, fp64 and Python numbers unchanged."""
@@ -138,10 +140,7 @@ class HardNegativeContrastiveLoss(nn.Module):
     def __init__(self, alpha: float = 1.0, beta: float = 0.0, rank: int = 0, world_size: int = 1):
         super().__init__()
         alpha, beta = float(alpha), float(beta)
-        if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"HN-NCE alpha must lie in (0, 1] (it scales the positive term), got {alpha}")
-        if not (beta >= 0.0 and math.isfinite(beta)):
-            raise ValueError(f"HN-NCE beta must be a finite number >= 0 (0 = uniform negative weights), got {beta}")
+        check_hn_nce(alpha, beta)
         self.alpha, self.beta = alpha, beta
         self.rank, self.world_size = rank, world_size
 
@@ -319,8 +318,13 @@ LOSSES = {
 }
 
 
-def create_loss(name: str, **kwargs) -> nn.Module:
-    """Build a contrastive loss by name: one of LOSSES ('infonce', 'hn-nce', 'sigmoid')."""
+def create_loss(name: str | TrainParams, **kwargs) -> nn.Module:
+    """A contrastive loss by name, one of LOSSES ('infonce', 'hn-nce', 'sigmoid'), or from the `train` params
+    (``train.loss``, with ``train.hn_alpha`` / ``train.hn_beta`` for HN-NCE); kwargs: rank, world_size, ..."""
+    if isinstance(name, TrainParams):
+        if name.loss == "hn-nce":
+            kwargs = {"alpha": name.hn_alpha, "beta": name.hn_beta, **kwargs}
+        name = name.loss
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(LOSSES)}")
     return LOSSES[name](**kwargs)

@@ -1,0 +1,213 @@
+"""Training data: the in-memory set (decoded once) and the streaming one (webdataset), both a pure function of
+(seed, step), so a resumed run sees exactly the batches it would have seen."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import Params, Paths, TrainParams
+from ..data.images import to_device
+from ..data.loader import make_loader
+from ..data.pseudo_labels import SparsePseudoLabels, load_all
+from ..data.shards import read_decoded, shard_paths
+
+
+@dataclass
+class TrainSet:
+    keys: list[str]
+    images: torch.Tensor            # uint8 [N, 3, H, W]
+    tokens: torch.Tensor            # int64 [T, ctx], all captions
+    caption_index: list[list[int]]  # per image, rows of `tokens`
+    obj_targets: torch.Tensor | None = None   # float [N, V_obj] (dense from sparse top-k)
+    attr_targets: torch.Tensor | None = None
+    skipped: int = 0
+
+    def __len__(self):
+        return len(self.keys)
+
+    def batches(self, cfg: TrainParams, start: int, rank: int = 0, world_size: int = 1, position=None):
+        """This rank's share of the batch of every global step from `start` on: a pure function of
+        (seed, step). With K = cfg.captions_per_image the texts are K captions per image, image-major."""
+        k = cfg.captions_per_image
+        for step in range(start, cfg.steps):
+            full = batch_indices(step, len(self), cfg.batch_size, cfg.seed)
+            g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+            rows = []
+            for i in full.tolist():
+                caps = self.caption_index[i]
+                order = torch.randperm(len(caps), generator=g).tolist() if k > 1 else \
+                    [int(torch.randint(len(caps), (1,), generator=g))]
+                rows.append([caps[order[j % len(order)]] for j in range(k)])  # fewer captions: cycle them
+            idx, rows = full.chunk(world_size)[rank], list(_chunks(rows, world_size))[rank]
+            rows = torch.tensor([r for row in rows for r in row])
+            batch = {"image": self.images[to_device(idx, self.images.device)],
+                     "text": self.tokens[to_device(rows, self.tokens.device)]}
+            if self.obj_targets is not None:
+                batch["obj"], batch["attr"] = self.obj_targets[idx], self.attr_targets[idx]
+            yield batch
+
+    def digest(self) -> str:
+        """Fingerprint of the training data (images, captions, pseudo-labels), for safe resumes."""
+        h = hashlib.sha256("\n".join(self.keys).encode())
+        for t in (self.images, self.tokens, self.obj_targets, self.attr_targets):
+            if t is not None:
+                h.update(t.contiguous().cpu().numpy().tobytes())
+        h.update(json.dumps(self.caption_index).encode())
+        return h.hexdigest()[:16]
+
+
+def _chunks(items: list, parts: int):
+    """Split like torch.chunk: equal parts of ceil(n / parts)."""
+    size = -(-len(items) // parts)
+    return (items[i:i + size] for i in range(0, len(items), size))
+
+
+def load_train_set(shard_dir: str | Path, image_size: int, tokenizer, pseudo_labels: dict | None = None,
+                   missing: str = "error", max_captions: int = 8) -> TrainSet:
+    """Decode the (filtered) shards once into memory and join pseudo-labels by key."""
+    keys, images, caps, index = [], [], [], []
+    pl_rows = []  # row of each kept sample in the pseudo-label arrays
+    skipped = 0
+    paths = shard_paths(shard_dir)
+    if not paths:
+        raise FileNotFoundError(f"no shards in {shard_dir}")
+    for s in read_decoded(paths, image_size):
+        key = s["key"]
+        if pseudo_labels is not None and key not in pseudo_labels["index"]:
+            if missing == "error":
+                raise KeyError(f"no pseudo-label for sample key {key!r} (pseudo_labels.missing=error)")
+            skipped += 1
+            continue
+        if s["image"] is None:
+            skipped += 1
+            continue
+        captions = (s.get("json") or {}).get("captions") or [s.get("txt", "")]
+        keys.append(key)
+        images.append(s["image"])
+        index.append(list(range(len(caps), len(caps) + len(captions[:max_captions]))))
+        caps.extend(captions[:max_captions])
+        if pseudo_labels is not None:
+            pl_rows.append(pseudo_labels["index"][key])
+    tokens = tokenizer(caps)
+    ts = TrainSet(keys, torch.stack(images), tokens, index, skipped=skipped)
+    if pseudo_labels is not None:
+        rows = torch.tensor(pl_rows, dtype=torch.long)
+        ts.obj_targets = pseudo_labels["objects"][rows]
+        ts.attr_targets = pseudo_labels["attributes"][rows]
+    return ts
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Indices of the batch at a global step: epoch-wise permutations seeded by (seed, epoch)."""
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        take = min(batch_size - len(out), n - offset)
+        out.extend(perm[offset:offset + take].tolist())
+    return torch.tensor(out)
+
+
+class StreamingData:
+    """Training batches streamed from shards by a webdataset loader (see data/loader.py), epoch after epoch.
+
+    ``make_loader(seed, batch_size)`` returns one epoch's stream, a deterministic function of its seed; with
+    ``epoch_steps`` (resampled shards, an endless stream) an epoch is that many batches.  ``position`` (epoch,
+    batches consumed) goes into checkpoints: a resumed run replays the interrupted epoch's stream up to it and
+    continues with the very next batch.
+    """
+
+    def __init__(self, make_loader: Callable[[int, int], object], fingerprint: str, distill: bool,
+                 epoch_steps: int | None = None):
+        self.make_loader, self.fingerprint, self.has_targets = make_loader, fingerprint, distill
+        self.epoch_steps = epoch_steps
+        self.skipped = 0
+        self.position = (0, 0)
+
+    def digest(self) -> str:
+        return self.fingerprint
+
+    def batches(self, cfg: TrainParams, start: int, rank: int = 0, world_size: int = 1, position=None):
+        if world_size > 1 and self.epoch_steps is None:
+            raise ValueError("streaming on several ranks needs resampled shards (train.resample: true)")
+        epoch, offset = position if position is not None else (0, 0)
+        step = start
+        while step < cfg.steps:
+            produced = 0
+            for i, batch in enumerate(self.make_loader(cfg.seed * 100_003 + epoch, cfg.batch_size // world_size)):
+                if self.epoch_steps is not None and i >= self.epoch_steps:
+                    break
+                if i < offset:  # replaying the interrupted epoch up to the checkpoint
+                    continue
+                self.position = (epoch, i + 1)
+                self.skipped += batch["skipped"]
+                if len(batch["key"]) < 2:
+                    continue
+                produced += 1
+                yield batch
+                step += 1
+                if step >= cfg.steps:
+                    return
+            if produced == 0 and offset == 0:
+                raise RuntimeError(f"epoch {epoch} of the streaming loader produced no batch (all samples skipped?)")
+            epoch, offset = epoch + 1, 0
+
+
+def shard_dir(paths: Paths, source: str) -> Path:
+    """The training shards: the CAT-filtered ones, or the raw ones (train.source: raw, no CAT filter)."""
+    return Path(paths.data) / ("raw/train" if source == "raw" else "filtered")
+
+
+def count_samples(directory: Path) -> int:
+    """Samples in the shards of a directory, from the tar headers alone."""
+    keys = set()
+    for path in shard_paths(directory):
+        with tarfile.open(path) as tar:
+            keys.update((path, name.split(".", 1)[0]) for name in tar.getnames())
+    return len(keys)
+
+
+def streaming_data(cfg: TrainParams, missing: str, shards: Path, labels: Path | None, image_size: int, tokenizer,
+                   sizes: dict | None) -> StreamingData:
+    """Shards streamed by the webdataset loader, pseudo-labels (from ``labels``, when ``sizes``) joined by key in
+    the workers."""
+    pseudo = SparsePseudoLabels(labels, sizes["objects"], sizes["attributes"]) if sizes else None
+    h = hashlib.sha256()
+    for f in shard_paths(shards) + (sorted(labels.glob("*.npz")) if sizes else []):
+        h.update(f.read_bytes())
+    # the stream also depends on these: a resume under other ones must not reuse the position
+    h.update(json.dumps([cfg.resample, cfg.workers, os.environ.get("WORLD_SIZE", "1")]).encode())
+
+    def loader(seed: int, batch_size: int):
+        return make_loader(shards, image_size, tokenizer, batch_size, cfg.workers, pseudo, missing, seed,
+                           resample=cfg.resample, captions_per_image=cfg.captions_per_image)
+
+    epoch_steps = math.ceil(count_samples(shards) / cfg.batch_size) if cfg.resample else None
+    return StreamingData(loader, h.hexdigest()[:16], distill=sizes is not None, epoch_steps=epoch_steps)
+
+
+def vocab_sizes(paths: Paths) -> dict:
+    """{"objects": n, "attributes": n}: the sizes of the concept vocabularies the pseudo-labels index."""
+    return json.loads((Path(paths.data) / "pseudo_labels" / "vocab_sizes.json").read_text())
+
+
+def training_data(p: Params, image_size: int, tokenizer, sizes: dict | None):
+    """The training set the params ask for, in memory or streamed; with pseudo-labels when ``sizes`` is given
+    (distillation)."""
+    labels = Path(p.paths.data) / "pseudo_labels"
+    shards = shard_dir(p.paths, p.train.source)
+    if p.train.loader == "webdataset":
+        return streaming_data(p.resolved_train(), p.pseudo_labels.missing, shards, labels, image_size, tokenizer,
+                              sizes)
+    pseudo = load_all(labels, sizes["objects"], sizes["attributes"]) if sizes else None
+    return load_train_set(shards, image_size, tokenizer, pseudo, p.pseudo_labels.missing)

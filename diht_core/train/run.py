@@ -1,0 +1,98 @@
+"""One training run from the params: build the model, heads and data, train, save the outputs (rank 0); or the
+same on torchrun ranks, launched from here."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+
+from ..config import Params
+from ..models import ConceptHeads, create_model, image_size
+from ..plots import pyplot, save_figure
+from .data import training_data, vocab_sizes
+from .distributed import destroy, full_model_state, init_distributed
+from .loop import train
+
+
+def fit(p: Params, checkpoint_dir: Path, log_fn: Callable[[int, dict], None] | None = None) -> dict:
+    """Train as the params say (on every rank under torchrun); rank 0 writes models/model.pt (a plain open_clip
+    state dict), models/heads.pt and the loss curve, and returns the stage's metrics ({} on other ranks)."""
+    cfg = p.resolved_train()
+    info = init_distributed(cfg.device)
+    # the sigmoid loss starts where open_clip's SigLIP does: scale ln(10), bias -10 (train.sigmoid_bias_init)
+    sig = {"init_logit_scale": math.log(10), "init_logit_bias": cfg.sigmoid_bias_init} if cfg.loss == "sigmoid" else {}
+    torch.manual_seed(cfg.seed)  # train.seed: the model's init too
+    model, _, tokenizer = create_model(cfg.model, **sig)
+    distill = cfg.lambda_obj > 0 or cfg.lambda_attr > 0
+    sizes = vocab_sizes(p.paths)
+    heads = ConceptHeads(model.visual.output_dim, sizes["objects"], sizes["attributes"])
+    trainset = training_data(p, image_size(model), tokenizer, sizes if distill else None)
+    summary = train(model, trainset, cfg, checkpoint_dir, log_fn=log_fn, heads=heads, dist=info)
+    state = full_model_state(model, cfg.strategy, info)
+    destroy(info)
+    if not info.is_main:
+        return {}
+    models = Path(p.paths.models)
+    models.mkdir(parents=True, exist_ok=True)
+    torch.save(state, models / "model.pt")
+    torch.save({k: v.cpu() for k, v in heads.state_dict().items()}, models / "heads.pt")
+    plots = Path(p.paths.plots)
+    plots.mkdir(parents=True, exist_ok=True)
+    hist = pd.DataFrame(summary["history"])
+    hist.drop(columns=["samples_per_s"]).to_csv(plots / "train_loss.csv", index=False)
+    loss_plot(hist, plots / "train_loss.png")
+    in_memory = cfg.loader == "memory"
+    return {
+        "model": cfg.model,
+        "source": cfg.source,
+        "seed": cfg.seed,
+        "loader": cfg.loader,
+        "world_size": info.world_size,
+        "device": info.device.type,
+        "train_pairs": len(trainset) if in_memory else None,
+        "train_captions": int(trainset.tokens.shape[0]) if in_memory else None,
+        "skipped_samples": trainset.skipped,
+        "samples_seen": cfg.steps * cfg.batch_size,
+        "distillation": distill,
+        "final_loss": summary["final_loss"],
+        "final_logit_scale": float(state["logit_scale"].exp()),
+    }
+
+
+def launch_torchrun(p: Params, workdir: Path, env: dict) -> dict:
+    """`torchrun --standalone --nproc-per-node N -m tasks.train --params <the same file> --overrides <the same>`:
+    every rank validates the same params; rank 0 hands its metrics back through a file."""
+    if p.source is None:
+        raise ValueError("launcher: torchrun needs params loaded from a file (load_params)")
+    path, overrides = p.source
+    workdir.mkdir(parents=True, exist_ok=True)
+    result = workdir / "result.json"
+    result.unlink(missing_ok=True)
+    project = str(Path(__file__).resolve().parents[2])  # where tasks/ and diht_core/ are
+    env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join(filter(None, [project, os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={p.train.nproc_per_node}",
+           "-m", "tasks.train", "--params", str(path), "--overrides", json.dumps(overrides), "--result", str(result)]
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0 or not result.exists():
+        raise RuntimeError(f"torchrun training failed (exit code {proc.returncode}; the ranks' errors are above); "
+                           f"command: {' '.join(cmd)}")
+    return json.loads(result.read_text())
+
+
+def loss_plot(hist: pd.DataFrame, path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(hist.step, hist.loss, label="total")
+    ax.plot(hist.step, hist.loss_contrastive, label="contrastive")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    save_figure(fig, path)
