@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from diht_core.concepts import build_vocabulary, multi_hot, sqrt_resampling_weights
+from diht_core.concepts.vocabulary import build_vocabulary, multi_hot, sqrt_resampling_weights
 from diht_core.data.pseudo_labels import densify, load_all, save_shard, sparsify
 
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from diht_core import teacher as T
-from diht_core.concepts import sqrt_resampling_weights
+from diht_core.concepts import teacher as T
+from diht_core.concepts.vocabulary import sqrt_resampling_weights
 
 
 def test_classifier_learns_a_planted_concept():

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..concepts.soft_targets import SoftTargetCrossEntropy
 from ..config import TrainParams, check_hn_nce
 
 
@@ -286,16 +287,6 @@ def mine_false_negatives(image_features, text_features, it_threshold=None, tt_th
             raise ValueError(f"groups must be a [n] = [{n}] tensor of ids, got {list(groups.shape)}")
         m |= groups[:, None] == groups[owner][None, :]
     return m
-
-
-class SoftTargetCrossEntropy(nn.Module):
-    """Cross-entropy against a target distribution (concept distillation, teacher classifiers)."""
-
-    def forward(self, logits, target_probs, weight=None):
-        loss = -(target_probs * F.log_softmax(logits.float(), dim=-1)).sum(-1)
-        if weight is not None:
-            return (loss * weight).sum() / weight.sum().clamp_min(1e-12)
-        return loss.mean()
 
 
 class ConceptDistillationLoss(nn.Module):

@@ -7,6 +7,8 @@ from typing import Iterable
 
 import numpy as np
 
+from ..config import ConceptParams
+
 
 def build_vocabulary(objects: Iterable[Iterable[str]], attributes: Iterable[Iterable[str]],
                      min_count: int = 5, max_size: int = 1000) -> dict:
@@ -16,6 +18,19 @@ def build_vocabulary(objects: Iterable[Iterable[str]], attributes: Iterable[Iter
         counts = Counter(c for row in rows for c in set(row))
         kept = [(c, n) for c, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_count]
         vocab[name] = dict(kept[:max_size])
+    return vocab
+
+
+def vocabulary_from_decisions(decisions, c: ConceptParams) -> dict:
+    """The vocabulary of the captions the CAT filter kept (its decisions table); fails if either part is empty."""
+    kept = decisions[decisions.kept]
+    if kept.empty:
+        raise ValueError("the CAT filter kept no pairs: loosen cat_filter params")
+    vocab = build_vocabulary(kept.objects.map(list), kept.attributes.map(list), c.min_count, c.max_size)
+    for kind in ("objects", "attributes"):
+        if not vocab[kind]:
+            raise ValueError(f"the {kind} vocabulary is empty: lower concepts.min_count "
+                             f"(now {c.min_count}) or keep more pairs in cat_filter")
     return vocab
 
 

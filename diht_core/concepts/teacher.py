@@ -15,9 +15,13 @@ import torch.nn.functional as F
 from sklearn.metrics import average_precision_score
 from tqdm import tqdm
 
-from .data.scenes import COLOURS, RELATIONS, SHAPES, SIZES
-from .train.losses import SoftTargetCrossEntropy
-from .data.images import normalize_images
+from ..config import TeacherParams
+from ..data.images import normalize_images
+from ..data.scenes import COLOURS, RELATIONS, SHAPES, SIZES
+from ..data.shards import read_decoded, shard_paths
+from ..models import create_model, image_size
+from .soft_targets import SoftTargetCrossEntropy
+from .vocabulary import multi_hot, sqrt_resampling_weights
 
 LABELS = ([f"shape:{s}" for s in SHAPES] + [f"colour:{c}" for c in COLOURS] + [f"size:{s}" for s in SIZES]
           + [f"relation:{r}" for r in RELATIONS] + [f"count:{k}" for k in (1, 2, 3)])
@@ -31,13 +35,22 @@ def label_vector(labels: dict) -> np.ndarray:
     return np.array([1.0 if name in on else 0.0 for name in LABELS], dtype=np.float32)
 
 
+def load_teacher_split(directory: str | Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The labelled teacher split: uint8 images at ``size`` and their [N, len(LABELS)] multi-hot labels."""
+    images, labels = [], []
+    for s in read_decoded(shard_paths(directory), size):
+        if s["image"] is None:
+            raise ValueError(f"sample {s['key']!r} of {directory}: no readable image")
+        images.append(s["image"])
+        labels.append(label_vector(s["json"]["labels"]))
+    return torch.stack(images), torch.from_numpy(np.stack(labels))
+
+
 class OpenCLIPTower(torch.nn.Module):
     """An open_clip image tower with timm's feature/head interface and a multi-label head."""
 
     def __init__(self, name: str, num_classes: int):
         super().__init__()
-        from .models import create_model
-
         self.visual = create_model(name)[0].visual
         self.num_features = self.visual.output_dim
         self.head = torch.nn.Linear(self.num_features, num_classes)
@@ -75,6 +88,21 @@ def build_teacher(arch: str, weights: str | Path | None = None) -> torch.nn.Modu
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
     return model
+
+
+def fit_teacher(t: TeacherParams, images: torch.Tensor, labels: torch.Tensor, seed: int):
+    """Build the teacher, pre-train it on all but the first fifth of the split when it has no weights, freeze it.
+    Returns (model, pre-training loss per epoch, mean average precision of the labels on the held-out fifth)."""
+    n_val = max(1, len(images) // 5)
+    model = build_teacher(t.arch, t.weights)
+    if isinstance(model, OpenCLIPTower) and image_size(model) != t.image_size:
+        raise ValueError(f"teacher.image_size={t.image_size} but {t.arch} takes {image_size(model)} px images")
+    losses = []
+    if t.weights is None:
+        losses = pretrain(model, images[n_val:], labels[n_val:], t.pretrain_epochs, t.batch_size, t.lr, seed)
+    freeze(model)
+    scores = torch.sigmoid(multilabel_scores(model, images[:n_val])).numpy()
+    return model, losses, mean_average_precision(scores, labels[:n_val].numpy())
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -172,3 +200,39 @@ def train_concept_classifier(feats: torch.Tensor, targets: np.ndarray, weights: 
         clf.weight.copy_(w)
         clf.bias.copy_(b)
     return clf
+
+
+def train_classifiers(feats: torch.Tensor, keys: list[str], decisions, vocab: dict, t: TeacherParams,
+                      seed: int) -> tuple[dict, dict]:
+    """The objects and attributes classifiers on the teacher features of these keys, their targets the caption
+    concepts of the CAT decisions table (indexed by key); a random tenth of the keys is held out.
+    Returns ({kind: {"state_dict", "names"}} as saved in classifiers.pt, {kind: held-out metrics})."""
+    dec = decisions.loc[keys]
+    rng = np.random.default_rng(seed)
+    is_val = rng.random(len(keys)) < 0.1
+    classifiers, metrics = {}, {}
+    for kind, column in (("objects", "objects"), ("attributes", "attributes")):
+        names = list(vocab[kind])
+        y = multi_hot(dec[column].map(list), names)
+        w = sqrt_resampling_weights(y[~is_val])
+        clf = train_concept_classifier(feats[~is_val], y[~is_val], w, t.classifier_epochs, t.classifier_lr, seed)
+        with torch.no_grad():
+            s = clf(feats[is_val]).numpy()
+        metrics[kind] = {"heldout_map": mean_average_precision(s, y[is_val]),
+                         "heldout_top1_acc": topk_accuracy(s, y[is_val], 1),
+                         "heldout_top5_acc": topk_accuracy(s, y[is_val], 5), "size": len(names)}
+        classifiers[kind] = {"state_dict": clf.state_dict(), "names": names}
+    return classifiers, metrics
+
+
+def load_classifiers(path: str | Path) -> tuple[dict, dict]:
+    """({kind: linear head in eval mode}, {kind: concept names}) from a classifiers.pt."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    heads, names = {}, {}
+    for kind in ("objects", "attributes"):
+        sd = saved[kind]["state_dict"]
+        lin = torch.nn.Linear(sd["weight"].shape[1], sd["weight"].shape[0])
+        lin.load_state_dict(sd)
+        heads[kind] = lin.eval()
+        names[kind] = saved[kind]["names"]
+    return heads, names

@@ -1,0 +1,1 @@
+"""Concepts: the caption vocabulary, the frozen teacher, its concept classifiers and the pseudo-labels they give."""

@@ -1,0 +1,78 @@
+"""Frozen-teacher features: the per-shard fp16 cache of the training set, and the linear probe on an eval split."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from tqdm import tqdm
+
+from ..config import TeacherParams
+from ..data.shards import load_split, read_decoded
+from .teacher import features
+
+
+def _load_cache(path: Path, digest: str):
+    """(keys, fp32 features) from a feature cache file, or None if missing, stale or unreadable."""
+    try:
+        z = np.load(path)
+        if str(z["digest"]) != digest:
+            return None
+        return z["keys"].tolist(), torch.from_numpy(z["features"].astype(np.float32))
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+
+
+def cached_features(model, shards: list[Path], cache_dir: Path, teacher_file: Path, t: TeacherParams):
+    """Teacher features of every sample of these shards, one fp16 .npz per shard in cache_dir, reused while its
+    digest (teacher weights, arch, image size, shard content) matches; cache files of other shards are removed.
+    Returns (keys, fp32 features [N, D] as stored in fp16, number of shards reused)."""
+    cache_dir.mkdir(exist_ok=True)
+    teacher_digest = hashlib.sha256(teacher_file.read_bytes() + f"{t.arch}/{t.image_size}".encode())
+    keys, feats = [], []
+    reused = 0
+    for shard in tqdm(shards, desc="teacher features", mininterval=2.0):
+        cache = cache_dir / f"{shard.stem}.npz"
+        digest = teacher_digest.copy()
+        digest.update(shard.read_bytes())  # teacher weights, arch, size and the shard's content
+        digest = digest.hexdigest()[:24]
+        cached = _load_cache(cache, digest)
+        if cached is not None:
+            keys.extend(cached[0])
+            feats.append(cached[1])
+            reused += 1
+            continue
+        ks, ims = [], []
+        for s in read_decoded([shard], t.image_size):
+            if s["image"] is None:
+                raise ValueError(f"sample {s['key']!r} of {shard}: no readable image")
+            ks.append(s["key"])
+            ims.append(s["image"])
+        f = features(model, torch.stack(ims)) if ims else torch.zeros(0, model.num_features)
+        tmp = cache.with_name(cache.stem + ".tmp.npz")
+        np.savez(tmp, keys=np.array(ks, dtype=str), features=f.numpy().astype(np.float16), digest=np.array(digest))
+        os.replace(tmp, cache)
+        keys.extend(ks)
+        feats.append(f.half().float())
+    for stale in list(cache_dir.glob("*.npz")):
+        if stale.stem not in {s.stem for s in shards}:
+            stale.unlink()
+    return keys, torch.cat(feats), reused
+
+
+def probe_accuracy(train_x, train_y, test_x, test_y) -> float:
+    """Test accuracy of a logistic-regression probe fitted on the train features."""
+    clf = LogisticRegression(max_iter=2000, C=1.0).fit(train_x, train_y)
+    return float(clf.score(test_x, test_y))
+
+
+def split_probe_accuracy(encode: Callable[[torch.Tensor], torch.Tensor], directory: Path, size: int) -> float:
+    """The linear probe on the features ``encode`` gives of directory/train and directory/test (images at size)."""
+    tr, te = load_split(directory / "train", size), load_split(directory / "test", size)
+    return probe_accuracy(encode(tr["images"]).numpy(), tr["cls"].numpy(), encode(te["images"]).numpy(),
+                          te["cls"].numpy())
