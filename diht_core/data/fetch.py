@@ -2,9 +2,10 @@
 
 `fetch(url, cfg)` (cfg: the `download.url_list` params) returns the body bytes or raises
 `FetchError(reason, message)`, where reason is one of: timeout, http_<code>, too_large, not_image,
-redirect_loop, too_many_redirects, connection_error, invalid_url, opted_out. Redirects are followed by hand (a limit, loops detected), the body is read
-in chunks and abandoned past `max_bytes` or past the per-attempt deadline, and retryable failures
-(timeouts, connection errors, 429 and 5xx) are retried with exponential backoff.
+redirect_loop, too_many_redirects, connection_error, invalid_url, opted_out. Redirects are followed
+by hand (a limit, loops detected), the body is read in chunks and abandoned past `max_bytes` or past
+the per-attempt deadline, and retryable failures (timeouts, connection errors, 429 and 5xx) are
+retried with exponential backoff.
 """
 
 from __future__ import annotations
