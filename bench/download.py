@@ -37,11 +37,10 @@ MIX = {"good_jpg": 0.56, "good_png": 0.10, "redirect_ok": 0.04, "dead_404": 0.10
 
 OURS = """
 import json, sys, pandas as pd
-from diht_core.data.fetch import FetchConfig
-from diht_core.data.url_download import DownloadConfig, download_url_list
+from diht_core.config import UrlListParams
+from diht_core.data.url_download import download_url_list
 lst, out, threads, timeout, size, mode = sys.argv[1:]
-cfg = DownloadConfig(fetch=FetchConfig(timeout=float(timeout)), threads=int(threads), resize_mode=mode,
-                     image_size=int(size))
+cfg = UrlListParams(timeout=float(timeout), threads=int(threads), resize_mode=mode, image_size=int(size))
 print(json.dumps(download_url_list(pd.read_parquet(lst), out, cfg, progress=False)))
 """
 

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 
 from diht_core.cat import caption_text_match, decide, parse_caption, parse_captions, spot_text
-from diht_core.cat.shards import CatConfig, filter_shard
+from diht_core.cat.shards import filter_shard
+from diht_core.config import CatFilterParams
 from diht_core.data.scenes import render, sample_scene
 from diht_core.data.shards import encode_jpg, write_shard
 
@@ -107,7 +108,7 @@ def _shard(tmp_path, name="0.tar"):
 def test_filter_shard_decisions_and_resume(tmp_path):
     src = _shard(tmp_path)
     out_tar, out_pq = tmp_path / "out" / "0.tar", tmp_path / "dec" / "0.parquet"
-    counts = filter_shard(src, out_tar, out_pq, CatConfig())
+    counts = filter_shard(src, out_tar, out_pq, CatFilterParams())
     df = pd.read_parquet(out_pq)
     assert df.reason.tolist() == ["kept", "no_action", "text_spotted", "kept", "corrupt_image"]
     assert counts == {"in": 5, "kept": 2, "no_action": 1, "text_spotted": 1, "corrupt_image": 1}
@@ -115,12 +116,12 @@ def test_filter_shard_decisions_and_resume(tmp_path):
     from diht_core.data.shards import read_samples
     assert [s["key"] for s in read_samples(out_tar)] == ["000000000", "000000003"]
     # done shards are skipped; a changed config redoes the shard
-    assert filter_shard(src, out_tar, out_pq, CatConfig()) == {"skipped_done": 1}
-    assert "skipped_done" not in filter_shard(src, out_tar, out_pq, CatConfig(require_action=False))
+    assert filter_shard(src, out_tar, out_pq, CatFilterParams()) == {"skipped_done": 1}
+    assert "skipped_done" not in filter_shard(src, out_tar, out_pq, CatFilterParams(require_action=False))
     assert pd.read_parquet(out_pq).reason.tolist()[1] == "kept"
     # a truncated parquet (killed run) is redone
     out_pq.write_bytes(out_pq.read_bytes()[:50])
-    assert "skipped_done" not in filter_shard(src, out_tar, out_pq, CatConfig())
+    assert "skipped_done" not in filter_shard(src, out_tar, out_pq, CatFilterParams())
 
 
 def test_doctr_without_weights_is_a_clear_error(monkeypatch, tmp_path):

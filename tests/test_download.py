@@ -15,17 +15,21 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from diht_core.data.fetch import FetchConfig, FetchError, fetch
+from diht_core.data.fetch import FetchError, fetch
 from diht_core.data.loopback import LoopbackServer, closed_port, image_bytes, mixed_url_list
 from diht_core.data.resize import RESIZE_MODES, ImageError, load_image, resize
 from diht_core.data.shards import iter_shard, read_samples, shard_paths
-from diht_core.data.url_download import DownloadConfig, download_url_list
+from diht_core.data.url_download import download_url_list
 from diht_core.data.url_lists import read_url_list
-from diht_core.config import ParamsError, validate_params
+from diht_core.config import ParamsError, UrlListParams, validate_params
 
 from conftest import ROOT, tiny_params
 
-FAST = FetchConfig(timeout=1.0, max_bytes=2_000_000)
+def fast(**kw) -> UrlListParams:
+    return UrlListParams(timeout=1.0, max_bytes=2_000_000, **kw)
+
+
+FAST = fast()
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +61,7 @@ def test_every_url_accounted_for_with_its_reason(server, tmp_path):
     assert (urls.expected.isin(["http_404", "connection_error"])).mean() >= 0.15  # dead links
 
     out = tmp_path / "shards"
-    stats = download_url_list(urls, out, DownloadConfig(fetch=FAST, threads=8, shard_size=20), progress=False)
+    stats = download_url_list(urls, out, fast(threads=8, shard_size=20), progress=False)
 
     rows = _rows(out)
     assert rows.key.tolist() == [f"{i:09d}" for i in range(len(urls))]  # every URL once, in order
@@ -112,7 +116,7 @@ def test_resize_modes_through_the_download(server, tmp_path, mode):
     sizes = [(640, 320), (50, 100), (256, 256)]
     urls = pd.DataFrame({"url": [server.url(f"/img/{w}x{h}/{i}.png") for i, (w, h) in enumerate(sizes)],
                          "caption": ["a", "b", "c"]})
-    cfg = DownloadConfig(fetch=FAST, threads=3, resize_mode=mode, image_size=64)
+    cfg = fast(threads=3, resize_mode=mode, image_size=64)
     download_url_list(urls, tmp_path, cfg, progress=False)
     got = [(s["json"]["original_width"], s["json"]["original_height"], s["json"]["width"], s["json"]["height"])
            for s in _samples(tmp_path)]
@@ -138,18 +142,18 @@ def test_image_checks():
 
 def test_retries_with_exponential_backoff(server):
     sleeps = []
-    cfg = FetchConfig(timeout=2, retries=2, backoff=0.01)
+    cfg = UrlListParams(timeout=2, retries=2, backoff=0.01)
     assert fetch(server.url("/flaky/t1/2/img/32x32/0.jpg"), cfg, sleep=sleeps.append) == image_bytes(32, 32, 0)
     assert sleeps == [0.01, 0.02]
     with pytest.raises(FetchError) as err:
-        fetch(server.url("/flaky/t2/2/img/32x32/0.jpg"), FetchConfig(timeout=2, retries=1), sleep=sleeps.append)
+        fetch(server.url("/flaky/t2/2/img/32x32/0.jpg"), UrlListParams(timeout=2, retries=1), sleep=sleeps.append)
     assert err.value.reason == "http_503" and err.value.attempts == 2
     sleeps.clear()
     with pytest.raises(FetchError) as err:  # a 404 is final
         fetch(server.url("/status/404"), cfg, sleep=sleeps.append)
     assert err.value.reason == "http_404" and err.value.attempts == 1 and sleeps == []
     with pytest.raises(FetchError) as err:
-        fetch(f"http://127.0.0.1:{closed_port()}/x.jpg", FetchConfig(retries=1, backoff=0))
+        fetch(f"http://127.0.0.1:{closed_port()}/x.jpg", UrlListParams(retries=1, backoff=0))
     assert err.value.reason == "connection_error" and err.value.attempts == 2
 
 
@@ -194,7 +198,7 @@ def test_url_list_params_are_validated(raw, key):
 
 def test_rerun_skips_finished_shards_and_redoes_changed_ones(server, tmp_path):
     urls = pd.DataFrame({"url": [server.url(f"/img/40x30/{i}.jpg") for i in range(25)], "caption": ["c"] * 25})
-    cfg = DownloadConfig(fetch=FAST, threads=4, shard_size=10)
+    cfg = fast(threads=4, shard_size=10)
     download_url_list(urls, tmp_path, cfg, progress=False)
     before = {p.name: os.stat(p) for p in tmp_path.glob("0*")}
     (tmp_path / "00001.tar.tmp").write_bytes(b"half a shard")  # left by a killed run
@@ -214,10 +218,10 @@ def test_rerun_skips_finished_shards_and_redoes_changed_ones(server, tmp_path):
 
 DRIVER = """
 import sys, pandas as pd
-from diht_core.data.fetch import FetchConfig
-from diht_core.data.url_download import DownloadConfig, download_url_list
+from diht_core.config import UrlListParams
+from diht_core.data.url_download import download_url_list
 download_url_list(pd.read_parquet(sys.argv[1]), sys.argv[2],
-                  DownloadConfig(fetch=FetchConfig(timeout=5), threads=2, shard_size=8), progress=False)
+                  UrlListParams(timeout=5, threads=2, shard_size=8), progress=False)
 """
 
 
@@ -238,7 +242,7 @@ def test_kill_9_and_resume(server, tmp_path):
     assert "00000" in finished and len(finished) < 6, finished
     before = {p.name: (os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in out.iterdir() if p.stem in finished}
 
-    stats = download_url_list(urls, out, DownloadConfig(fetch=FetchConfig(timeout=5), threads=2, shard_size=8),
+    stats = download_url_list(urls, out, UrlListParams(timeout=5, threads=2, shard_size=8),
                               progress=False)
     assert stats["resumed_shards"] == len(finished) and stats["count"] == n
     assert {p: (os.stat(out / p).st_ino, os.stat(out / p).st_mtime_ns) for p in before} == before
@@ -294,5 +298,5 @@ def test_an_unexpected_error_is_a_reason_too(server, monkeypatch):
     import diht_core.data.url_download as ud
 
     monkeypatch.setattr(ud, "resize", lambda *a: 1 / 0)
-    sample, row = ud.download_one("000000000", server.url("/img/32x32/0.jpg"), "c", DownloadConfig(fetch=FAST))
+    sample, row = ud.download_one("000000000", server.url("/img/32x32/0.jpg"), "c", FAST)
     assert sample is None and row["reason"] == "error" and "ZeroDivisionError" in row["error_message"]

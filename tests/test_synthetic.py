@@ -1,6 +1,7 @@
 import json
 import math
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,22 +9,26 @@ import pytest
 from diht_core.data.captions import VERB_FORMS
 from diht_core.data.scenes import RELATIONS, render, sample_scene
 from diht_core.data.shards import decode_image, read_samples, shard_paths
-from diht_core.data.synthetic import CLASSIFICATION_TASKS, SyntheticConfig, generate, train_samples
+from diht_core.config import DownloadParams, EvalSplitParams
+from diht_core.data.synthetic import CLASSIFICATION_TASKS, generate, train_samples
 
-CFG = SyntheticConfig(seed=3, num_train=200, shard_size=64, image_size=96, teacher_samples=20, per_class=4,
-                      retrieval_images=10, vqa_questions=12, fewshot_per_class=2)
+SEED = 3
+D = DownloadParams(num_train=200, shard_size=64, image_size=96, teacher_samples=20,
+                   eval=EvalSplitParams(per_class=4, retrieval_images=10, vqa_questions=12, fewshot_per_class=2))
+CFG = SimpleNamespace(**D.model_dump(exclude={"noise", "eval", "url_list"}), **D.noise.model_dump(),
+                      **D.eval.model_dump())  # flat view of D for the checks
 
 
 def test_deterministic_from_seed():
-    a = [s["jpg"] + s["json"] for s in train_samples(CFG)]
-    b = [s["jpg"] + s["json"] for s in train_samples(CFG)]
-    c = [s["jpg"] + s["json"] for s in train_samples(SyntheticConfig(**{**CFG.__dict__, "seed": 4}))]
+    a = [s["jpg"] + s["json"] for s in train_samples(D, SEED)]
+    b = [s["jpg"] + s["json"] for s in train_samples(D, SEED)]
+    c = [s["jpg"] + s["json"] for s in train_samples(D, 4)]
     assert a == b
     assert a != c
 
 
 def test_planted_noise_fractions_are_exact():
-    metas = [json.loads(s["json"]) for s in train_samples(CFG)]
+    metas = [json.loads(s["json"]) for s in train_samples(D, SEED)]
     kinds = Counter(m["noise"] for m in metas)
     assert kinds["junk"] == round(CFG.junk * CFG.num_train)
     assert kinds["text_in_image"] == round(CFG.text_in_image * CFG.num_train)
@@ -37,7 +42,7 @@ def test_planted_noise_fractions_are_exact():
 
 
 def test_captions_describe_the_scene():
-    for s in train_samples(CFG):
+    for s in train_samples(D, SEED):
         m = json.loads(s["json"])
         if m["noise"] != "clean":
             continue
@@ -75,7 +80,7 @@ def test_chase_arrow_is_drawn():
 
 
 def test_generate_layout(tmp_path):
-    stats = generate(CFG, tmp_path)
+    stats = generate(D, SEED, tmp_path)
     assert stats["train"] == CFG.num_train
     assert len(shard_paths(tmp_path / "raw" / "train")) == math.ceil(CFG.num_train / CFG.shard_size)
     for task, spec in CLASSIFICATION_TASKS.items():
@@ -96,7 +101,7 @@ def test_generate_layout(tmp_path):
 def test_eval_classes_match_images():
     from diht_core.data.synthetic import _classification_split
 
-    for s in _classification_split("synthetic_count", 3, CFG, "test"):
+    for s in _classification_split("synthetic_count", 3, D, SEED, "test"):
         assert json.loads(s["json"])["count"] == int(s["cls"]) + 1
-    for s in _classification_split("synthetic_shape", 3, CFG, "test"):
+    for s in _classification_split("synthetic_shape", 3, D, SEED, "test"):
         assert json.loads(s["json"])["shapes"][0]["shape"] == CLASSIFICATION_TASKS["synthetic_shape"]["classnames"][int(s["cls"])]

@@ -1,4 +1,4 @@
-"""CAT filtering of one webdataset shard: per-sample decisions (parquet) + the filtered shard.
+"""CAT filtering of webdataset shards: per-sample decisions (parquet) + the filtered shard, one job per shard.
 
 A shard is done when its parquet exists with the same config digest; a killed run redoes
 only unfinished shards (outputs are written atomically, parquet last).
@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing as mp
 import os
-from dataclasses import asdict, dataclass
+from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
@@ -17,23 +18,20 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..config import CatFilterParams
 from ..data.shards import decode_image, iter_shard, write_shard
 from .filter import caption_decision, decide
 from .parser import parse_captions
 
 
-@dataclass(frozen=True)
-class CatConfig:
-    min_complexity: int = 1
-    require_action: bool = True
-    text_spotting: bool = True
-    spotter: str = "rapidocr"
-    min_confidence: float = 0.8
-    min_chars: int = 5
-    parse_batch_size: int = 256
+# the cat_filter params that decide the decisions (not workers, task_runner, dask_address)
+DECISION_FIELDS = ("min_complexity", "require_action", "text_spotting", "spotter", "min_confidence", "min_chars",
+                   "parse_batch_size")
 
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+def config_digest(cfg: CatFilterParams) -> str:
+    return hashlib.sha256(json.dumps({k: getattr(cfg, k) for k in DECISION_FIELDS}, sort_keys=True).encode()
+                          ).hexdigest()[:16]
 
 
 COLUMNS = ["key", "caption", "noise", "complexity", "has_action", "objects", "attributes", "spotted_text",
@@ -56,10 +54,10 @@ def code_version() -> str:
     return h.hexdigest()[:16]
 
 
-def shard_digest(in_path: str | Path, cfg: CatConfig) -> str:
+def shard_digest(in_path: str | Path, cfg: CatFilterParams) -> str:
     """Identifies the work of one shard: the input bytes, the filter config and the code."""
     h = hashlib.sha256(Path(in_path).read_bytes())
-    h.update(cfg.digest().encode())
+    h.update(config_digest(cfg).encode())
     h.update(code_version().encode())
     return h.hexdigest()[:24]
 
@@ -74,7 +72,7 @@ def shard_done(parquet_path: Path, digest: str) -> bool:
     return meta.get(b"cat_digest", b"").decode() == digest
 
 
-def filter_shard(in_path: str | Path, out_tar: str | Path, out_parquet: str | Path, cfg: CatConfig) -> dict:
+def filter_shard(in_path: str | Path, out_tar: str | Path, out_parquet: str | Path, cfg: CatFilterParams) -> dict:
     """Filter one shard; returns the per-reason counts."""
     out_tar, out_parquet = Path(out_tar), Path(out_parquet)
     digest = shard_digest(in_path, cfg)
@@ -123,3 +121,32 @@ def filter_shard(in_path: str | Path, out_tar: str | Path, out_parquet: str | Pa
     for r in rows:
         counts[r["reason"]] = counts.get(r["reason"], 0) + 1
     return counts
+
+
+def shard_jobs(shards: list[Path], out_dir: Path, dec_dir: Path, cfg: CatFilterParams) -> list[tuple]:
+    """filter_shard's arguments for each raw shard; outputs of shards that no longer exist are removed."""
+    names = {s.stem for s in shards}
+    for d, ext in ((out_dir, ".tar"), (dec_dir, ".parquet")):
+        for f in d.glob(f"*{ext}") if d.exists() else []:
+            if f.stem not in names:
+                f.unlink()
+    return [(s, out_dir / s.name, dec_dir / f"{s.stem}.parquet", cfg) for s in shards]
+
+
+def filter_job(job: tuple) -> dict:
+    return filter_shard(*job)
+
+
+def filter_shards(jobs: list[tuple], workers: int) -> list[dict]:
+    """filter_shard over the jobs on a pool of `workers` processes (in this process when one is enough)."""
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as ex:
+            return list(ex.map(filter_job, jobs))
+    return [filter_job(j) for j in jobs]
+
+
+def merge_decisions(parquets: list[Path], out: Path) -> pd.DataFrame:
+    """The shards' decisions as one table, written to out."""
+    df = pd.concat([pd.read_parquet(f) for f in parquets], ignore_index=True)
+    df.to_parquet(out, index=False)
+    return df

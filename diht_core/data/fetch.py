@@ -1,10 +1,11 @@
 """Fetch one URL the way img2dataset does, with every way of failing named.
 
-`fetch(url, cfg)` returns the body bytes or raises `FetchError(reason, message)`, where reason is one
-of: timeout, http_<code>, too_large, not_image, redirect_loop, too_many_redirects, connection_error,
-invalid_url, opted_out. Redirects are followed by hand (a limit, loops detected), the body is read
-in chunks and abandoned past `max_bytes` or past the per-attempt deadline, and retryable failures
-(timeouts, connection errors, 429 and 5xx) are retried with exponential backoff.
+`fetch(url, cfg)` (cfg: the `download.url_list` params) returns the body bytes or raises
+`FetchError(reason, message)`, where reason is one of: timeout, http_<code>, too_large, not_image,
+redirect_loop, too_many_redirects, connection_error, invalid_url, opted_out. Redirects are followed
+by hand (a limit, loops detected), the body is read in chunks and abandoned past `max_bytes` or past
+the per-attempt deadline, and retryable failures (timeouts, connection errors, 429 and 5xx) are
+retried with exponential backoff.
 """
 
 from __future__ import annotations
@@ -14,25 +15,15 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
+
+from ..config import UrlListParams
 
 CHUNK = 64 * 1024
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 # img2dataset's default --disallowed_header_directives: the site opts out of AI training / indexing
 OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
 IMAGE_LIKE_TYPES = ("application/octet-stream", "binary/octet-stream", "application/binary")
-
-
-@dataclass(frozen=True)
-class FetchConfig:
-    timeout: float = 10.0          # seconds per attempt: connect, redirects and the whole body
-    retries: int = 0               # extra attempts after a retryable failure
-    backoff: float = 1.0           # sleep backoff * 2**attempt before a retry
-    max_bytes: int = 20_000_000    # stop reading past this
-    max_redirects: int = 5
-    user_agent: str = "diht-pipeline/0.1 (img2dataset-style downloader)"
-    respect_opt_out: bool = True   # X-Robots-Tag: noai, noimageai, noindex, noimageindex
 
 
 class FetchError(Exception):
@@ -55,7 +46,7 @@ def retryable(reason: str) -> bool:
     return reason in ("timeout", "connection_error", "http_429") or reason.startswith("http_5")
 
 
-def fetch(url: str, cfg: FetchConfig = FetchConfig(), sleep=time.sleep) -> bytes:
+def fetch(url: str, cfg: UrlListParams = UrlListParams(), sleep=time.sleep) -> bytes:
     """The body of url, or FetchError with the reason of the last attempt."""
     attempt = 1
     while True:
@@ -69,7 +60,7 @@ def fetch(url: str, cfg: FetchConfig = FetchConfig(), sleep=time.sleep) -> bytes
         attempt += 1
 
 
-def fetch_once(url: str, cfg: FetchConfig) -> bytes:
+def fetch_once(url: str, cfg: UrlListParams) -> bytes:
     deadline = time.monotonic() + cfg.timeout
     seen = set()
     for _ in range(cfg.max_redirects + 1):
@@ -101,7 +92,7 @@ def _remaining(deadline: float) -> float:
     return left
 
 
-def _check_headers(headers, cfg: FetchConfig) -> None:
+def _check_headers(headers, cfg: UrlListParams) -> None:
     if cfg.respect_opt_out:
         tags = ",".join(headers.get_all("X-Robots-Tag") or []).lower()
         words = {w.strip().split(":")[-1].strip() for w in tags.replace(";", ",").split(",")}

@@ -13,17 +13,18 @@ Evaluation splits are clean and use CLIP_benchmark's ``wds/`` layout:
 from __future__ import annotations
 
 import json
+import shutil
 import zlib
-from dataclasses import dataclass
+from collections import Counter
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
 
+from ..config import DownloadParams
 from .captions import with_article, caption, junk_caption, painted_words, paraphrases
 from .scenes import COLOURS, COUNT_WORDS, RELATIONS, SHAPES, Scene, render, sample_scene
-from .shards import encode_jpg, write_shard
+from .shards import encode_jpg, read_samples, shard_paths, write_shard
 
 NOISE_KINDS = ("clean", "junk", "text_in_image", "mismatched")
 
@@ -48,54 +49,36 @@ def rng_for(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
 
 
-@dataclass(frozen=True)
-class SyntheticConfig:
-    seed: int = 0
-    num_train: int = 4000
-    shard_size: int = 500
-    image_size: int = 128
-    junk: float = 0.15
-    text_in_image: float = 0.15
-    mismatched: float = 0.10
-    multi_caption: float = 0.30
-    max_captions: int = 3
-    teacher_samples: int = 2000
-    per_class: int = 40
-    retrieval_images: int = 200
-    vqa_questions: int = 300
-    fewshot_per_class: int = 16
-
-
-def _noise_kinds(cfg: SyntheticConfig, rng) -> list[str]:
+def _noise_kinds(d: DownloadParams, rng) -> list[str]:
     """Exactly the configured fraction of each kind, in shuffled order."""
-    n = cfg.num_train
-    counts = {k: int(round(getattr(cfg, k) * n)) for k in ("junk", "text_in_image", "mismatched")}
+    n = d.num_train
+    counts = {k: int(round(getattr(d.noise, k) * n)) for k in ("junk", "text_in_image", "mismatched")}
     kinds = [k for k, c in counts.items() for _ in range(c)]
     kinds += ["clean"] * (n - len(kinds))
     rng.shuffle(kinds)
     return kinds
 
 
-def train_samples(cfg: SyntheticConfig):
-    """Yield training samples (dicts ready for a TarWriter), deterministic from cfg.seed."""
-    rng = rng_for(cfg.seed, "train")
-    kinds = _noise_kinds(cfg, rng)
+def train_samples(d: DownloadParams, seed: int):
+    """Yield training samples (dicts ready for a TarWriter), deterministic from the seed."""
+    rng = rng_for(seed, "train")
+    kinds = _noise_kinds(d, rng)
     for i, kind in enumerate(kinds):
         scene = sample_scene(rng)
         caps = [caption(scene, rng)]
-        if kind == "clean" and rng.random() < cfg.multi_caption:
-            caps = paraphrases(scene, rng, int(rng.integers(2, cfg.max_captions + 1)))
+        if kind == "clean" and rng.random() < d.multi_caption:
+            caps = paraphrases(scene, rng, int(rng.integers(2, d.max_captions + 1)))
         if kind == "junk":
             caps = [junk_caption(rng)]
         elif kind == "mismatched":
             caps = [caption(sample_scene(rng), rng)]
         elif kind == "text_in_image":
             scene.painted_text = painted_words(scene, rng)
-        img = render(scene, cfg.image_size, rng)
+        img = render(scene, d.image_size, rng)
         key = f"{i:09d}"
         meta = {"key": key, "caption": caps[0], "captions": caps, "noise": kind,
                 "multi_caption": len(caps) > 1, "status": "success",
-                "width": cfg.image_size, "height": cfg.image_size, **scene.to_json()}
+                "width": d.image_size, "height": d.image_size, **scene.to_json()}
         yield {"__key__": key, "jpg": encode_jpg(img), "txt": caps[0], "json": json.dumps(meta).encode()}
 
 
@@ -110,19 +93,19 @@ def teacher_labels(scene: Scene) -> dict:
     }
 
 
-def teacher_samples(cfg: SyntheticConfig):
+def teacher_samples(d: DownloadParams, seed: int):
     """Clean, labelled scenes disjoint from the training pairs (the SWAG stand-in's data)."""
-    rng = rng_for(cfg.seed, "teacher")
-    for i in range(cfg.teacher_samples):
+    rng = rng_for(seed, "teacher")
+    for i in range(d.teacher_samples):
         scene = sample_scene(rng)
-        img = render(scene, cfg.image_size, rng)
+        img = render(scene, d.image_size, rng)
         key = f"t{i:08d}"
         meta = {"key": key, **scene.to_json(), "labels": teacher_labels(scene)}
         yield {"__key__": key, "jpg": encode_jpg(img), "json": json.dumps(meta).encode()}
 
 
-def _classification_split(task: str, n_per_class: int, cfg: SyntheticConfig, split: str):
-    rng = rng_for(cfg.seed, f"{task}/{split}")
+def _classification_split(task: str, n_per_class: int, d: DownloadParams, seed: int, split: str):
+    rng = rng_for(seed, f"{task}/{split}")
     classnames = CLASSIFICATION_TASKS[task]["classnames"]
     order = [c for c in range(len(classnames)) for _ in range(n_per_class)]
     rng.shuffle(order)
@@ -136,17 +119,17 @@ def _classification_split(task: str, n_per_class: int, cfg: SyntheticConfig, spl
                 s.shape = SHAPES[cls]
             else:
                 s.colour = list(COLOURS)[cls]
-        img = render(scene, cfg.image_size, rng)
+        img = render(scene, d.image_size, rng)
         yield {"__key__": f"{i:08d}", "jpg": encode_jpg(img), "cls": str(cls).encode(),
                "json": json.dumps(scene.to_json()).encode()}
 
 
-def _retrieval_split(cfg: SyntheticConfig):
-    rng = rng_for(cfg.seed, "synthetic_retrieval/test")
-    for i in range(cfg.retrieval_images):
+def _retrieval_split(d: DownloadParams, seed: int):
+    rng = rng_for(seed, "synthetic_retrieval/test")
+    for i in range(d.eval.retrieval_images):
         scene = sample_scene(rng)
         caps = paraphrases(scene, rng, 2)
-        img = render(scene, cfg.image_size, rng)
+        img = render(scene, d.image_size, rng)
         yield {"__key__": f"{i:08d}", "jpg": encode_jpg(img), "txt": "\n".join(caps),
                "json": json.dumps(scene.to_json()).encode()}
 
@@ -181,12 +164,12 @@ def vqa_question(scene: Scene, rng) -> dict:
             "answers": answers, "statements": statements, "label": answers.index(rel["type"])}
 
 
-def _vqa_split(cfg: SyntheticConfig):
-    rng = rng_for(cfg.seed, "synthetic_vqa/test")
-    for i in range(cfg.vqa_questions):
+def _vqa_split(d: DownloadParams, seed: int):
+    rng = rng_for(seed, "synthetic_vqa/test")
+    for i in range(d.eval.vqa_questions):
         scene = sample_scene(rng)
         q = vqa_question(scene, rng)
-        img = render(scene, cfg.image_size, rng)
+        img = render(scene, d.image_size, rng)
         yield {"__key__": f"{i:08d}", "jpg": encode_jpg(img), "json": json.dumps({**q, **scene.to_json()}).encode()}
 
 
@@ -206,8 +189,9 @@ def _write_split(samples, directory: Path, shard_size: int, desc: str, total: in
     return n
 
 
-def write_eval_splits(cfg: SyntheticConfig, root: Path) -> dict[str, int]:
+def write_eval_splits(d: DownloadParams, seed: int, root: Path) -> dict[str, int]:
     """Write the clean evaluation tasks in CLIP_benchmark's wds layout."""
+    e = d.eval
     counts = {}
     for task, spec in CLASSIFICATION_TASKS.items():
         base = root / task
@@ -216,27 +200,60 @@ def write_eval_splits(cfg: SyntheticConfig, root: Path) -> dict[str, int]:
         (base / "zeroshot_classification_templates.txt").write_text(
             "\n".join(spec["templates"]) + "\n")
         k = len(spec["classnames"])
-        for split, per in (("test", cfg.per_class), ("val", max(2, cfg.per_class // 2)),
-                           ("train", cfg.fewshot_per_class)):
+        for split, per in (("test", e.per_class), ("val", max(2, e.per_class // 2)),
+                           ("train", e.fewshot_per_class)):
             counts[f"{task}/{split}"] = _write_split(
-                _classification_split(task, per, cfg, split), base / split, 10_000, f"{task}/{split}", per * k)
+                _classification_split(task, per, d, seed, split), base / split, 10_000, f"{task}/{split}", per * k)
     counts["synthetic_retrieval/test"] = _write_split(
-        _retrieval_split(cfg), root / "synthetic_retrieval" / "test", 10_000, "retrieval", cfg.retrieval_images)
+        _retrieval_split(d, seed), root / "synthetic_retrieval" / "test", 10_000, "retrieval", e.retrieval_images)
     counts["synthetic_vqa/test"] = _write_split(
-        _vqa_split(cfg), root / "synthetic_vqa" / "test", 10_000, "vqa", cfg.vqa_questions)
+        _vqa_split(d, seed), root / "synthetic_vqa" / "test", 10_000, "vqa", e.vqa_questions)
     return counts
 
 
-def generate(cfg: SyntheticConfig, root: str | Path, progress: Callable | None = None, train: bool = True) -> dict:
+def generate(d: DownloadParams, seed: int, root: str | Path, train: bool = True) -> dict:
     """Materialise the whole synthetic source under root: raw/train, raw/teacher, eval/<task>/<split>.
 
     train=False leaves raw/train alone (it comes from a URL list)."""
     root = Path(root)
     stats = {}
     if train:
-        stats["train"] = _write_split(train_samples(cfg), root / "raw" / "train", cfg.shard_size, "train",
-                                      cfg.num_train)
-    stats["teacher"] = _write_split(teacher_samples(cfg), root / "raw" / "teacher", cfg.shard_size, "teacher",
-                                    cfg.teacher_samples)
-    stats.update(write_eval_splits(cfg, root / "eval"))
+        stats["train"] = _write_split(train_samples(d, seed), root / "raw" / "train", d.shard_size, "train",
+                                      d.num_train)
+    stats["teacher"] = _write_split(teacher_samples(d, seed), root / "raw" / "teacher", d.shard_size, "teacher",
+                                    d.teacher_samples)
+    stats.update(write_eval_splits(d, seed, root / "eval"))
     return stats
+
+
+def planted_noise(train_dir: Path, n: int) -> tuple[dict[str, float], float]:
+    """(fraction of each noise kind, fraction of multi-caption pairs) read back from the written train shards."""
+    kinds, multi = Counter(), 0
+    for shard in shard_paths(train_dir):
+        for s in read_samples(shard):
+            kinds[s["json"]["noise"]] += 1
+            multi += bool(s["json"]["multi_caption"])
+    return {k: kinds[k] / n for k in NOISE_KINDS}, multi / n
+
+
+def write_source(d: DownloadParams, seed: int, root: str | Path) -> dict:
+    """Replace root/raw and root/eval with a fresh synthetic source; its summary (the download stage's metrics)."""
+    root = Path(root)
+    for sub in ("raw", "eval"):  # stale shards of a bigger config must not survive
+        shutil.rmtree(root / sub, ignore_errors=True)
+    counts = generate(d, seed, root)
+    n = counts["train"]
+    noise, multi = planted_noise(root / "raw" / "train", n)
+    return {
+        "train_samples": n,
+        "train_shards": len(shard_paths(root / "raw" / "train")),
+        "teacher_samples": counts["teacher"],
+        "noise_fraction": noise,
+        "multi_caption_fraction": multi,
+        "eval_samples": eval_counts(counts),
+    }
+
+
+def eval_counts(counts: dict) -> dict[str, int]:
+    """The evaluation splits' sample counts out of generate's stats."""
+    return {k: v for k, v in counts.items() if "/" in k}

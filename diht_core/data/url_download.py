@@ -14,10 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -25,37 +25,31 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from .fetch import FetchConfig, FetchError, fetch
+from ..config import DownloadParams, UrlListParams
+from .fetch import FetchError, fetch
 from .resize import ImageError, load_image, resize
 from .shards import encode_jpg, write_shard
+from .synthetic import eval_counts, generate
+from .url_lists import read_url_list
 
 COLUMNS = ["key", "url", "caption", "status", "reason", "error_message", "bytes",
            "original_width", "original_height", "width", "height", "sha256"]
 
 
-@dataclass(frozen=True)
-class DownloadConfig:
-    fetch: FetchConfig = field(default_factory=FetchConfig)
-    threads: int = 64
-    shard_size: int = 10_000
-    resize_mode: str = "border"
-    image_size: int = 256
-    resize_only_if_bigger: bool = False
-    encode_quality: int = 95
-    max_pixels: int = 89_478_485   # PIL's own default limit
-
-    def image_digest(self) -> str:
-        """The settings that decide the stored bytes (not timeouts or threads)."""
-        keep = ("resize_mode", "image_size", "resize_only_if_bigger", "encode_quality", "max_pixels")
-        return json.dumps({k: getattr(self, k) for k in keep} | {"max_bytes": self.fetch.max_bytes}, sort_keys=True)
+IMAGE_SETTINGS = ("resize_mode", "image_size", "resize_only_if_bigger", "encode_quality", "max_pixels", "max_bytes")
 
 
-def download_one(key: str, url: str, caption: str, cfg: DownloadConfig) -> tuple[dict | None, dict]:
+def image_digest(cfg: UrlListParams) -> str:
+    """The settings that decide the stored bytes (not timeouts or threads)."""
+    return json.dumps({k: getattr(cfg, k) for k in IMAGE_SETTINGS}, sort_keys=True)
+
+
+def download_one(key: str, url: str, caption: str, cfg: UrlListParams) -> tuple[dict | None, dict]:
     """(webdataset sample or None, parquet row) of one URL."""
     row = dict.fromkeys(COLUMNS)
     row.update(key=key, url=url, caption=caption, bytes=0)
     try:
-        data = fetch(url, cfg.fetch)
+        data = fetch(url, cfg)
         row["bytes"] = len(data)
         img = load_image(data, cfg.max_pixels)
         row.update(original_width=img.width, original_height=img.height)
@@ -73,8 +67,8 @@ def download_one(key: str, url: str, caption: str, cfg: DownloadConfig) -> tuple
     return {"__key__": key, "jpg": jpg, "txt": caption, "json": json.dumps(meta).encode()}, row
 
 
-def shard_digest(rows: pd.DataFrame, first_index: int, cfg: DownloadConfig) -> str:
-    h = hashlib.sha256(cfg.image_digest().encode())
+def shard_digest(rows: pd.DataFrame, first_index: int, cfg: UrlListParams) -> str:
+    h = hashlib.sha256(image_digest(cfg).encode())
     h.update(str(first_index).encode())
     for url, caption in zip(rows.url, rows.caption):
         h.update(url.encode() + b"\t" + caption.encode() + b"\n")
@@ -111,9 +105,11 @@ def _clean(out_dir: Path, names: set[str]) -> None:
             f.unlink()
 
 
-def download_url_list(urls: pd.DataFrame, out_dir: str | Path, cfg: DownloadConfig = DownloadConfig(),
+def download_url_list(urls: pd.DataFrame, out_dir: str | Path, cfg: UrlListParams = UrlListParams(),
                       progress: bool = True) -> dict:
-    """Download every row of urls (columns url, caption) into shards under out_dir; return the stats."""
+    """Download every row of urls (columns url, caption) into shards under out_dir; return the stats.
+
+    cfg: the `download.url_list` params (fetching, threads, shard size, resizing and encoding)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n = len(urls)
@@ -128,14 +124,14 @@ def download_url_list(urls: pd.DataFrame, out_dir: str | Path, cfg: DownloadConf
     stats = shard_stats(out_dir, [name for name, _, _ in shards])
     stats.update(shards=len(shards), resumed_shards=len(shards) - len(todo), seconds=round(seconds, 3),
                  fetched_this_run=fetched["urls"], images_per_s=round(fetched["ok"] / seconds, 2) if seconds else 0.0,
-                 config={**asdict(cfg), "fetch": asdict(cfg.fetch)})
+                 config=cfg.model_dump())
     tmp = out_dir / "_stats.json.tmp"
     tmp.write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, out_dir / "_stats.json")
     return stats
 
 
-def _run(todo: list, out_dir: Path, cfg: DownloadConfig, progress: bool, total: int) -> dict:
+def _run(todo: list, out_dir: Path, cfg: UrlListParams, progress: bool, total: int) -> dict:
     """Fetch the shards' URLs on one thread pool (a shard's slow tail overlaps the next shard) and write
     each shard as soon as its last URL is in."""
     jobs = ((si, j, f"{start + j:09d}", url, cap)
@@ -178,7 +174,7 @@ def _run(todo: list, out_dir: Path, cfg: DownloadConfig, progress: bool, total: 
     return done
 
 
-def _job(si: int, j: int, key: str, url: str, caption: str, cfg: DownloadConfig):
+def _job(si: int, j: int, key: str, url: str, caption: str, cfg: UrlListParams):
     return si, j, download_one(key, url, caption, cfg)
 
 
@@ -193,3 +189,30 @@ def shard_stats(out_dir: Path, names: list[str]) -> dict:
     ok = reasons.get("ok", 0)
     return {"count": count, "successes": ok, "failed": count - ok,
             "success_rate": ok / count if count else 0.0, "reasons": dict(sorted(reasons.items()))}
+
+
+def download_source(d: DownloadParams, seed: int, root: str | Path) -> dict:
+    """root/raw/train from the URL list (finished shards of an earlier run are kept); the teacher split and
+    the evaluation tasks are still the synthetic ones, so every later stage runs unchanged. Returns the
+    download stage's metrics; the list's own stats are in root/raw/train/_stats.json."""
+    u = d.url_list
+    if not Path(u.path).is_file():
+        raise FileNotFoundError(f"download.url_list.path: no such file {u.path}")
+    urls = read_url_list(u.path, u.format, u.url_col, u.caption_col)
+    root = Path(root)
+    stats = download_url_list(urls, root / "raw" / "train", u)
+    for sub in ("raw/teacher", "eval"):
+        shutil.rmtree(root / sub, ignore_errors=True)
+    counts = generate(d, seed, root, train=False)
+    return {
+        "urls": stats["count"],
+        "train_samples": stats["successes"],
+        "failed": stats["failed"],
+        "success_rate": stats["success_rate"],
+        "reasons": stats["reasons"],
+        "images_per_s": stats["images_per_s"],
+        "train_shards": stats["shards"],
+        "resumed_shards": stats["resumed_shards"],
+        "teacher_samples": counts["teacher"],
+        "eval_samples": eval_counts(counts),
+    }

@@ -1,0 +1,64 @@
+"""The CAT filter's report: funnel, drop rates and quality metrics, the funnel plot and a page of dropped pairs."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+import pandas as pd
+
+from ..data.shards import iter_shard
+from ..plots import pyplot, save_figure
+from .filter import REASONS
+from .quality import cat_quality
+
+
+def cat_metrics(df: pd.DataFrame) -> dict:
+    """The cat_filter stage's metrics from the merged decisions."""
+    funnel = {"in": len(df), "kept": int(df.kept.sum())}
+    funnel.update({f"dropped_{r}": int((df.reason == r).sum()) for r in REASONS if r != "kept"})
+    by_noise = {k: float(1 - g.kept.mean()) for k, g in df.groupby("noise")}
+    return {"funnel": funnel, "kept_fraction": funnel["kept"] / max(1, funnel["in"]),
+            "drop_rate_by_noise": by_noise,
+            "quality": cat_quality(df) or None}  # None: no planted ground truth (a URL list)
+
+
+def write_report(df: pd.DataFrame, funnel: dict, shards: list[Path], plots: Path) -> list[Path]:
+    """cat_funnel.csv, cat_funnel.png and cat_dropped_examples.html under plots; their paths."""
+    plots.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([{"step": k, "count": v} for k, v in funnel.items()]).to_csv(plots / "cat_funnel.csv", index=False)
+    funnel_png(funnel, plots / "cat_funnel.png")
+    examples_html(df, shards, plots / "cat_dropped_examples.html")
+    return [plots / f for f in ("cat_funnel.csv", "cat_funnel.png", "cat_dropped_examples.html")]
+
+
+def funnel_png(funnel: dict, path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.barh(list(funnel)[::-1], list(funnel.values())[::-1], color="#4c72b0")
+    ax.set_xlabel("pairs")
+    ax.set_title("CAT filter funnel")
+    save_figure(fig, path)
+
+
+def examples_html(df: pd.DataFrame, shards, path: Path, per_reason: int = 6) -> None:
+    """A page of example dropped pairs for each reason."""
+    want = {r: df[df.reason == r].key.head(per_reason).tolist() for r in REASONS if r != "kept"}
+    keys = {k for ks in want.values() for k in ks}
+    images = {}
+    for shard in shards:
+        for s in iter_shard(shard):
+            if s["__key__"] in keys and "jpg" in s:
+                images[s["__key__"]] = base64.b64encode(s["jpg"]).decode()
+    caption = dict(zip(df.key, df.caption))
+    parts = ["<html><body><h1>CAT filter: dropped examples</h1>"]
+    for reason, ks in want.items():
+        parts.append(f"<h2>{reason} ({int((df.reason == reason).sum())})</h2><div>")
+        for k in ks:
+            img = f'<img src="data:image/jpeg;base64,{images[k]}" width="128">' if k in images else ""
+            parts.append(f'<figure style="display:inline-block;width:150px">{img}'
+                         f"<figcaption>{html.escape(caption[k])}</figcaption></figure>")
+        parts.append("</div>")
+    parts.append("</body></html>")
+    path.write_text("\n".join(parts))
