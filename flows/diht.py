@@ -85,7 +85,7 @@ def diht(params_path: str = "params.yaml", overrides: dict | None = None, workdi
 
 def summary(params_path: str = "params.yaml") -> str:
     """A markdown table of the benchmark's main metrics against chance, from metrics/benchmark.json."""
-    from diht_core.benchmark import markdown_table
+    from diht_core.eval.report import markdown_table
 
     params = load_params(params_path)
     return markdown_table(json.loads((Path(params.paths.metrics) / "benchmark.json").read_text())["tasks"])

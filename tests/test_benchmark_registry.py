@@ -5,8 +5,9 @@ import json
 import torch
 import webdataset as wds
 
-from diht_core.benchmark import markdown_table, run_registered
 from diht_core.eval.registry import get_task
+from diht_core.eval.report import markdown_table
+from diht_core.eval.runner import run_task
 from diht_core.models import create_model
 from test_registry import COLOURS, img_bytes, make_wds_classification, make_wds_retrieval
 
@@ -16,11 +17,11 @@ def test_registered_tasks_run_or_skip(tmp_path):
     model, preprocess, tok = create_model("diht-tiny-vit")
     make_wds_classification(get_task("cifar10").path(tmp_path))
     make_wds_retrieval(get_task("flickr8k_t2i").path(tmp_path))
-    cls = run_registered("cifar10", model, preprocess, tok, tmp_path)
+    cls = run_task("cifar10", model, preprocess, tok, tmp_path)
     assert {"acc1", "mean_per_class_recall", "main", "chance"} <= set(cls) and cls["chance"] == 0.5
-    ret = run_registered("flickr8k_t2i", model, preprocess, tok, tmp_path)
+    ret = run_task("flickr8k_t2i", model, preprocess, tok, tmp_path)
     assert ret["main"] == ret["image_retrieval_recall@1"] and "text_retrieval_recall@10" in ret
-    skipped = run_registered("imagenet1k", model, preprocess, tok, tmp_path)
+    skipped = run_task("imagenet1k", model, preprocess, tok, tmp_path)
     assert set(skipped) == {"skipped"} and "imagenet1k" in skipped["skipped"]
     table = markdown_table({"cifar10": cls, "imagenet1k": skipped})
     assert "| cifar10 | acc1 |" in table and "imagenet1k | skipped:" in table
@@ -38,6 +39,6 @@ def test_cc_validation_reports_the_captions_of_dead_urls(tmp_path):
         for i in range(3):
             sink.write({"__key__": f"{i:09d}", "jpg": img_bytes(COLOURS[i], "JPEG"),
                         "json": json.dumps({"url": urls[i], "status": "success"}).encode()})
-    r = run_registered("cc_val_i2t", model, preprocess, tok, tmp_path)
+    r = run_task("cc_val_i2t", model, preprocess, tok, tmp_path)
     assert r["missing"] == 1 and r["total"] == 4
     assert r["main"] == r["text_retrieval_recall@1"] and r["chance"] == 1 / 3

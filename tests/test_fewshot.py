@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diht_core.eval.fewshot import kshot_indices, pgd_probe, probe_accuracy, run_fewshot, scratch_probe
 from diht_core.eval.zeroshot import zero_shot_classification
-from diht_core.fewshot import kshot_indices, pgd_probe, probe_accuracy, run_fewshot, scratch_probe
 
 
 def clusters(seed=0, d=128, C=4, sigma=0.35, w0_noise=0.12):
@@ -80,7 +80,7 @@ def test_pgd_beats_scratch_at_one_shot():
 def test_curve_starts_at_zero_shot():
     import torch
 
-    from diht_core.fewshot import probe_accuracy, run_fewshot
+    from diht_core.eval.fewshot import probe_accuracy, run_fewshot
 
     g = torch.Generator().manual_seed(0)
     W0 = torch.nn.functional.normalize(torch.randn(8, 3, generator=g), dim=0)
@@ -95,7 +95,7 @@ def test_curve_starts_at_zero_shot():
 
 
 def test_delta_b_grid_is_searched_separately():
-    from diht_core.fewshot import run_fewshot
+    from diht_core.eval.fewshot import run_fewshot
 
     trx, tr_y, vx, vy, tx, ty, W0 = clusters()
     out = run_fewshot(trx, tr_y, vx, vy, tx, ty, W0, shots=[2], seeds=[0], deltas=[0.0, 1.0], delta_bs=[0.0, 0.7],

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Callable
 
 from . import catalog
-from .datasets import (DatasetNotFound, load_cc_validation, load_karpathy_json, load_wds_classification,
-                       load_wds_retrieval, load_wds_vqa)
+from ..data.eval_datasets import (DatasetNotFound, load_cc_validation, load_karpathy_json,
+                                  load_wds_classification, load_wds_retrieval, load_wds_vqa)
 
 KINDS = ("classification", "retrieval", "vqa")
 DIHT_CAPTION_TEMPLATE = "a photo of {}."  # DiHT wraps every retrieval caption (example_retrieval_eval.py)
@@ -33,10 +33,10 @@ T2I, I2T = (d[1] for d in catalog.DIRECTIONS)
 class TaskSpec:
     """One zero-shot task.
 
-    loader: data_root -> the loaded data (see diht_core.eval.datasets), reading
+    loader: data_root -> the loaded data (see diht_core.data.eval_datasets), reading
     ``<data_root>/<default_path>``; caption_template: applied to every caption before encoding
     (retrieval; None = captions as they are); block_size: retrieval galleries of that many images
-    (None = one gallery); synthetic: implemented by diht_core.benchmark.run_task.
+    (None = one gallery); synthetic: read at the model's image size by diht_core.eval.synthetic (the runner).
     """
 
     name: str
@@ -225,12 +225,3 @@ def check_available(names, data_root: str | Path) -> dict[str, str]:
             report[name] = f"skipped: unreadable data at {spec.path(data_root)}: {type(err).__name__}: {err}"
     return report
 
-
-def run_synthetic(name: str, model, tokenizer, data_root: str | Path, image_size: int, batch_size: int = 256) -> dict:
-    """Run a synthetic task with diht_core.benchmark.run_task (data under <data_root>/eval/)."""
-    spec = get_task(name)
-    if not spec.synthetic:
-        raise ValueError(f"{name!r} is not a synthetic task; load it with resolve() and evaluate it yourself")
-    from ..benchmark import run_task  # heavy import (model code), only when needed
-
-    return run_task(name, model, tokenizer, Path(data_root) / "eval", image_size, batch_size)

@@ -7,10 +7,17 @@ zero-shot predictions exactly. PGD keeps ||W - W0||_F <= delta and ||b||_2 <= de
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..config import FewshotParams
+from ..data.eval_datasets import load_synthetic
+from ..models import image_size
+from .encoders import encode_images, text_encoder
+from .zeroshot import build_classifier
 
 SCALE = 100.0
 
@@ -142,3 +149,20 @@ def run_fewshot(train_x, train_y, val_x, val_y, test_x, test_y, W0, shots=(1, 2,
                       "scratch_mean": float(np.mean(scr)), "scratch_std": float(np.std(scr)),
                       "best_delta": bd, "best_delta_b": bdb, "best_weight_decay": bw})
     return {"zero_shot": probe_accuracy(test_x, test_y, W0, torch.zeros(C)), "curve": curve}
+
+
+def classification_features(model, tokenizer, task_dir: str | Path, split: str, size: int, batch_size: int = 256):
+    """(image embeddings, labels, zero-shot classifier W0 [d, C]) of one split of a synthetic classification task."""
+    data = load_synthetic(task_dir, "classification", size, split)
+    W0 = build_classifier(text_encoder(model, tokenizer, batch_size), data["classnames"], data["templates"])
+    return encode_images(model, data["images"], batch_size), data["labels"], W0
+
+
+def fewshot_curve(model, tokenizer, task_dir: str | Path, f: FewshotParams, batch_size: int = 256) -> dict:
+    """run_fewshot with the grids of f on the train / val / test splits of a synthetic classification task."""
+    size = image_size(model)
+    tr_x, tr_y, W0 = classification_features(model, tokenizer, task_dir, "train", size, batch_size)
+    va_x, va_y, _ = classification_features(model, tokenizer, task_dir, "val", size, batch_size)
+    te_x, te_y, _ = classification_features(model, tokenizer, task_dir, "test", size, batch_size)
+    return run_fewshot(tr_x, tr_y, va_x, va_y, te_x, te_y, W0, shots=f.shots, seeds=list(range(f.seeds)),
+                       deltas=f.deltas, weight_decays=f.weight_decays, steps=f.steps, lr=f.lr, delta_bs=f.delta_bs)

@@ -22,6 +22,8 @@ Layouts:
   ``{"image": <path relative to image_root>, "caption": [..]}``.
 - Conceptual Captions validation: the TSV (``caption<TAB>url``, no header) plus img2dataset
   webdataset shards whose per-sample ``json`` holds the ``url``.
+- The synthetic tasks (``diht_core.data.synthetic``): the wds layout, read whole by ``load_synthetic``
+  with the images decoded up front as a uint8 tensor at the model's image size.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..data.shards import decode_image, shard_paths
+from .shards import decode_image, load_split, shard_paths
 
 IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
 IMG_FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff")
@@ -398,3 +400,28 @@ def load_cc_validation(tsv_path: str | Path, shard_dir: str | Path) -> dict:
     return {"images": TarImages(entries), "captions": captions,
             "text_to_image": torch.tensor(t2i, dtype=torch.long), "urls": urls,
             "missing": missing, "total": len(rows)}
+
+
+def load_synthetic(root: str | Path, kind: str, image_size: int, split: str = "test") -> dict:
+    """A split of a synthetic task in the loaders' form; images: uint8 [N, 3, image_size, image_size].
+
+    VQA adds ``answers`` (the candidates of each question). Captions are the ``txt`` lines as written.
+    """
+    root = Path(root)
+    data = load_split(root / split, image_size)
+    if kind == "classification":
+        return {"images": data["images"], "labels": data["cls"], "classnames": _read_lines(root / "classnames.txt"),
+                "templates": _read_lines(root / "zeroshot_classification_templates.txt")}
+    if kind == "retrieval":
+        captions, text_to_image = [], []
+        for i, t in enumerate(data["txt"]):
+            for c in t.split("\n"):
+                captions.append(c)
+                text_to_image.append(i)
+        return {"images": data["images"], "captions": captions, "text_to_image": torch.tensor(text_to_image)}
+    if kind == "vqa":
+        qs = data["json"]
+        return {"images": data["images"], "statements": [q["statements"] for q in qs],
+                "labels": torch.tensor([q["label"] for q in qs]), "qtypes": [q["qtype"] for q in qs],
+                "answers": [q["answers"] for q in qs]}
+    raise ValueError(f"unknown task kind {kind!r}")

@@ -1,0 +1,67 @@
+"""The benchmark runner: any task of the registry, synthetic or real, encoded and scored by its kind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import BenchmarkParams
+from ..data.eval_datasets import DatasetNotFound, load_synthetic
+from ..models import image_size
+from .encoders import encode_images, encode_pil, encode_statements, text_encoder
+from .registry import TaskSpec, get_task, resolve
+from .retrieval import retrieval_metrics
+from .vqa import vqa_accuracy
+from .zeroshot import build_classifier, zero_shot_classification
+
+
+def run_task(name: str, model, preprocess, tokenizer, data_root: str | Path, synthetic_root: str | Path | None = None,
+             batch_size: int = 256) -> dict:
+    """Metrics of one task with "main" (its main metric) and "chance" added; {"skipped": reason} without data.
+
+    Real tasks read ``<data_root>/<spec.default_path>`` through the model's preprocess; synthetic ones
+    ``<synthetic_root>/eval/<task>`` (the download stage's; default: data_root), decoded at the model's image size.
+    """
+    spec = get_task(name)
+    if spec.synthetic:
+        task_dir = spec.path(data_root if synthetic_root is None else synthetic_root)
+        if not task_dir.exists():
+            return {"skipped": f"data not found at {task_dir}"}
+        model.eval()
+        data = load_synthetic(task_dir, spec.kind, image_size(model))
+        img = encode_images(model, data["images"], batch_size)
+    else:
+        try:
+            spec, data = resolve(name, data_root)
+        except DatasetNotFound as err:
+            return {"skipped": str(err)}
+        model.eval()
+        img = encode_pil(model, preprocess, data["images"], batch_size)
+    metrics, chance = score(spec, img, text_encoder(model, tokenizer, batch_size), data)
+    metrics = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+    counts = {k: int(data[k]) for k in ("missing", "total") if k in data}  # e.g. CC captions of dead URLs
+    return {**metrics, **counts, "main": float(metrics[spec.main_metric]), "chance": float(chance)}
+
+
+def score(spec: TaskSpec, img: torch.Tensor, encode, data: dict) -> tuple[dict, float]:
+    """(metrics, chance level of the main metric) of the image embeddings against the task's texts."""
+    if spec.kind == "classification":
+        W = build_classifier(encode, data["classnames"], data["templates"])
+        return zero_shot_classification(img, W, data["labels"]), 1.0 / W.shape[1]
+    if spec.kind == "retrieval":
+        txt = encode(spec.wrap_captions(data["captions"]))
+        metrics = retrieval_metrics(img, txt, data["text_to_image"], ks=(1, 5, 10), block_size=spec.block_size)
+        return metrics, 1.0 / min(len(img), spec.block_size or len(img))  # R@1 of a random ranking
+    st = encode_statements(encode, data["statements"])
+    metrics = vqa_accuracy(img, st, torch.as_tensor(data["labels"]), data.get("qtypes"))
+    if spec.synthetic:  # the mean of 1 / candidates in float64, as the synthetic tasks have always reported it
+        return metrics, float(np.mean([1.0 / len(a) for a in data["answers"]]))
+    return metrics, metrics.get("chance", float("nan"))
+
+
+def run_benchmark(bench: BenchmarkParams, data_dir: str | Path, model, preprocess, tokenizer) -> dict[str, dict]:
+    """task -> result (run_task) for every task of bench.tasks; synthetic data under <data_dir>/eval/."""
+    return {name: run_task(name, model, preprocess, tokenizer, bench.data_root, data_dir, bench.batch_size)
+            for name in bench.tasks}
