@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from diht_core.benchmark import encode_images
+from diht_core.eval.encoders import encode_images
 from diht_core.concepts.features import cached_features, split_probe_accuracy
 from diht_core.concepts.teacher import features, fit_teacher, load_teacher_split, train_classifiers
 from diht_core.data.shards import shard_paths
