@@ -139,18 +139,16 @@ def vqa_question(scene: Scene, rng) -> dict:
     qtype = "relation" if scene.relation else str(rng.choice(["colour", "shape"]))
     if rng.random() < 0.25:
         qtype = "count"
-    if qtype == "colour":
+    if qtype in ("colour", "shape"):
         s = scene.shapes[0]
-        answers = list(COLOURS)
-        statements = [with_article(f"{c} {s.shape}") for c in answers]
-        return {"qtype": qtype, "question": f"what colour is the {s.shape}?", "answers": answers,
-                "statements": statements, "label": answers.index(s.colour)}
-    if qtype == "shape":
-        s = scene.shapes[0]
-        answers = list(SHAPES)
-        statements = [with_article(f"{s.colour} {a}") for a in answers]
-        return {"qtype": qtype, "question": f"what shape is the {s.colour} object?", "answers": answers,
-                "statements": statements, "label": answers.index(s.shape)}
+        if qtype == "colour":
+            question, answers, truth = f"what colour is the {s.shape}?", list(COLOURS), s.colour
+            statements = [with_article(f"{c} {s.shape}") for c in answers]
+        else:
+            question, answers, truth = f"what shape is the {s.colour} object?", list(SHAPES), s.shape
+            statements = [with_article(f"{s.colour} {a}") for a in answers]
+        return {"qtype": qtype, "question": question, "answers": answers, "statements": statements,
+                "label": answers.index(truth)}
     if qtype == "count":
         answers = [COUNT_WORDS[k] for k in (1, 2, 3)]
         statements = [f"{w} shape" if w == "one" else f"{w} shapes" for w in answers]
