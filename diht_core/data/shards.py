@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -97,3 +98,12 @@ def load_split(directory: str | Path, image_size: int) -> dict:
         txt.append(s.get("txt", ""))
         meta.append(s.get("json", {}))
     return {"images": torch.stack(images), "cls": torch.tensor(cls), "txt": txt, "json": meta}
+
+
+def count_samples(directory: Path) -> int:
+    """Samples in the shards of a directory, from the tar headers alone."""
+    keys = set()
+    for path in shard_paths(directory):
+        with tarfile.open(path) as tar:
+            keys.update((path, name.split(".", 1)[0]) for name in tar.getnames())
+    return len(keys)

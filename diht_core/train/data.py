@@ -7,7 +7,6 @@ import hashlib
 import json
 import math
 import os
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,7 +17,7 @@ from ..config import Params, Paths, TrainParams
 from ..data.images import to_device
 from ..data.loader import make_loader
 from ..data.pseudo_labels import SparsePseudoLabels, load_all
-from ..data.shards import read_decoded, shard_paths
+from ..data.shards import count_samples, read_decoded, shard_paths
 
 
 @dataclass
@@ -166,15 +165,6 @@ class StreamingData:
 def shard_dir(paths: Paths, source: str) -> Path:
     """The training shards: the CAT-filtered ones, or the raw ones (train.source: raw, no CAT filter)."""
     return Path(paths.data) / ("raw/train" if source == "raw" else "filtered")
-
-
-def count_samples(directory: Path) -> int:
-    """Samples in the shards of a directory, from the tar headers alone."""
-    keys = set()
-    for path in shard_paths(directory):
-        with tarfile.open(path) as tar:
-            keys.update((path, name.split(".", 1)[0]) for name in tar.getnames())
-    return len(keys)
 
 
 def streaming_data(cfg: TrainParams, missing: str, shards: Path, labels: Path | None, image_size: int, tokenizer,
