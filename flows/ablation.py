@@ -1,19 +1,10 @@
-"""The Prefect flow `ablation`: every config x seed of params.yaml's `ablation` trains at the same budget of samples
-seen and runs the benchmark (the grid and its statistics: diht_core/eval/ablation.py).
-
-    python -m flows.ablation [--quick]          # ephemeral Prefect, local MLflow (what `make ablation` runs)
-    prefect deployment run diht/ablation        # the deployment `ablation` of the flow `diht` (a sub-flow run)
-    python -m flows.ablation --dvc-queue        # the same grid as DVC experiments (dvc exp run --queue -S ...)
-
-Upstream stages (download .. pseudo_labels) run once, in ablation/<full|quick>/; each run writes
-ablation/<mode>/runs/<config>/seed<k>/{models,metrics,plots}. A killed grid resumes: finished runs (same
-overrides) are kept. Outputs: metrics/ablation[_quick].json, plots/ablation[_quick].{png,csv}, an MLflow parent
-run whose children are the runs (each holding its train and benchmark stage runs), a Prefect artifact.
-"""
+"""The Prefect flow `ablation`: every config x seed of params.yaml's `ablation` trains at the same budget of
+samples seen and runs the benchmark (the grid and its statistics: diht_core/eval/ablation.py)."""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import subprocess
 import sys
@@ -89,7 +80,19 @@ def one_run(name: str, seed: int, ov: dict, p, parent_id: str, experiment_id: st
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flows.ablation", description=__doc__,
+    """The Prefect flow `ablation`: every config x seed of params.yaml's `ablation` trains at the same budget of
+    samples seen and runs the benchmark (the grid and its statistics: diht_core/eval/ablation.py).
+
+        python -m flows.ablation [--quick]          # ephemeral Prefect, local MLflow (what `make ablation` runs)
+        prefect deployment run diht/ablation        # the deployment `ablation` of the flow `diht` (a sub-flow run)
+        python -m flows.ablation --dvc-queue        # the same grid as DVC experiments (dvc exp run --queue -S ...)
+
+    Upstream stages (download .. pseudo_labels) run once, in ablation/<full|quick>/; each run writes
+    ablation/<mode>/runs/<config>/seed<k>/{models,metrics,plots}. A killed grid resumes: finished runs (same
+    overrides) are kept. Outputs: metrics/ablation[_quick].json, plots/ablation[_quick].{png,csv}, an MLflow parent
+    run whose children are the runs (each holding its train and benchmark stage runs), a Prefect artifact.
+    """
+    parser = argparse.ArgumentParser(prog="python -m flows.ablation", description=inspect.cleandoc(main.__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--quick", action="store_true", help="tiny data and training (CI): the grid in minutes")

@@ -1,14 +1,9 @@
-"""The Prefect flow `diht`: every stage, in order, under one MLflow parent run.
-
-    python -m flows.diht                 # ephemeral mode, no server (what `make demo` runs)
-    python -m flows.diht --serve         # serve the deployments full, filter-only, eval-only, ablation (`make serve`)
-    prefect --no-prompt deploy --all     # or: the same deployments from prefect.yaml, for a worker (`make worker`)
-    prefect deployment run diht/full     # run one through the server
-"""
+"""The Prefect flow `diht`: every stage, in order, under one MLflow parent run."""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -92,7 +87,16 @@ def summary(params_path: str = "params.yaml") -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flows.diht", description=__doc__,
+    """The Prefect flow `diht`: every stage, in order, under one MLflow parent run.
+
+        python -m flows.diht             # ephemeral mode, no server (what `make demo` runs)
+        python -m flows.diht --serve     # serve the deployments full, filter-only, eval-only, ablation (`make serve`)
+        prefect --no-prompt deploy --all # or: the same deployments from prefect.yaml, for a worker (`make worker`)
+        prefect deployment run diht/full # run one through the server
+
+    Without --serve or --summary it runs the flow once, in this process, and prints its result as JSON.
+    """
+    parser = argparse.ArgumentParser(prog="python -m flows.diht", description=inspect.cleandoc(main.__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--serve", action="store_true", help="serve the deployments full, filter-only and eval-only (needs a Prefect server)")

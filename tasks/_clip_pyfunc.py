@@ -1,10 +1,5 @@
-"""The MLflow pyfunc model of a trained checkpoint (MLflow "models from code": this file is saved with the model).
-
-load_context rebuilds the open_clip model from its config name (model_config["open_clip_model"]) and the
-logged state dict through diht_core.models.create_model (diht_core travels with the model as code);
-predict takes a DataFrame with a `text` column (strings) or an `image` column (encoded image bytes: PNG,
-JPEG, ...) and returns their L2-normalised embeddings, float32, one row per input row.
-"""
+"""The MLflow pyfunc model of a trained checkpoint.
+MLflow "models from code": this file is saved with the model."""
 
 from __future__ import annotations
 
@@ -18,6 +13,8 @@ from mlflow.pyfunc import PythonModel
 
 class ClipEncoder(PythonModel):
     def load_context(self, context) -> None:
+        """Rebuild the open_clip model from its config name (model_config["open_clip_model"]) and the logged state
+        dict through diht_core.models.create_model (diht_core travels with the model as code)."""
         from diht_core.models import create_model
 
         self.model, self.preprocess, self.tokenizer = create_model(
@@ -26,6 +23,8 @@ class ClipEncoder(PythonModel):
         self.batch_size = int(context.model_config.get("batch_size", 64))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
+        """A DataFrame with a `text` column (strings) or an `image` column (encoded image bytes: PNG, JPEG, ...)
+        -> their L2-normalised embeddings, float32, one row per input row."""
         import torch
         from PIL import Image
 

@@ -1,12 +1,4 @@
-"""The MLflow model registry: each trained model becomes a version of a registered pyfunc model.
-
-The train stage calls `register_trained_model` inside its MLflow run. The logged model holds the plain
-open_clip state dict (models/model.pt), the concept heads (models/heads.pt), the open_clip config name and
-the train params; its code is tasks/_clip_pyfunc.py plus the diht_core package, so loading it needs only
-the pip requirements below:
-
-    mlflow.pyfunc.load_model("models:/diht-tiny-vit/1").predict(pd.DataFrame({"text": ["a red circle"]}))
-"""
+"""The MLflow model registry: each trained model becomes a version of a registered pyfunc model."""
 
 from __future__ import annotations
 
@@ -49,6 +41,11 @@ def log_clip_model(model_path: str | Path, heads_path: str | Path | None, open_c
     """Log a checkpoint as a pyfunc model in the active run (registering it when registered_name is given).
 
     Returns MLflow's ModelInfo (registered_model_version set when registered).
+    The logged model holds the plain open_clip state dict (models/model.pt), the concept heads (models/heads.pt),
+    the open_clip config name and the train params; its code is tasks/_clip_pyfunc.py plus the diht_core package,
+    so loading it needs only the pip requirements of REQUIREMENTS:
+
+        mlflow.pyfunc.load_model("models:/diht-tiny-vit/1").predict(pd.DataFrame({"text": ["a red circle"]}))
     """
     import mlflow
     import numpy as np
@@ -74,7 +71,9 @@ def log_clip_model(model_path: str | Path, heads_path: str | Path | None, open_c
 
 
 def register_trained_model(params: Params, model_dir: str | Path):
-    """The train stage's model (model_dir/model.pt + heads.pt) as a new version of the registered model."""
+    """The train stage's model (model_dir/model.pt + heads.pt) as a new version of the registered model.
+
+    The train stage calls it inside its MLflow run."""
     import mlflow
 
     name = registered_model_name(params)

@@ -1,9 +1,4 @@
-"""Rule-based semantic parser on spaCy: objects, attributes, action relations, complexity.
-
-Complexity is the maximum, over objects, of the relations attached to the object
-(its attributes plus the actions it takes part in): "A black cat is chasing a small
-brown bird" is C3 (bird: small, brown, chased by the cat).
-"""
+"""Rule-based semantic parser on spaCy: objects, attributes, action relations, complexity."""
 
 from __future__ import annotations
 
@@ -19,6 +14,13 @@ OBJ_DEPS = {"dobj", "obj", "attr", "oprd", "dative"}
 
 @dataclass(frozen=True)
 class ParsedCaption:
+    """One caption's parse.
+
+    ``complexity`` is the maximum, over objects, of the relations attached to the object (its attributes plus
+    the actions it takes part in): "A black cat is chasing a small brown bird" is C3 (bird: small, brown,
+    chased by the cat).
+    """
+
     text: str
     objects: tuple[str, ...] = ()
     attributes: tuple[tuple[str, str], ...] = ()   # (object, attribute)

@@ -1,8 +1,4 @@
-"""CAT filtering of webdataset shards: per-sample decisions (parquet) + the filtered shard, one job per shard.
-
-A shard is done when its parquet exists with the same config digest; a killed run redoes
-only unfinished shards (outputs are written atomically, parquet last).
-"""
+"""CAT filtering of webdataset shards: per-sample decisions (parquet) + the filtered shard, one job per shard."""
 
 from __future__ import annotations
 
@@ -73,7 +69,11 @@ def shard_done(parquet_path: Path, digest: str) -> bool:
 
 
 def filter_shard(in_path: str | Path, out_tar: str | Path, out_parquet: str | Path, cfg: CatFilterParams) -> dict:
-    """Filter one shard; returns the per-reason counts."""
+    """Filter one shard; returns the per-reason counts.
+
+    A shard is done when its parquet exists with the same digest (``shard_digest``); a killed run redoes
+    only unfinished shards (outputs are written atomically, parquet last).
+    """
     out_tar, out_parquet = Path(out_tar), Path(out_parquet)
     digest = shard_digest(in_path, cfg)
     if shard_done(out_parquet, digest) and out_tar.exists():

@@ -1,8 +1,4 @@
-"""The frozen teacher for concept distillation and its two linear concept classifiers.
-
-The embedded default stands in for SWAG: a small timm model pre-trained (here, on a disjoint
-labelled synthetic split) and then frozen. Any timm model works; weights come from a local path.
-"""
+"""The frozen teacher for concept distillation and its two linear concept classifiers."""
 
 from __future__ import annotations
 
@@ -92,7 +88,10 @@ def build_teacher(arch: str, weights: str | Path | None = None) -> torch.nn.Modu
 
 def fit_teacher(t: TeacherParams, images: torch.Tensor, labels: torch.Tensor, seed: int):
     """Build the teacher, pre-train it on all but the first fifth of the split when it has no weights, freeze it.
-    Returns (model, pre-training loss per epoch, mean average precision of the labels on the held-out fifth)."""
+    Returns (model, pre-training loss per epoch, mean average precision of the labels on the held-out fifth).
+
+    The embedded default stands in for SWAG: a small timm model pre-trained (here, on a disjoint labelled
+    synthetic split) and then frozen. Any timm model works; weights come from a local path."""
     n_val = max(1, len(images) // 5)
     model = build_teacher(t.arch, t.weights)
     if isinstance(model, OpenCLIPTower) and image_size(model) != t.image_size:

@@ -1,30 +1,4 @@
-"""Loaders for the real evaluation datasets, in one uniform in-memory form.
-
-Every loader returns a plain dict; images are a lazy, random-access sequence of RGB PIL images
-(``LazyImages``: ``len()``, ``images[i]``, iteration), decoded only when asked for:
-
-- classification: ``{"images", "labels": LongTensor[N], "classnames": list[str], "templates": list[str]}``
-- retrieval: ``{"images", "captions": list[str], "text_to_image": LongTensor[T]}``
-- VQA: ``{"images", "questions", "answers", "statements", "labels": LongTensor[N], "qtypes"}``
-
-Templates use CLIP_benchmark's ``{c}`` placeholder. When the data is absent every loader raises
-``DatasetNotFound`` (a ``FileNotFoundError``) whose message names the path it looked at and the
-layout it expected; data that is present but malformed raises ``ValueError``.
-
-Layouts:
-
-- CLIP_benchmark ``wds/``: ``<root>/<split>/{0..n-1}.tar`` + ``<root>/<split>/nshards.txt``,
-  ``<root>/classnames.txt``, ``<root>/zeroshot_classification_templates.txt``; a sample holds an
-  image (``webp``/``png``/``jpg``) and ``cls`` (classification) or ``txt`` with one caption per
-  line (retrieval).
-- torchvision ImageFolder: ``<root>/<class>/*.jpg``.
-- ALBEF Karpathy json (``coco_test.json``, ``flickr30k_test.json``): a list of
-  ``{"image": <path relative to image_root>, "caption": [..]}``.
-- Conceptual Captions validation: the TSV (``caption<TAB>url``, no header) plus img2dataset
-  webdataset shards whose per-sample ``json`` holds the ``url``.
-- The synthetic tasks (``diht_core.data.synthetic``): the wds layout, read whole by ``load_synthetic``
-  with the images decoded up front as a uint8 tensor at the model's image size.
-"""
+"""Loaders for the real evaluation datasets, in one uniform in-memory form."""
 
 from __future__ import annotations
 
@@ -69,14 +43,17 @@ WDS_VQA_LAYOUT = ("wds layout: <root>/<split>/{0..n-1}.tar with <root>/<split>/n
 
 
 class DatasetNotFound(FileNotFoundError):
-    """The data of a task is not where it is expected; the message names the path and layout."""
+    """The data of a task is not where it is expected; the message names the path and layout.
+
+    Every loader raises it when its data is absent; data that is present but malformed raises ``ValueError``.
+    """
 
 
 # --------------------------------------------------------------------------- lazy images
 
 
 class LazyImages(Sequence):
-    """A random-access sequence of RGB PIL images, decoded on access."""
+    """A random-access sequence of RGB PIL images, decoded on access (``len()``, ``images[i]``, iteration)."""
 
     @abstractmethod
     def __len__(self) -> int: ...
@@ -210,10 +187,20 @@ def _read_lines(path: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------- loaders
+# Every loader returns a plain dict; "images" is a LazyImages (load_synthetic: a uint8 tensor):
+# - classification: {"images", "labels": LongTensor[N], "classnames": list[str], "templates": list[str]}
+# - retrieval: {"images", "captions": list[str], "text_to_image": LongTensor[T]}
+# - VQA: {"images", "questions", "answers", "statements", "labels": LongTensor[N], "qtypes"}
+# Templates use CLIP_benchmark's {c} placeholder.
 
 
 def load_wds_classification(root: str | Path, split: str = "test") -> dict:
-    """A CLIP_benchmark wds classification split: images, labels, classnames, templates."""
+    """A CLIP_benchmark wds classification split: images, labels, classnames, templates.
+
+    Layout (CLIP_benchmark ``wds/``): ``<root>/<split>/{0..n-1}.tar`` + ``<root>/<split>/nshards.txt``,
+    ``<root>/classnames.txt``, ``<root>/zeroshot_classification_templates.txt``; a sample holds an image
+    (``webp``/``png``/``jpg``) and ``cls``.
+    """
     root = Path(root)
     shards = wds_shards(root, split)
     cn_file = root / "classnames.txt"
@@ -244,7 +231,11 @@ def load_wds_classification(root: str | Path, split: str = "test") -> dict:
 
 
 def load_wds_retrieval(root: str | Path, split: str = "test") -> dict:
-    """A CLIP_benchmark wds retrieval split: images, captions (txt, one per line), text_to_image."""
+    """A CLIP_benchmark wds retrieval split: images, captions (txt, one per line), text_to_image.
+
+    Layout: ``<root>/<split>/{0..n-1}.tar`` + ``<root>/<split>/nshards.txt``; a sample holds an image
+    (``webp``/``png``/``jpg``) and ``txt`` with one caption per line.
+    """
     root = Path(root)
     shards = wds_shards(root, split, WDS_RETRIEVAL_LAYOUT)
     entries, captions, t2i, keys = [], [], [], []
@@ -321,7 +312,10 @@ def load_imagefolder(root: str | Path, classnames: list[str] | None = None,
 
 
 def load_karpathy_json(json_path: str | Path, image_root: str | Path) -> dict:
-    """ALBEF-style retrieval test json (a list of {"image": relative path, "caption": [..]})."""
+    """ALBEF-style retrieval test json (a list of {"image": relative path, "caption": [..]}).
+
+    The Karpathy-split files ``coco_test.json``, ``flickr30k_test.json``; paths are relative to ``image_root``.
+    """
     json_path, image_root = Path(json_path), Path(image_root)
     layout = ('ALBEF Karpathy-split json: a list of {"image": <path relative to image root>, '
               '"caption": [captions]}')
@@ -354,6 +348,8 @@ def load_karpathy_json(json_path: str | Path, image_root: str | Path) -> dict:
 
 def load_cc_validation(tsv_path: str | Path, shard_dir: str | Path) -> dict:
     """Conceptual Captions validation: TSV rows joined to downloaded img2dataset shards by URL.
+
+    The TSV is ``caption<TAB>url``, no header; the webdataset shards' per-sample ``json`` holds the ``url``.
 
     Captions whose URL has no downloaded image are dropped and counted (``missing``; ``total``
     is the number of TSV rows). Images keep the TSV order, so consecutive blocks of the result
@@ -404,6 +400,9 @@ def load_cc_validation(tsv_path: str | Path, shard_dir: str | Path) -> dict:
 
 def load_synthetic(root: str | Path, kind: str, image_size: int, split: str = "test") -> dict:
     """A split of a synthetic task in the loaders' form; images: uint8 [N, 3, image_size, image_size].
+
+    The tasks of ``diht_core.data.synthetic`` use the wds layout; the split is read whole, with the images
+    decoded up front at the model's image size.
 
     VQA adds ``answers`` (the candidates of each question). Captions are the ``txt`` lines as written.
     """

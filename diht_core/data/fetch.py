@@ -1,12 +1,4 @@
-"""Fetch one URL the way img2dataset does, with every way of failing named.
-
-`fetch(url, cfg)` (cfg: the `download.url_list` params) returns the body bytes or raises
-`FetchError(reason, message)`, where reason is one of: timeout, http_<code>, too_large, not_image,
-redirect_loop, too_many_redirects, connection_error, invalid_url, opted_out. Redirects are followed
-by hand (a limit, loops detected), the body is read in chunks and abandoned past `max_bytes` or past
-the per-attempt deadline, and retryable failures (timeouts, connection errors, 429 and 5xx) are
-retried with exponential backoff.
-"""
+"""Fetch one URL the way img2dataset does, with every way of failing named."""
 
 from __future__ import annotations
 
@@ -47,7 +39,13 @@ def retryable(reason: str) -> bool:
 
 
 def fetch(url: str, cfg: UrlListParams = UrlListParams(), sleep=time.sleep) -> bytes:
-    """The body of url, or FetchError with the reason of the last attempt."""
+    """The body of url, or FetchError with the reason of the last attempt (cfg: the `download.url_list` params).
+
+    `FetchError(reason, message)`'s reason is one of: timeout, http_<code>, too_large, not_image, redirect_loop,
+    too_many_redirects, connection_error, invalid_url, opted_out. Redirects are followed by hand (a limit, loops
+    detected), the body is read in chunks and abandoned past `max_bytes` or past the per-attempt deadline, and
+    retryable failures (timeouts, connection errors, 429 and 5xx) are retried with exponential backoff.
+    """
     attempt = 1
     while True:
         try:

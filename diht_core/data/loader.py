@@ -1,9 +1,5 @@
 """A streaming webdataset loader for training: shard shuffling, several workers, and the join of
-each sample with its two sparse pseudo-label vectors by key.
-
-A sample whose key has no pseudo-label is an error (missing="error") or is skipped and counted
-(missing="skip"); the count travels with each batch, so no worker ever hangs on it.
-"""
+each sample with its two sparse pseudo-label vectors by key."""
 
 from __future__ import annotations
 
@@ -88,7 +84,9 @@ def make_loader(shard_dir: str | Path, image_size: int, tokenizer, batch_size: i
     resample=False: shard order shuffled by seed, split across ranks and workers, partial last batch.
     resample=True: an endless stream of shards drawn with replacement (per rank and worker), full batches;
     the caller decides how many batches make an epoch.  Samples are shuffled in a seeded buffer.
-    Batches are dicts: key, image (uint8), text (K rows per image), obj, attr, skipped."""
+    Batches are dicts: key, image (uint8), text (K rows per image), obj, attr, skipped.
+    A sample whose key has no pseudo-label is an error (missing="error") or is skipped and counted
+    (missing="skip"); the count travels with each batch, so no worker ever hangs on it."""
     urls = [str(p) for p in shard_paths(shard_dir)]
     if not urls:
         raise FileNotFoundError(f"no shards in {shard_dir}")

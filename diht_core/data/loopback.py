@@ -1,18 +1,4 @@
-"""A loopback HTTP server that serves every kind of URL a web list holds, for tests and benchmarks.
-
-Paths (prefixes compose: `/slow/3000/redirect/2/img/300x200/1.jpg`):
-- `/img/<w>x<h>/<seed>.<jpg|png|webp>`: a good image;
-- `/truncated/<w>x<h>/<seed>.jpg`: the first half of a JPEG; `/as_jpeg/html`: HTML sent as image/jpeg;
-- `/html`: a text/html page; `/status/<code>`: that HTTP error;
-- `/huge/<bytes>` (with Content-Length), `/huge_nolength/<bytes>` (without): a big image/jpeg body;
-- `/bomb.png`: a 50 kB PNG of 20,000 x 20,000 pixels;
-- `/loop/a` <-> `/loop/b`: a redirect loop; `/redirect/<n>/<rest>`: n redirects, then rest;
-- `/slow/<ms>/<rest>`: wait, then rest; `/trickle/<ms>/<rest>`: rest's body in 1 kB pieces, ms apart;
-- `/flaky/<token>/<k>/<rest>`: 503 for the first k requests of token, then rest;
-- `/noai/<rest>`, `/octet/<rest>`: rest with `X-Robots-Tag: noai` / as application/octet-stream.
-
-`python -m diht_core.data.loopback` serves until killed and prints its base URL.
-"""
+"""A loopback HTTP server that serves every kind of URL a web list holds, for tests and benchmarks."""
 
 from __future__ import annotations
 
@@ -161,7 +147,21 @@ class _Server(ThreadingHTTPServer):
 
 
 class LoopbackServer:
-    """`with LoopbackServer() as srv: srv.url("/img/64x64/0.jpg")`, on 127.0.0.1 and a free port."""
+    """`with LoopbackServer() as srv: srv.url("/img/64x64/0.jpg")`, on 127.0.0.1 and a free port.
+
+    Paths (prefixes compose: `/slow/3000/redirect/2/img/300x200/1.jpg`):
+    - `/img/<w>x<h>/<seed>.<jpg|png|webp>`: a good image;
+    - `/truncated/<w>x<h>/<seed>.jpg`: the first half of a JPEG; `/as_jpeg/html`: HTML sent as image/jpeg;
+    - `/html`: a text/html page; `/status/<code>`: that HTTP error;
+    - `/huge/<bytes>` (with Content-Length), `/huge_nolength/<bytes>` (without): a big image/jpeg body;
+    - `/bomb.png`: a 50 kB PNG of 20,000 x 20,000 pixels;
+    - `/loop/a` <-> `/loop/b`: a redirect loop; `/redirect/<n>/<rest>`: n redirects, then rest;
+    - `/slow/<ms>/<rest>`: wait, then rest; `/trickle/<ms>/<rest>`: rest's body in 1 kB pieces, ms apart;
+    - `/flaky/<token>/<k>/<rest>`: 503 for the first k requests of token, then rest;
+    - `/noai/<rest>`, `/octet/<rest>`: rest with `X-Robots-Tag: noai` / as application/octet-stream.
+
+    `python -m diht_core.data.loopback [port]` serves until killed and prints its base URL.
+    """
 
     def __init__(self, port: int = 0):
         self.httpd = _Server(("127.0.0.1", port), _Handler)

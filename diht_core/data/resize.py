@@ -1,13 +1,4 @@
-"""Decode downloaded bytes safely and resize them in img2dataset's modes.
-
-Modes (img2dataset's names and geometry; `size` defaults to 256 there):
-- no: keep the image as it is;
-- keep_ratio: the smaller side becomes size;
-- keep_ratio_largest: the larger side becomes size;
-- center_crop: the smaller side becomes size, then the centre size x size is cut out;
-- border: the larger side becomes size, then black borders pad it to size x size.
-With only_if_bigger, an image that would be enlarged is left as it is.
-"""
+"""Decode downloaded bytes safely and resize them in img2dataset's modes."""
 
 from __future__ import annotations
 
@@ -62,6 +53,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def resize(img: Image.Image, mode: str, size: int = 256, only_if_bigger: bool = False) -> Image.Image:
+    """img resized in one of img2dataset's modes (its names and geometry; `size` defaults to 256 there).
+
+    - no: keep the image as it is;
+    - keep_ratio: the smaller side becomes size;
+    - keep_ratio_largest: the larger side becomes size;
+    - center_crop: the smaller side becomes size, then the centre size x size is cut out;
+    - border: the larger side becomes size, then black borders pad it to size x size.
+    With only_if_bigger, an image that would be enlarged is left as it is.
+    """
     if mode not in RESIZE_MODES:
         raise ValueError(f"unknown resize mode {mode!r}; one of {RESIZE_MODES}")
     if mode == "no":

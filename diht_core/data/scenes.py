@@ -1,8 +1,4 @@
-"""Synthetic scenes: 1-3 coloured shapes whose relations are visible.
-
-An arrow from A to B means "A chases B", overlap means "A touches B",
-B drawn inside A means "A holds B".
-"""
+"""Synthetic scenes: 1-3 coloured shapes whose relations are visible."""
 
 from __future__ import annotations
 
@@ -22,6 +18,7 @@ COLOURS = {
     "orange": (245, 130, 20),
 }
 SIZES = {"small": 0.15, "large": 0.26}  # radius as a fraction of the canvas side
+# as drawn: an arrow from A to B means "A chases B", overlap means "A touches B", B drawn inside A means "A holds B"
 RELATIONS = ("chases", "touches", "holds")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 

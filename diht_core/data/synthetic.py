@@ -1,14 +1,4 @@
-"""The built-in synthetic image-caption dataset, deterministic from a seed.
-
-Training pairs carry planted noise of known kinds (recorded in each sample's json):
-``clean``, ``junk`` (boilerplate caption, no action), ``text_in_image`` (caption words
-painted into the image) and ``mismatched`` (another image's caption). A share of clean
-pairs carries several paraphrased captions (``captions`` in the json, for FFF).
-
-Evaluation splits are clean and use CLIP_benchmark's ``wds/`` layout:
-``<root>/<task>/<split>/{0..n-1}.tar`` + ``nshards.txt``, ``classnames.txt``,
-``zeroshot_classification_templates.txt``.
-"""
+"""The built-in synthetic image-caption dataset, deterministic from a seed."""
 
 from __future__ import annotations
 
@@ -60,7 +50,13 @@ def _noise_kinds(d: DownloadParams, rng) -> list[str]:
 
 
 def train_samples(d: DownloadParams, seed: int):
-    """Yield training samples (dicts ready for a TarWriter), deterministic from the seed."""
+    """Yield training samples (dicts ready for a TarWriter), deterministic from the seed.
+
+    Training pairs carry planted noise of known kinds (recorded in each sample's json):
+    ``clean``, ``junk`` (boilerplate caption, no action), ``text_in_image`` (caption words
+    painted into the image) and ``mismatched`` (another image's caption). A share of clean
+    pairs carries several paraphrased captions (``captions`` in the json, for FFF).
+    """
     rng = rng_for(seed, "train")
     kinds = _noise_kinds(d, rng)
     for i, kind in enumerate(kinds):
@@ -188,7 +184,11 @@ def _write_split(samples, directory: Path, shard_size: int, desc: str, total: in
 
 
 def write_eval_splits(d: DownloadParams, seed: int, root: Path) -> dict[str, int]:
-    """Write the clean evaluation tasks in CLIP_benchmark's wds layout."""
+    """Write the clean evaluation tasks in CLIP_benchmark's wds layout.
+
+    ``<root>/<task>/<split>/{0..n-1}.tar`` + ``nshards.txt``, ``classnames.txt``,
+    ``zeroshot_classification_templates.txt``.
+    """
     e = d.eval
     counts = {}
     for task, spec in CLASSIFICATION_TASKS.items():

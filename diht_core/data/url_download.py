@@ -1,13 +1,4 @@
-"""Download a URL list into webdataset shards, img2dataset's output layout, resumable.
-
-`<out>/<shard:05d>.tar` holds the successes (`jpg`, `txt`, `json` per sample), `<out>/<shard:05d>.parquet`
-one row per URL of the shard (successes and failures, with the reason), `<out>/_stats.json` the counts
-of the whole list. Keys are the row index in the list (`%09d`), so a rerun gives every URL its key again.
-
-A shard is finished when its parquet exists and carries the digest of its input rows and of the
-settings that shape the images; the tar is renamed into place before the parquet, both atomically.
-A rerun (after kill -9, say) skips finished shards and redoes the others from scratch.
-"""
+"""Download a URL list into webdataset shards, img2dataset's output layout, resumable."""
 
 from __future__ import annotations
 
@@ -109,7 +100,15 @@ def download_url_list(urls: pd.DataFrame, out_dir: str | Path, cfg: UrlListParam
                       progress: bool = True) -> dict:
     """Download every row of urls (columns url, caption) into shards under out_dir; return the stats.
 
-    cfg: the `download.url_list` params (fetching, threads, shard size, resizing and encoding)."""
+    cfg: the `download.url_list` params (fetching, threads, shard size, resizing and encoding).
+
+    `<out>/<shard:05d>.tar` holds the successes (`jpg`, `txt`, `json` per sample), `<out>/<shard:05d>.parquet`
+    one row per URL of the shard (successes and failures, with the reason), `<out>/_stats.json` the counts
+    of the whole list. Keys are the row index in the list (`%09d`), so a rerun gives every URL its key again.
+
+    A shard is finished when its parquet exists and carries the digest of its input rows and of the
+    settings that shape the images; the tar is renamed into place before the parquet, both atomically.
+    A rerun (after kill -9, say) skips finished shards and redoes the others from scratch."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n = len(urls)

@@ -1,12 +1,4 @@
-"""URL lists in img2dataset's input formats, read into a DataFrame of (url, caption).
-
-- tsv: CC3M's `Train_GCC-training.tsv` (caption<TAB>url, no header) or any TSV with a header row;
-- csv: with a header row naming the columns (or, without one, the column of URLs is found);
-- parquet: LAION's metadata parts (URL and TEXT columns), or any parquet with the named columns;
-- txt: one URL per line, no caption.
-Without a header row the URL column is the one whose values start with http(s)://, and the caption
-is the first other column.
-"""
+"""URL lists in img2dataset's input formats, read into a DataFrame of (url, caption)."""
 
 from __future__ import annotations
 
@@ -22,7 +14,15 @@ FORMATS = URL_LIST_FORMATS
 
 def read_url_list(path: str | Path, fmt: str | None = None, url_col: str = "url",
                   caption_col: str | None = "caption") -> pd.DataFrame:
-    """DataFrame with columns url, caption (str; "" where missing), one row per input row, in order."""
+    """DataFrame with columns url, caption (str; "" where missing), one row per input row, in order.
+
+    - tsv: CC3M's `Train_GCC-training.tsv` (caption<TAB>url, no header) or any TSV with a header row;
+    - csv: with a header row naming the columns (or, without one, the column of URLs is found);
+    - parquet: LAION's metadata parts (URL and TEXT columns), or any parquet with the named columns;
+    - txt: one URL per line, no caption.
+    Without a header row the URL column is the one whose values start with http(s)://, and the caption
+    is the first other column.
+    """
     path = Path(path)
     fmt = fmt or infer_format(path)
     if fmt not in FORMATS:

@@ -1,9 +1,7 @@
-"""The benchmark's tasks as plain data, the one list of them: DiHT's 17 + 10 + 2 tasks and the 5 synthetic ones.
+"""The benchmark's tasks as plain data, the one list of them: DiHT's 17 + 10 + 2 tasks and the 5 synthetic ones."""
 
-``registry.py`` turns each row into a ``TaskSpec`` (attaching its loader); ``config.py`` checks
-``benchmark.tasks`` against ``task_names()``. The paper names only ImageNet-1K, COCO and Flickr30K; the rest
-is a reconstruction, see docs/benchmark_tasks.md.
-"""
+# registry.py turns each row below into a TaskSpec (attaching its loader). The paper names only ImageNet-1K, COCO and
+# Flickr30K; the rest is a reconstruction, see docs/benchmark_tasks.md.
 
 # name, CLIP_benchmark wds folder (HF clip-benchmark/wds_<folder>), main metric, notes
 CLASSIFICATION = [
@@ -62,7 +60,7 @@ SYNTHETIC = [
 
 
 def task_names() -> list[str]:
-    """Every task, in registration order."""
+    """Every task, in registration order; config.py checks ``benchmark.tasks`` against it."""
     return ([row[0] for row in CLASSIFICATION]
             + [f"{row[0]}_{d[0]}" for row in RETRIEVAL for d in DIRECTIONS]
             + [row[0] for row in VQA] + [row[0] for row in SYNTHETIC])

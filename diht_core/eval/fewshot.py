@@ -1,8 +1,4 @@
-"""Few-shot adaptation (DiHT paper): PGD probe that stays near the zero-shot head, vs a scratch probe.
-
-Logits are 100 * normalize(x) @ W + b, so W = W0 (the zero-shot classifier), b = 0 reproduces
-zero-shot predictions exactly. PGD keeps ||W - W0||_F <= delta and ||b||_2 <= delta_b.
-"""
+"""Few-shot adaptation (DiHT paper): PGD probe that stays near the zero-shot head, vs a scratch probe."""
 
 from __future__ import annotations
 
@@ -71,7 +67,11 @@ def _train(x, y, W_init, W0, deltas, delta_bs, wds, steps, lr):
 
 
 def pgd_probe(train_x, train_y, W0, delta, delta_b, steps=200, lr=0.05):
-    """Linear probe initialised at W0, b=0, projected after every Adam step. delta=0 gives exactly W0."""
+    """Linear probe initialised at W0, b=0, projected after every Adam step. delta=0 gives exactly W0.
+
+    Logits are 100 * normalize(x) @ W + b, so W = W0 (the zero-shot classifier), b = 0 reproduces
+    zero-shot predictions exactly. PGD keeps ||W - W0||_F <= delta and ||b||_2 <= delta_b.
+    """
     W, b = _train(train_x, train_y, W0, W0, [delta], [delta_b], [0.0], steps, lr)
     return W[0], b[0]
 

@@ -1,14 +1,4 @@
-"""The evaluation task registry: DiHT's 29-task zero-shot benchmark plus the 5 synthetic tasks.
-
-timm-style: ``register_task`` adds a ``TaskSpec`` (directly, or as a decorator on a zero-argument
-factory that returns one); ``list_tasks`` / ``get_task`` look them up. Every real task reads its
-data from ``<data_root>/<default_path>`` in the layout its spec describes; ``resolve`` loads it
-(or raises ``DatasetNotFound``) and ``check_available`` reports every task as ``"ok"`` or
-``"skipped: <reason>"``, never silently dropping one.
-
-The paper only names ImageNet-1K, COCO and Flickr30K among its 17 classification, 10 retrieval
-and 2 VQA tasks; the rest is a reconstruction, see docs/benchmark_tasks.md.
-"""
+"""The evaluation task registry: DiHT's 29-task zero-shot benchmark plus the 5 synthetic tasks."""
 
 from __future__ import annotations
 
@@ -77,7 +67,10 @@ def _validate(spec: TaskSpec) -> None:
 
 
 def register_task(spec_or_factory):
-    """Register a TaskSpec, or decorate a zero-argument factory returning one (returned unchanged)."""
+    """Register a TaskSpec, or decorate a zero-argument factory returning one (returned unchanged).
+
+    timm-style: ``list_tasks`` / ``get_task`` look the registered tasks up.
+    """
     spec = spec_or_factory() if callable(spec_or_factory) and not isinstance(spec_or_factory, TaskSpec) \
         else spec_or_factory
     if not isinstance(spec, TaskSpec):
@@ -142,7 +135,11 @@ def _retrieval_source(layout: str, rel: str) -> tuple[Callable[[Path], dict], st
 
 
 def _register_benchmark() -> None:
-    """Every row of catalog.py as a TaskSpec."""
+    """Every row of catalog.py as a TaskSpec.
+
+    The paper only names ImageNet-1K, COCO and Flickr30K among its 17 classification, 10 retrieval
+    and 2 VQA tasks; the rest is a reconstruction, see docs/benchmark_tasks.md.
+    """
     for name, folder, metric, notes in catalog.CLASSIFICATION:
         rel = f"wds/{folder}"
         register_task(TaskSpec(name=name, kind="classification", main_metric=metric,
@@ -210,7 +207,8 @@ def check_available(names, data_root: str | Path) -> dict[str, str]:
     """name -> "ok" | "skipped: <reason>" for each task (None: every registered task).
 
     A task is "ok" when its loader succeeds (images stay lazy, so this reads only tar headers,
-    labels and captions). Absent data and unreadable data are both reported with their reason.
+    labels and captions). Absent data and unreadable data are both reported with their reason: no task is
+    ever silently dropped.
     """
     names = list_tasks() if names is None else [names] if isinstance(names, str) else list(names)
     report = {}

@@ -1,8 +1,4 @@
-"""Model registry: our tiny open_clip configs are registered next to open_clip's own.
-
-``create_model(name)`` takes any open_clip config name (``ViT-B-32``, ...) or one of ours
-(``diht-tiny-vit``). Weights only ever come from local paths.
-"""
+"""Model registry: our tiny open_clip configs are registered next to open_clip's own."""
 
 from __future__ import annotations
 
@@ -46,6 +42,9 @@ def verify_checkpoint(path: str | Path) -> None:
 
 def create_model(name: str, pretrained: str | None = None, device: str = "cpu", **model_kwargs):
     """An open_clip model, its eval preprocess and tokenizer.
+
+    name: any open_clip config name (``ViT-B-32``, ...) or one of ours (``diht-tiny-vit``).
+    Weights only ever come from local paths.
 
     pretrained: a local checkpoint: ours (a plain open_clip state dict), open_clip's, or DiHT's released
     ones (raw OpenAI-CLIP-layout state dicts, GELU, loaded with open_clip's non-QuickGELU configs

@@ -1,10 +1,4 @@
-"""torchrun plumbing: the process group (NCCL on GPU, gloo on CPU), DDP or FSDP wrapping, full state dicts.
-
-Launched by torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set), ``init_distributed`` joins the group; on its
-own it is one process.  FSDP is FSDP2's ``fully_shard``, one unit per residual block plus the root; the scalar
-parameters (``logit_scale``/``logit_bias``), which FSDP cannot shard, stay replicated and their gradients are
-averaged by ``sync_replicated_grads`` (as are the concept heads', which live outside the model).
-"""
+"""torchrun plumbing: the process group (NCCL on GPU, gloo on CPU), DDP or FSDP wrapping, full state dicts."""
 
 from __future__ import annotations
 
@@ -40,7 +34,8 @@ def pick_device(device: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
-    """Join torchrun's process group when launched by it; otherwise a single process."""
+    """Join torchrun's process group when launched by it (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set); otherwise a
+    single process. NCCL on GPU, gloo on CPU."""
     if not launched_by_torchrun():
         return DistInfo(device=pick_device(device))
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -60,7 +55,12 @@ def scalar_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def wrap_model(model: torch.nn.Module, strategy: str, info: DistInfo) -> torch.nn.Module:
-    """DDP or FSDP2 around an open_clip model (in place for FSDP); identity on one process."""
+    """DDP or FSDP2 around an open_clip model (in place for FSDP); identity on one process.
+
+    FSDP is FSDP2's ``fully_shard``, one unit per residual block plus the root; the scalar parameters
+    (``logit_scale``/``logit_bias``), which FSDP cannot shard, stay replicated and their gradients are averaged by
+    ``sync_replicated_grads`` (as are the concept heads', which live outside the model).
+    """
     if info.world_size == 1:
         return model
     if strategy == "ddp":

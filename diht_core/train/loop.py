@@ -1,6 +1,5 @@
 """The training loop: InfoNCE, HN-NCE or FFF's sigmoid loss, plus concept distillation, on one process or on
-torchrun ranks (DDP/FSDP). The data order and the learning rate are functions of the global step, so a resumed run
-continues exactly where it stopped."""
+torchrun ranks (DDP/FSDP)."""
 
 from __future__ import annotations
 
@@ -52,7 +51,9 @@ def train(model, data, cfg: TrainParams, checkpoint_dir: str | Path,
           dist: DistInfo | None = None) -> dict:
     """Train in place on a TrainSet (in memory) or StreamingData; resume from checkpoint_dir/latest.pt when it is
     this run's (same params and data). Under torchrun pass ``init_distributed()``: each rank trains on its share of
-    every global batch (DDP or FSDP by ``cfg.strategy``). Returns summary metrics (rank 0 logs and saves)."""
+    every global batch (DDP or FSDP by ``cfg.strategy``). Returns summary metrics (rank 0 logs and saves).
+    The data order and the learning rate are functions of the global step, so a resumed run continues exactly
+    where it stopped."""
     info = dist or DistInfo(device=next(model.parameters()).device)
     device, k = info.device, cfg.captions_per_image
     if cfg.seed is None:

@@ -1,20 +1,4 @@
-"""Training losses, open_clip's call convention: loss(image_features, text_features, logit_scale[, logit_bias]).
-
-Each contrastive loss is the mean over the (local) batch, averaged over the two directions.
-Distributed gathering lives apart (``gather_features``); on one process it is the identity.
-
-Distributed convention (the one of open_clip's ``ClipLoss(local_loss=True, gather_with_grad=True)``, used by
-every loss here): features are all-gathered *with gradients*; rank r scores only its own rows (its local
-images against all texts, and for the two-directional losses its local texts against all images), and its loss
-is the mean over those local rows.  With equal local batches therefore
-
-    mean over ranks of loss_r == the loss of one process holding the whole batch,
-
-and since ``all_gather``'s backward sums the gradients coming from every rank, the gradient that lands on rank
-r's local features is d(sum_r loss_r)/dx_r = world_size * dL_full/dx_r.  DDP then *averages* the parameter
-gradients over ranks, which cancels that factor: parameter gradients equal the single-process full-batch ones.
-(Gradients w.r.t. ``logit_scale``/``logit_bias`` are not gathered: their DDP average is again the full-batch one.)
-"""
+"""Training losses, open_clip's call convention: loss(image_features, text_features, logit_scale[, logit_bias])."""
 
 from __future__ import annotations
 
@@ -38,6 +22,18 @@ def gather_features(image_features, text_features, rank: int = 0, world_size: in
 
     Either argument may be None (then None is returned for it and nothing is communicated for it).
     The result is ordered by rank, so rank r's rows are ``all[r * n:(r + 1) * n]``.
+
+    Distributed convention (the one of open_clip's ``ClipLoss(local_loss=True, gather_with_grad=True)``, used by
+    every loss here): features are all-gathered *with gradients*; rank r scores only its own rows (its local
+    images against all texts, and for the two-directional losses its local texts against all images), and its loss
+    is the mean over those local rows.  With equal local batches therefore
+
+        mean over ranks of loss_r == the loss of one process holding the whole batch,
+
+    and since ``all_gather``'s backward sums the gradients coming from every rank, the gradient that lands on rank
+    r's local features is d(sum_r loss_r)/dx_r = world_size * dL_full/dx_r.  DDP then *averages* the parameter
+    gradients over ranks, which cancels that factor: parameter gradients equal the single-process full-batch ones.
+    (Gradients w.r.t. ``logit_scale``/``logit_bias`` are not gathered: their DDP average is again the full-batch one.)
     """
     if world_size == 1:
         return image_features, text_features
@@ -311,7 +307,10 @@ LOSSES = {
 
 def create_loss(name: str | TrainParams, **kwargs) -> nn.Module:
     """A contrastive loss by name, one of LOSSES ('infonce', 'hn-nce', 'sigmoid'), or from the `train` params
-    (``train.loss``, with ``train.hn_alpha`` / ``train.hn_beta`` for HN-NCE); kwargs: rank, world_size, ..."""
+    (``train.loss``, with ``train.hn_alpha`` / ``train.hn_beta`` for HN-NCE); kwargs: rank, world_size, ...
+
+    Each contrastive loss is the mean over the (local) batch, averaged over the two directions; distributed
+    gathering lives apart (``gather_features``, the identity on one process)."""
     if isinstance(name, TrainParams):
         if name.loss == "hn-nce":
             kwargs = {"alpha": name.hn_alpha, "beta": name.hn_beta, **kwargs}
