@@ -79,3 +79,16 @@ def test_the_parts_import_only_downward():
             assert all(d.startswith(("diht_core.data", "diht_core.config")) for d in ours), m
         if m == "diht_core.config":  # a leaf: only plain data modules of ours, which import nothing of ours
             assert all(not g[d][0] for d in ours), (m, ours)
+
+
+def test_atomic_writes_leave_nothing_behind(tmp_path):
+    import pytest
+
+    from diht_core.data.files import atomic_path, atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "done")
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "b.txt") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"] and (tmp_path / "a.txt").read_text() == "done"
