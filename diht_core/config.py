@@ -19,7 +19,8 @@ class ParamsError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False, frozen=True, allow_inf_nan=False)  # numbers are finite
+    # unknown keys refused, numbers finite, no coercion (compile: "yes" is refused; an int is a float)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 URL_LIST_FORMATS = ("tsv", "csv", "parquet", "txt")
@@ -203,6 +204,8 @@ class TrainParams(_Strict):
     launcher: Literal["none", "torchrun"] = "none"    # torchrun: the stage starts nproc_per_node ranks
     nproc_per_node: int = Field(default=1, ge=1)
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    max_nonfinite_steps: int = Field(default=0, ge=0)  # consecutive steps with a non-finite loss (skipped) before
+                                                       # training stops with an error; 0: stop at the first
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -364,15 +367,51 @@ def validate_params(raw: dict, source: str = "params") -> Params:
         raise ParamsError(_format(err, source)) from None
 
 
+def _no_duplicate_keys(node, prefix: str = "", seen_nodes: set | None = None) -> None:
+    """Raise ParamsError on a key given twice in one mapping (YAML would keep the last silently)."""
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if id(node) in seen_nodes:  # an alias of a node already checked
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict = {}
+        for key, value in node.value:
+            if key.tag == "tag:yaml.org,2002:merge":
+                continue
+            name = f"{prefix}{key.value}" if isinstance(key, yaml.ScalarNode) else None
+            if name is not None and name in lines:
+                raise ParamsError(f"duplicate key {name} at line {key.start_mark.line + 1} "
+                                  f"(first at line {lines[name]}); give each key once")
+            lines[name] = key.start_mark.line + 1
+            _no_duplicate_keys(value, f"{name}." if name else prefix, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            _no_duplicate_keys(value, f"{prefix}{i}.", seen_nodes)
+
+
+def read_yaml(path: Path) -> object:
+    """A YAML file's content: UTF-8, each key once (ParamsError naming the file, and the key, otherwise)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ParamsError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except OSError as err:
+        raise ParamsError(f"{path}: cannot read: {err.strerror or err}") from None
+    try:
+        _no_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
+        return yaml.safe_load(text)
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+
+
 def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
     """Read params.yaml, apply nested overrides, validate."""
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"params file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    raw = read_yaml(path) or {}
     if overrides:
         raw = deep_merge(raw, overrides)
     params = validate_params(raw, str(path))

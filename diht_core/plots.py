@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .data.files import atomic_path
+
 
 def pyplot():
     """matplotlib.pyplot on the headless Agg backend."""
@@ -16,6 +18,8 @@ def pyplot():
 
 
 def save_figure(fig, path: str | Path) -> None:
+    """Save atomically, in the format of path's suffix."""
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format=Path(path).suffix.lstrip(".") or None)
     pyplot().close(fig)

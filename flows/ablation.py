@@ -15,7 +15,9 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from diht_core.config import ParamsError, deep_merge, load_params
+from diht_core.data.files import atomic_write_text
 from diht_core.eval import ablation as A
+from diht_core.models import check_names
 from flows.stages import TASKS
 from tasks._stage import set_env, setup_mlflow
 
@@ -33,6 +35,8 @@ def ablation(params_path: str = "params.yaml", overrides: dict | None = None, qu
     upstream = load_params(params_path, up_ov)
     runs = [(name, seed, ov, load_params(params_path, ov))  # every run's params are valid before any work
             for name, seed, ov in A.runs(params, up_ov, root)]
+    for p in [upstream] + [r[3] for r in runs]:
+        check_names(p)
     experiment_id = setup_mlflow(params)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"ablation-{mode}",
                           tags={"diht.ablation": mode}) as parent:
@@ -43,7 +47,7 @@ def ablation(params_path: str = "params.yaml", overrides: dict | None = None, qu
         if not (marker.exists() and json.loads(marker.read_text()).get("digest") == A.upstream_digest(upstream)):
             for stage in A.UPSTREAM:
                 TASKS[stage](upstream, parent.info.run_id)
-            marker.write_text(json.dumps({"digest": A.upstream_digest(upstream)}))
+            atomic_write_text(marker, json.dumps({"digest": A.upstream_digest(upstream)}))
         results = [one_run(name, seed, ov, p, parent.info.run_id, experiment_id) for name, seed, ov, p in runs]
         report = A.aggregate(results, params.ablation.baseline, mode, params)
         suffix = "" if mode == "full" else "_quick"
@@ -74,8 +78,7 @@ def one_run(name: str, seed: int, ov: dict, p, parent_id: str, experiment_id: st
         mlflow.log_metrics({**{f"{t}/main": v for t, v in A.main_metrics(bench).items()},
                             "mean_main": bench["mean_main"]})
     record = A.run_record(name, seed, ov, trained, bench, child.info.run_id)
-    done.parent.mkdir(parents=True, exist_ok=True)
-    done.write_text(json.dumps(record, indent=1))
+    atomic_write_text(done, json.dumps(record, indent=1))
     return record
 
 
@@ -102,8 +105,9 @@ def main(argv=None) -> None:
     set_env()
     try:
         params = load_params(args.params)
+        check_names(params)
         if args.quick:
-            load_params(args.params, params.ablation.quick)
+            check_names(load_params(args.params, params.ablation.quick))
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

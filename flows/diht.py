@@ -13,6 +13,7 @@ import mlflow
 from prefect import flow, get_run_logger
 
 from diht_core.config import ParamsError, load_params
+from diht_core.models import check_names
 from flows.ablation import ablation as ablation_flow
 from flows.stages import TASKS
 from tasks import STAGES
@@ -51,6 +52,7 @@ def diht(params_path: str = "params.yaml", overrides: dict | None = None, workdi
         return {"parent_run_id": report["parent_run_id"], "table": report["table"],
                 "mean_main": {c: r["mean_main"]["mean"] for c, r in report["configs"].items()}}
     params = load_params(params_path, overrides)  # validated before any work starts
+    check_names(params)
     unknown = sorted(set(stages or ()) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
@@ -104,7 +106,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     set_env()
     try:
-        load_params(args.params)
+        check_names(load_params(args.params))
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

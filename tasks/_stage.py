@@ -14,8 +14,11 @@ from typing import Callable
 import numpy as np
 
 from diht_core.config import Params, ParamsError, load_params, stage_params
+from diht_core.data.files import atomic_write_text
+from diht_core.data.lock import DataFolderBusy, data_lock
 
 PARENT_ENV = "DIHT_MLFLOW_PARENT_RUN_ID"
+BUSY_EXIT = 75  # EX_TEMPFAIL: try again later
 STATE_DIR = Path(os.environ.get("DIHT_STATE_DIR", ".state"))
 
 ENV_DEFAULTS = {
@@ -112,11 +115,7 @@ def _flat_metrics(d: dict, prefix: str = "") -> dict:
 
 def write_metrics(params: Params, stage: str, metrics: dict) -> Path:
     path = Path(params.paths.metrics) / f"{stage}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=_json_default) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(metrics, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
 def _json_default(o):
@@ -129,7 +128,14 @@ def _json_default(o):
 
 def run_stage(name: str, body: Callable[[Params, StageRun], dict], params: Params,
               parent_run_id: str | None = None) -> dict:
-    """Run one stage inside its MLflow run (nested under the pipeline run when there is one)."""
+    """Run one stage inside its MLflow run (nested under the pipeline run when there is one), holding the lock of
+    paths.data (diht_core/data/lock.py): a second run of any stage on the same data folder stops at once."""
+    with data_lock(params.paths.data, name):
+        return _run_stage(name, body, params, parent_run_id)
+
+
+def _run_stage(name: str, body: Callable[[Params, StageRun], dict], params: Params,
+               parent_run_id: str | None) -> dict:
     import mlflow
 
     set_env()
@@ -148,17 +154,25 @@ def run_stage(name: str, body: Callable[[Params, StageRun], dict], params: Param
 
 
 def cli(name: str, body: Callable[[Params, StageRun], dict]) -> None:
-    """`python -m tasks.<stage> --params params.yaml`."""
+    """`python -m tasks.<stage> --params params.yaml`; exit code 2: bad params, BUSY_EXIT: the data folder is in use
+    by another run."""
     parser = argparse.ArgumentParser(prog=f"python -m tasks.{name}", description=f"Run the {name} stage.")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
     set_env()
+    from diht_core.models import check_names  # open_clip and timm: only once the CLI runs
+
     try:
         params = load_params(args.params)
+        check_names(params)
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    metrics = run_stage(name, body, params)
+    try:
+        metrics = run_stage(name, body, params)
+    except DataFolderBusy as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(BUSY_EXIT)
     print(json.dumps(_flat_metrics(metrics), indent=1)[:2000])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from diht_core.data.files import atomic_write_text
 from diht_core.eval.report import clip_benchmark_record, markdown_table, summary
 from diht_core.eval.runner import run_benchmark
 from diht_core.models.trained import evaluated, load_trained
@@ -24,7 +25,7 @@ def body(p, run) -> dict:
     for name, r in results.items():
         if "main" in r:
             record = clip_benchmark_record(name, r, model_name, str(checkpoint))
-            (per_task / f"{name}.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+            atomic_write_text(per_task / f"{name}.json", json.dumps(record, indent=1, sort_keys=True) + "\n")
     table = markdown_table(results)
     run.mlflow.log_text(table, "benchmark.md")
     _prefect_artifact(table)

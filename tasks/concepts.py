@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from diht_core.concepts.vocabulary import vocabulary_from_decisions
+from diht_core.data.files import atomic_write_text
 
 from ._stage import cli, make_task
 
@@ -17,8 +18,7 @@ def body(p, run) -> dict:
     decisions = pd.read_parquet(data / "cat" / "decisions.parquet")
     vocab = vocabulary_from_decisions(decisions, p.concepts)
     out = data / "concepts" / "vocab.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(vocab, indent=1) + "\n")
+    atomic_write_text(out, json.dumps(vocab, indent=1) + "\n")
     run.log_artifact(out)
     return {
         "captions": int(decisions.kept.sum()),

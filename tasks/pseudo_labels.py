@@ -9,6 +9,7 @@ import pandas as pd
 
 from diht_core.concepts.pseudo_labels import write_pseudo_labels
 from diht_core.concepts.teacher import load_classifiers
+from diht_core.data.files import atomic_write_text
 
 from ._stage import cli, make_task
 
@@ -19,7 +20,8 @@ def body(p, run) -> dict:
     decisions = pd.read_parquet(data / "cat" / "decisions.parquet").set_index("key")
     out = data / "pseudo_labels"
     metrics = write_pseudo_labels(p.pseudo_labels, heads, names, data / "teacher" / "features", decisions, out)
-    (out / "vocab_sizes.json").write_text(json.dumps({k: len(names[k]) for k in ("objects", "attributes")}) + "\n")
+    sizes = {k: len(names[k]) for k in ("objects", "attributes")}
+    atomic_write_text(out / "vocab_sizes.json", json.dumps(sizes) + "\n")
     return metrics
 
 

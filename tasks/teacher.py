@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from diht_core.eval.encoders import encode_images
 from diht_core.concepts.features import cached_features, split_probe_accuracy
 from diht_core.concepts.teacher import features, fit_teacher, load_teacher_split, train_classifiers
+from diht_core.data.files import atomic_torch_save
 from diht_core.data.shards import shard_paths
 from diht_core.models import create_model, image_size
 
@@ -24,7 +24,7 @@ def body(p, run) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     images, labels = load_teacher_split(data / "raw" / "teacher", t.image_size)
     model, losses, heldout_map = fit_teacher(t, images, labels, p.seed)
-    torch.save(model.state_dict(), out / "teacher.pt")
+    atomic_torch_save(model.state_dict(), out / "teacher.pt")
 
     # teacher vs the student at step 0: the same linear probe on synthetic_shape features
     eval_dir = data / "eval" / "synthetic_shape"
@@ -41,7 +41,7 @@ def body(p, run) -> dict:
     vocab = json.loads((data / "concepts" / "vocab.json").read_text())
     decisions = pd.read_parquet(data / "cat" / "decisions.parquet").set_index("key")
     classifiers, metrics_c = train_classifiers(feats, keys, decisions, vocab, t, p.seed)
-    torch.save(classifiers, out / "classifiers.pt")
+    atomic_torch_save(classifiers, out / "classifiers.pt")
     for i, l in enumerate(losses):
         run.log_step(i + 1, {"pretrain_loss": l})
     return {

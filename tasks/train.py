@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from diht_core.config import load_params
+from diht_core.data.files import atomic_write_text
 from diht_core.train.distributed import launched_by_torchrun
 from diht_core.train.run import fit, launch_torchrun
 
@@ -68,7 +69,7 @@ def main() -> None:
     log_fn = _mlflow_logger(os.environ[RUN_ENV]) if rank == 0 and os.environ.get(RUN_ENV) else None
     metrics = fit(p, CHECKPOINTS, log_fn)
     if rank == 0 and args.result:
-        Path(args.result).write_text(json.dumps(metrics, indent=2))
+        atomic_write_text(args.result, json.dumps(metrics, indent=2))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..data.files import atomic_write_text
 from ..data.shards import iter_shard
 from ..plots import pyplot, save_figure
 from .filter import REASONS
@@ -61,4 +62,4 @@ def examples_html(df: pd.DataFrame, shards, path: Path, per_reason: int = 6) -> 
                          f"<figcaption>{html.escape(caption[k])}</figcaption></figure>")
         parts.append("</div>")
     parts.append("</body></html>")
-    path.write_text("\n".join(parts))
+    atomic_write_text(path, "\n".join(parts))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -13,6 +12,7 @@ from sklearn.linear_model import LogisticRegression
 from tqdm import tqdm
 
 from ..config import TeacherParams
+from ..data.files import atomic_savez
 from ..data.shards import load_split, read_decoded
 from .teacher import features
 
@@ -54,9 +54,8 @@ def cached_features(model, shards: list[Path], cache_dir: Path, teacher_file: Pa
             ks.append(s["key"])
             ims.append(s["image"])
         f = features(model, torch.stack(ims)) if ims else torch.zeros(0, model.num_features)
-        tmp = cache.with_name(cache.stem + ".tmp.npz")
-        np.savez(tmp, keys=np.array(ks, dtype=str), features=f.numpy().astype(np.float16), digest=np.array(digest))
-        os.replace(tmp, cache)
+        atomic_savez(cache, keys=np.array(ks, dtype=str), features=f.numpy().astype(np.float16),
+                     digest=np.array(digest))
         keys.extend(ks)
         feats.append(f.half().float())
     for stale in list(cache_dir.glob("*.npz")):

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import atomic_savez
+
 
 def sparsify(probs: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Keep the top k of each row (in descending order) and renormalise them to sum to 1."""
@@ -24,11 +26,7 @@ def densify(idx: np.ndarray, vals: np.ndarray, size: int) -> torch.Tensor:
 
 
 def save_shard(path: str | Path, keys: list[str], obj: tuple, attr: tuple) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, keys=np.array(keys), obj_idx=obj[0], obj_p=obj[1], attr_idx=attr[0], attr_p=attr[1])
-    tmp.replace(path)
+    atomic_savez(path, keys=np.array(keys), obj_idx=obj[0], obj_p=obj[1], attr_idx=attr[0], attr_p=attr[1])
 
 
 class SparsePseudoLabels:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -13,6 +12,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from .files import atomic_path
 from .images import image_to_uint8
 
 
@@ -39,13 +39,9 @@ def decode_image(data: bytes) -> Image.Image:
 
 def write_shard(path: str | Path, samples: list[dict]) -> None:
     """Write samples ({"__key__", ext: bytes|str|dict}) atomically to one tar."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tar.tmp")
-    with wds.TarWriter(str(tmp), mtime=0.0) as sink:  # fixed mtime: same samples, same bytes
+    with atomic_path(path) as tmp, wds.TarWriter(str(tmp), mtime=0.0) as sink:  # fixed mtime: same bytes
         for s in samples:
             sink.write(s)
-    os.replace(tmp, path)
 
 
 def iter_shard(path: str | Path) -> Iterator[dict]:

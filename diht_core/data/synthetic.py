@@ -12,6 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..config import DownloadParams
+from .files import atomic_write_text
 from .captions import with_article, caption, junk_caption, painted_words, paraphrases
 from .scenes import COLOURS, COUNT_WORDS, RELATIONS, SHAPES, Scene, render, sample_scene
 from .shards import encode_jpg, read_samples, shard_paths, write_shard
@@ -179,7 +180,7 @@ def _write_split(samples, directory: Path, shard_size: int, desc: str, total: in
     if buf:
         write_shard(directory / f"{shard}.tar", buf)
         shard += 1
-    (directory / "nshards.txt").write_text(f"{shard}\n")
+    atomic_write_text(directory / "nshards.txt", f"{shard}\n")
     return n
 
 
@@ -194,9 +195,8 @@ def write_eval_splits(d: DownloadParams, seed: int, root: Path) -> dict[str, int
     for task, spec in CLASSIFICATION_TASKS.items():
         base = root / task
         base.mkdir(parents=True, exist_ok=True)
-        (base / "classnames.txt").write_text("\n".join(spec["classnames"]) + "\n")
-        (base / "zeroshot_classification_templates.txt").write_text(
-            "\n".join(spec["templates"]) + "\n")
+        atomic_write_text(base / "classnames.txt", "\n".join(spec["classnames"]) + "\n")
+        atomic_write_text(base / "zeroshot_classification_templates.txt", "\n".join(spec["templates"]) + "\n")
         k = len(spec["classnames"])
         for split, per in (("test", e.per_class), ("val", max(2, e.per_class // 2)),
                            ("train", e.fewshot_per_class)):

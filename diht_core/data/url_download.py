@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections import Counter
@@ -18,6 +17,7 @@ from tqdm import tqdm
 
 from ..config import DownloadParams, UrlListParams
 from .fetch import FetchError, fetch
+from .files import atomic_path, atomic_write_text
 from .resize import ImageError, load_image, resize
 from .shards import encode_jpg, write_shard
 from .synthetic import eval_counts, generate
@@ -84,13 +84,13 @@ def write_shard_pair(out_dir: Path, name: str, samples: list[dict], rows: list[d
     table = pa.Table.from_pandas(pd.DataFrame(rows, columns=COLUMNS), preserve_index=False)
     meta = {b"input_digest": digest.encode(), b"seconds": str(seconds).encode()}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
-    tmp = out_dir / f"{name}.parquet.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, out_dir / f"{name}.parquet")
+    with atomic_path(out_dir / f"{name}.parquet") as tmp:
+        pq.write_table(table, tmp)
 
 
 def _clean(out_dir: Path, names: set[str]) -> None:
-    """Drop tmp files of a killed run and the shards of another list."""
+    """Drop tmp files of a killed run (the data folder's lock is held: no other writer's) and the shards of another
+    list."""
     for f in out_dir.iterdir():
         if f.name.endswith(".tmp") or (f.suffix in (".tar", ".parquet") and f.stem not in names):
             f.unlink()
@@ -124,9 +124,7 @@ def download_url_list(urls: pd.DataFrame, out_dir: str | Path, cfg: UrlListParam
     stats.update(shards=len(shards), resumed_shards=len(shards) - len(todo), seconds=round(seconds, 3),
                  fetched_this_run=fetched["urls"], images_per_s=round(fetched["ok"] / seconds, 2) if seconds else 0.0,
                  config=cfg.model_dump())
-    tmp = out_dir / "_stats.json.tmp"
-    tmp.write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out_dir / "_stats.json")
+    atomic_write_text(out_dir / "_stats.json", json.dumps(stats, indent=2, sort_keys=True) + "\n")
     return stats
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from scipy import stats as sps
 
 from ..config import Params, deep_merge
+from ..data.files import atomic_write_text
 from ..plots import pyplot, save_figure
 
 UPSTREAM = ("download", "cat_filter", "concepts", "teacher", "pseudo_labels")
@@ -117,14 +118,14 @@ def write_report(report: dict, json_path: Path, plot_stem: Path) -> list[Path]:
     """metrics JSON, a CSV for DVC plots and a PNG (mean +- std per config, one panel per task + the mean)."""
     json_path.parent.mkdir(parents=True, exist_ok=True)
     plot_stem.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
     configs = report["configs"]
     tasks = sorted({t for c in configs.values() for t in c["tasks"]})
     rows = ["config,task,mean,std"] + [f"{n},{t},{c['tasks'][t]['mean']:.6f},{c['tasks'][t]['std']:.6f}"
                                        for n, c in configs.items() for t in tasks if t in c["tasks"]]
     rows += [f"{n},mean,{c['mean_main']['mean']:.6f},{c['mean_main']['std']:.6f}" for n, c in configs.items()]
     csv = plot_stem.with_suffix(".csv")
-    csv.write_text("\n".join(rows) + "\n")
+    atomic_write_text(csv, "\n".join(rows) + "\n")
     plt = pyplot()
     panels = tasks + ["mean"]
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.6), sharey=False)

@@ -26,6 +26,29 @@ def list_models() -> list[str]:
     return open_clip.list_models()
 
 
+def check_names(params) -> None:
+    """The names the params give that can be checked without running: train.model and benchmark.model (open_clip
+    configs, ours included), teacher.arch (a timm model, or ``open_clip:<config>``); ParamsError naming the key."""
+    import timm
+    from timm.models import parse_model_name
+
+    from ..config import ParamsError
+
+    known = set(list_models())
+    arch = params.teacher.arch
+    names = [("train.model", params.train.model), ("benchmark.model", params.benchmark.model)]
+    if arch.startswith("open_clip:"):
+        names.append(("teacher.arch", arch.split(":", 1)[1]))
+    for key, name in names:
+        if name is not None and name not in known:
+            raise ParamsError(f"{key}: unknown model config {name!r}; known: ours "
+                              f"{sorted(p.stem for p in CONFIG_DIR.glob('*.json'))} plus open_clip's "
+                              "(open_clip.list_models())")
+    source, name = parse_model_name(arch)
+    if not arch.startswith("open_clip:") and source is None and not timm.is_model(name):
+        raise ParamsError(f"teacher.arch: unknown timm model {arch!r} (timm.list_models(); or open_clip:<config>)")
+
+
 def verify_checkpoint(path: str | Path) -> None:
     """DiHT names its checkpoints ``<name>_<sha256>.ckpt``: check the file against that digest."""
     path = Path(path)

@@ -15,7 +15,7 @@ from ..config import TrainParams
 from ..data.images import normalize_images, to_device
 from ..models import ConceptHeads
 from . import optim
-from .checkpoint import load_checkpoint, restore, run_digest, save_checkpoint
+from .checkpoint import clear_checkpoints, load_checkpoint, restore, run_digest, save_checkpoint
 from .distributed import (DistInfo, all_mean, barrier, gather_no_grad, no_sync, replicated_params,
                           sync_replicated_grads, wrap_model)
 from .losses import ConceptDistillationLoss, create_loss, mine_false_negatives
@@ -48,12 +48,14 @@ def positives(cfg: TrainParams, img_f, txt_f, step: int, info: DistInfo):
 
 def train(model, data, cfg: TrainParams, checkpoint_dir: str | Path,
           log_fn: Callable[[int, dict], None] | None = None, heads: ConceptHeads | None = None,
-          dist: DistInfo | None = None) -> dict:
-    """Train in place on a TrainSet (in memory) or StreamingData; resume from checkpoint_dir/latest.pt when it is
-    this run's (same params and data). Under torchrun pass ``init_distributed()``: each rank trains on its share of
-    every global batch (DDP or FSDP by ``cfg.strategy``). Returns summary metrics (rank 0 logs and saves).
-    The data order and the learning rate are functions of the global step, so a resumed run continues exactly
-    where it stopped."""
+          dist: DistInfo | None = None, keep_checkpoints: bool = False) -> dict:
+    """Train in place on a TrainSet (in memory) or StreamingData; resume from this run's checkpoints in
+    checkpoint_dir/<run digest>/ (same params and data). Under torchrun pass ``init_distributed()``: each rank trains
+    on its share of every global batch (DDP or FSDP by ``cfg.strategy``). Returns summary metrics (rank 0 logs and
+    saves) and the run's checkpoint folder, which is removed at the end unless keep_checkpoints (the caller removes
+    it once its outputs are saved). The data order and the learning rate are functions of the global step, so a
+    resumed run continues exactly where it stopped. A step whose loss is not finite is skipped; more than
+    ``cfg.max_nonfinite_steps`` of them in a row raise FloatingPointError."""
     info = dist or DistInfo(device=next(model.parameters()).device)
     device, k = info.device, cfg.captions_per_image
     if cfg.seed is None:
@@ -81,9 +83,10 @@ def train(model, data, cfg: TrainParams, checkpoint_dir: str | Path,
     amp_dtype = AMP[cfg.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16" and device.type == "cuda")
 
-    ckpt_path, digest = Path(checkpoint_dir) / "latest.pt", run_digest(cfg, data)
-    start, history, position = 0, [], None
-    ck = load_checkpoint(ckpt_path, digest, info)
+    digest = run_digest(cfg, data)
+    ckpt_dir = Path(checkpoint_dir) / digest
+    start, history, position, skipped = 0, [], None, 0
+    ck = load_checkpoint(ckpt_dir, digest, info)
     if ck is not None:
         start, history, position = restore(ck, model, opt, heads, opt_heads, scaler, cfg.strategy, info)
         del ck
@@ -133,10 +136,19 @@ def train(model, data, cfg: TrainParams, checkpoint_dir: str | Path,
                 scaler.scale(loss).backward()
             loss_c_total = loss_c.detach()
             loss_d_total = loss_d_total + loss_d.detach()
-        sync_replicated_grads(replicated, info)
-        for o in optimizers:
-            scaler.step(o)
-        scaler.update()
+        step_loss = all_mean(loss_c_total + loss_d_total, info)  # the same on every rank
+        finite = bool(torch.isfinite(step_loss))
+        if finite or scaler.is_enabled():  # the fp16 scaler skips a step with non-finite gradients itself
+            sync_replicated_grads(replicated, info)
+            for o in optimizers:
+                scaler.step(o)
+            scaler.update()
+        skipped = 0 if finite else skipped + 1
+        if skipped > cfg.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"train: the loss is {step_loss.item()} at step {step + 1} ({skipped} step(s) in a row with a "
+                f"non-finite loss, train.max_nonfinite_steps={cfg.max_nonfinite_steps}); nothing of it is saved. "
+                "Lower train.lr, or look at the data")
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
 
@@ -152,12 +164,13 @@ def train(model, data, cfg: TrainParams, checkpoint_dir: str | Path,
             if log_fn and info.is_main:
                 log_fn(step + 1, rec)
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(ckpt_path, step + 1, digest, history, wrapped, opt, heads, opt_heads, scaler, data,
+            save_checkpoint(ckpt_dir, step + 1, digest, history, wrapped, opt, heads, opt_heads, scaler, data,
                             cfg.strategy, info)
             barrier(info)
     bar.close()
     model.eval()
-    if info.is_main:
-        ckpt_path.unlink(missing_ok=True)
+    if info.is_main and not keep_checkpoints:
+        clear_checkpoints(ckpt_dir)
     final = history[-1] if history else {}
-    return {"final_loss": final.get("loss", float("nan")), "resumed_from_step": start, "history": history}
+    return {"final_loss": final.get("loss", float("nan")), "resumed_from_step": start, "history": history,
+            "checkpoint_dir": ckpt_dir}

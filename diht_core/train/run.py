@@ -15,8 +15,10 @@ import pandas as pd
 import torch
 
 from ..config import Params
+from ..data.files import atomic_path, atomic_torch_save
 from ..models import ConceptHeads, create_model, image_size
 from ..plots import pyplot, save_figure
+from .checkpoint import clear_checkpoints, refuse_nan
 from .data import training_data, vocab_sizes
 from .distributed import destroy, full_model_state, init_distributed
 from .loop import train
@@ -35,20 +37,24 @@ def fit(p: Params, checkpoint_dir: Path, log_fn: Callable[[int, dict], None] | N
     sizes = vocab_sizes(p.paths)
     heads = ConceptHeads(model.visual.output_dim, sizes["objects"], sizes["attributes"])
     trainset = training_data(p, image_size(model), tokenizer, sizes if distill else None)
-    summary = train(model, trainset, cfg, checkpoint_dir, log_fn=log_fn, heads=heads, dist=info)
+    summary = train(model, trainset, cfg, checkpoint_dir, log_fn=log_fn, heads=heads, dist=info,
+                    keep_checkpoints=True)
     state = full_model_state(model, cfg.strategy, info)
     destroy(info)
     if not info.is_main:
         return {}
+    head_state = {k: v.cpu() for k, v in heads.state_dict().items()}
+    refuse_nan(state, "models/model.pt")
+    refuse_nan(head_state, "models/heads.pt")
     models = Path(p.paths.models)
-    models.mkdir(parents=True, exist_ok=True)
-    torch.save(state, models / "model.pt")
-    torch.save({k: v.cpu() for k, v in heads.state_dict().items()}, models / "heads.pt")
+    atomic_torch_save(state, models / "model.pt")  # the outputs first, then the checkpoints go
+    atomic_torch_save(head_state, models / "heads.pt")
     plots = Path(p.paths.plots)
-    plots.mkdir(parents=True, exist_ok=True)
     hist = pd.DataFrame(summary["history"])
-    hist.drop(columns=["samples_per_s"]).to_csv(plots / "train_loss.csv", index=False)
+    with atomic_path(plots / "train_loss.csv") as tmp:
+        hist.drop(columns=["samples_per_s"]).to_csv(tmp, index=False)
     loss_plot(hist, plots / "train_loss.png")
+    clear_checkpoints(summary["checkpoint_dir"])
     in_memory = cfg.loader == "memory"
     return {
         "model": cfg.model,
