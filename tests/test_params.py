@@ -87,3 +87,62 @@ def test_the_schema_is_a_leaf():
             "print(sorted(m for m in ('torch', 'pandas', 'diht_core.eval.registry') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_duplicate_keys_are_refused_naming_the_key_and_line(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("seed: 1\ntrain:\n  steps: 3\n  lr: 0.01\n  steps: 4\n")
+    with pytest.raises(ParamsError, match=r"p.yaml: duplicate key train.steps at line 5 \(first at line 3\)"):
+        load_params(f)
+    f.write_text("base: &b {steps: 3}\ntrain:\n  <<: *b\n  steps: 4\n")  # a merge key is no duplicate
+    with pytest.raises(ParamsError, match="base: unknown key"):
+        load_params(f)
+
+
+def test_a_params_file_that_is_not_utf8_is_refused_naming_the_file(tmp_path):
+    f = tmp_path / "latin1.yaml"
+    f.write_bytes("train: {model: café}\n".encode("latin-1"))
+    with pytest.raises(ParamsError, match=r"latin1.yaml: not UTF-8 text \(byte 18"):
+        load_params(f)
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"train": {"compile": "yes"}}, "train.compile"),
+    ({"train": {"steps": "5"}}, "train.steps"),
+    ({"train": {"steps": 5.0}}, "train.steps"),
+    ({"train": {"lr": "0.1"}}, "train.lr"),
+    ({"train": {"lr": True}}, "train.lr"),
+    ({"cat_filter": {"text_spotting": 1}}, "cat_filter.text_spotting"),
+    ({"benchmark": {"model": 3}}, "benchmark.model"),
+])
+def test_types_are_strict(raw, key):
+    with pytest.raises(ParamsError) as err:
+        validate_params(raw, "params.yaml")
+    assert key in str(err.value)
+
+
+def test_an_int_is_a_float():
+    p = validate_params({"train": {"lr": 1, "weight_decay": 0, "sigmoid_bias_init": -5}})
+    assert p.train.lr == 1.0 and isinstance(p.train.lr, float)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"train": {"model": "no-such-model"}}, "train.model: unknown model config 'no-such-model'"),
+    ({"benchmark": {"model": "ViT-Q-99"}}, "benchmark.model: unknown model config 'ViT-Q-99'"),
+    ({"teacher": {"arch": "no_such"}}, "teacher.arch: unknown timm model 'no_such'"),
+    ({"teacher": {"arch": "open_clip:no-such"}}, "teacher.arch: unknown model config 'no-such'"),
+])
+def test_names_are_checked_before_any_work(raw, message):
+    from diht_core.models import check_names
+
+    with pytest.raises(ParamsError, match=message.replace("(", r"\(")):
+        check_names(validate_params(raw))
+
+
+def test_known_names_pass():
+    from diht_core.models import check_names
+
+    for raw in ({"train": {"model": "ViT-B-32"}, "benchmark": {"model": "diht-tiny-vit"}},
+                {"teacher": {"arch": "resnet18.a1_in1k"}}, {"teacher": {"arch": "open_clip:ViT-B-32"}},
+                {"teacher": {"arch": "test_resnet"}}):
+        check_names(validate_params(raw))

@@ -44,8 +44,13 @@ def check_names(params) -> None:
             raise ParamsError(f"{key}: unknown model config {name!r}; known: ours "
                               f"{sorted(p.stem for p in CONFIG_DIR.glob('*.json'))} plus open_clip's "
                               "(open_clip.list_models())")
-    source, name = parse_model_name(arch)
-    if not arch.startswith("open_clip:") and source is None and not timm.is_model(name):
+    if arch.startswith("open_clip:"):
+        return
+    try:
+        source, name = parse_model_name(arch)  # hf-hub:<repo> and local-dir:<path> are timm's sources
+    except ValueError as err:
+        raise ParamsError(f"teacher.arch: {err}") from None
+    if source is None and not timm.is_model(name):
         raise ParamsError(f"teacher.arch: unknown timm model {arch!r} (timm.list_models(); or open_clip:<config>)")
 
 

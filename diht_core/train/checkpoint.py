@@ -50,7 +50,8 @@ def _read(directory: Path, digest: str) -> dict | None:
             if not isinstance(ck, dict) or "step" not in ck or "model" not in ck:
                 raise ValueError("not a training checkpoint")
         except Exception as err:  # a torn or damaged file: torch raises several types
-            warnings.warn(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); removed", stacklevel=3)
+            why = (str(err).strip().splitlines() or [""])[0][:160]
+            warnings.warn(f"checkpoint {path} is unreadable ({type(err).__name__}: {why}); removed", stacklevel=3)
             path.unlink(missing_ok=True)
             corrupt.append(name)
             continue
