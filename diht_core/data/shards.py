@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import tarfile
+import warnings
 import zlib
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -115,7 +116,9 @@ def open_image(data: bytes | None, max_pixels: int) -> Image.Image:
     if data is None:
         raise SampleFault("bad_image", "no image member (jpg, png or webp)")
     try:
-        img = Image.open(io.BytesIO(data))  # reads the header only
+        with warnings.catch_warnings():  # max_pixels is the limit here, not PIL's warning (its error stays)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # reads the header only
     except Image.DecompressionBombError as err:
         raise SampleFault("too_many_pixels", str(err)) from None
     except Exception as err:  # PIL raises several types for corrupt data
@@ -185,11 +188,11 @@ def parse_sample(raw: dict, max_pixels: int | None = None, need_caption: bool = 
 
 class Faults:
     """What a stage skipped: samples per reason (FAULTS and any the stage adds) and the truncated shards (shard
-    name -> samples read before the cut)."""
+    name -> {"read": samples read before the cut, "error"})."""
 
     def __init__(self):
         self.by_reason: dict[str, int] = {}
-        self.truncated: dict[str, int] = {}
+        self.truncated: dict[str, dict] = {}
 
     @property
     def skipped(self) -> int:
@@ -205,7 +208,7 @@ class Faults:
             return False
         if s["fault"] == "truncated":
             name = Path(s["shard"]).name
-            self.truncated[name] = s["read"]
+            self.truncated[name] = {"read": s["read"], "error": s["error"]}
             print(f"[shards] {s['shard']} is truncated after {s['read']} samples; the rest is lost ({s['error']})",
                   file=sys.stderr)
         else:
