@@ -41,7 +41,8 @@ def test_join_is_correct_on_shuffled_shards(tmp_path, workers):
     keys = _setup(tmp_path)
     _, _, tok = create_model("diht-tiny-vit")
     pl = SparsePseudoLabels(tmp_path / "pl", N_OBJ, N_ATTR)
-    loader = make_loader(tmp_path / "shards", 32, tok, batch_size=7, max_pixels=MAX_PIXELS, workers=workers, pseudo=pl, seed=3)
+    loader = make_loader(tmp_path / "shards", 32, tok, batch_size=7, max_pixels=MAX_PIXELS, workers=workers, pseudo=pl,
+                         seed=3)
     seen = []
     for batch in loader:
         assert batch["image"].shape[1:] == (3, 32, 32) and batch["text"].shape[0] == len(batch["key"])

@@ -185,8 +185,8 @@ def test_sigmoid_loss_needs_a_bias(tmp_path):
     _shards(tmp_path)
     model, _, tok = create_model("diht-tiny-vit")
     with pytest.raises(ValueError, match="logit_bias"):
-        train(model, load_train_set(tmp_path, SIZE, tok, MAX_PIXELS), TrainParams(seed=0, steps=1, batch_size=8, loss="sigmoid"),
-              tmp_path / "ck")
+        train(model, load_train_set(tmp_path, SIZE, tok, MAX_PIXELS),
+              TrainParams(seed=0, steps=1, batch_size=8, loss="sigmoid"), tmp_path / "ck")
 
 
 @pytest.mark.parametrize("loss", ["infonce", "hn-nce", "sigmoid"])

@@ -74,8 +74,8 @@ def _chunks(items: list, parts: int):
     return (items[i:i + size] for i in range(0, len(items), size))
 
 
-def load_train_set(shard_dir: str | Path, image_size: int, tokenizer, max_pixels: int, pseudo_labels: dict | None = None,
-                   missing: str = "error", max_captions: int = 8) -> TrainSet:
+def load_train_set(shard_dir: str | Path, image_size: int, tokenizer, max_pixels: int,
+                   pseudo_labels: dict | None = None, missing: str = "error", max_captions: int = 8) -> TrainSet:
     """Decode the (filtered) shards once into memory and join pseudo-labels by key. A sample with a fault (see
     data/shards.py FAULTS) or, with missing="skip", without a pseudo-label is skipped and counted by reason."""
     keys, images, caps, index = [], [], [], []
