@@ -12,6 +12,7 @@ export DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120  # the ephemeral server on a busy 2-core machine
 export PREFECT_HOME := $(STATE)/prefect
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 

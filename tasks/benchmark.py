@@ -15,7 +15,7 @@ from ._stage import cli, make_task
 
 def body(p, run) -> dict:
     model, preprocess, tokenizer = load_trained(p.benchmark, p.train, p.paths)
-    results = run_benchmark(p.benchmark, p.paths.data, model, preprocess, tokenizer)
+    results = run_benchmark(p.benchmark, p.paths.data, model, preprocess, tokenizer, p.download.url_list.max_pixels)
     for name, r in results.items():
         if "skipped" in r:
             print(f"[benchmark] {name}: skipped: {r['skipped']}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from diht_core.cat.report import cat_metrics, write_report
-from diht_core.cat.shards import filter_job, filter_shards, merge_decisions, shard_jobs
+from diht_core.cat.shards import filter_job, filter_shards, merge_decisions, shard_jobs, shard_truncation
 from diht_core.data.shards import shard_paths
 
 from ._stage import cli, make_task
@@ -38,7 +38,7 @@ def body(p, run) -> dict:
     shards = shard_paths(data / "raw" / "train")
     if not shards:
         raise FileNotFoundError(f"no raw shards in {data / 'raw' / 'train'}: run the download stage first")
-    jobs = shard_jobs(shards, data / "filtered", data / "cat" / "decisions", c)
+    jobs = shard_jobs(shards, data / "filtered", data / "cat" / "decisions", c, p.download.url_list.max_pixels)
     if c.task_runner == "dask":
         results = map_shards_with_dask(jobs, c.workers, c.dask_address)
     else:
@@ -47,6 +47,10 @@ def body(p, run) -> dict:
     resumed = sum(r.get("skipped_done", 0) for r in results)
     print(f"[cat_filter] {len(jobs)} shards, {resumed} already done (reused)")
     metrics = cat_metrics(df)
+    metrics["truncated_shards"] = shard_truncation([j[2] for j in jobs])
+    for name, cut in metrics["truncated_shards"].items():
+        print(f"[cat_filter] raw shard {name} is truncated after {cut['read']} samples; the rest is lost "
+              f"({cut['error']})")
     for f in write_report(df, metrics["funnel"], shards, Path(p.paths.plots)):
         run.log_artifact(f, "plots")
     return metrics

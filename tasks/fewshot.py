@@ -16,7 +16,8 @@ from ._stage import cli, make_task
 def body(p, run) -> dict:
     f = p.fewshot
     model, _, tokenizer = load_trained(p.benchmark, p.train, p.paths)
-    res = fewshot_curve(model, tokenizer, Path(p.paths.data) / "eval" / f.task, f)
+    res = fewshot_curve(model, tokenizer, Path(p.paths.data) / "eval" / f.task, f,
+                        max_pixels=p.download.url_list.max_pixels)
     curve = pd.DataFrame(res["curve"])
     plots = Path(p.paths.plots)
     plots.mkdir(parents=True, exist_ok=True)

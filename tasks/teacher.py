@@ -22,19 +22,21 @@ def body(p, run) -> dict:
     data = Path(p.paths.data)
     out = data / "teacher"
     out.mkdir(parents=True, exist_ok=True)
-    images, labels = load_teacher_split(data / "raw" / "teacher", t.image_size)
+    max_pixels = p.download.url_list.max_pixels  # the one pixel limit of every stage that reads images
+    images, labels, split_faults = load_teacher_split(data / "raw" / "teacher", t.image_size, max_pixels)
     model, losses, heldout_map = fit_teacher(t, images, labels, p.seed)
     atomic_torch_save(model.state_dict(), out / "teacher.pt")
 
     # teacher vs the student at step 0: the same linear probe on synthetic_shape features
     eval_dir = data / "eval" / "synthetic_shape"
-    teacher_acc = split_probe_accuracy(lambda x: features(model, x), eval_dir, t.image_size)
+    teacher_acc = split_probe_accuracy(lambda x: features(model, x), eval_dir, t.image_size, max_pixels)
     student, _, _ = create_model(p.train.model)
-    student_acc = split_probe_accuracy(lambda x: encode_images(student, x), eval_dir, image_size(student))
+    student_acc = split_probe_accuracy(lambda x: encode_images(student, x), eval_dir, image_size(student),
+                                       max_pixels)
 
     # features of the filtered training set, cached per shard in fp16
     shards = shard_paths(data / "filtered")
-    keys, feats, reused = cached_features(model, shards, out / "features", out / "teacher.pt", t)
+    keys, feats, reused, faults = cached_features(model, shards, out / "features", out / "teacher.pt", t, max_pixels)
     print(f"[teacher] features: {len(shards) - reused} shards extracted, {reused} reused from the cache")
 
     # the two concept classifiers on frozen teacher features
@@ -52,6 +54,10 @@ def body(p, run) -> dict:
         "shape_probe_acc_student_step0": student_acc,
         "teacher_stronger_than_student": teacher_acc > student_acc,
         "classifiers": metrics_c,
+        "split_skipped_by_reason": split_faults.by_reason,
+        "split_truncated_shards": split_faults.truncated,
+        "skipped_by_reason": faults.by_reason,
+        "truncated_shards": faults.truncated,
     }
 
 

@@ -16,6 +16,7 @@ TINY = ROOT / "tests" / "data" / "tiny_params.yaml"
 os.environ.update({
     "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # Prefect's 20 s is short on a busy 2-core machine
 })
 
 

@@ -108,20 +108,20 @@ def _shard(tmp_path, name="0.tar"):
 def test_filter_shard_decisions_and_resume(tmp_path):
     src = _shard(tmp_path)
     out_tar, out_pq = tmp_path / "out" / "0.tar", tmp_path / "dec" / "0.parquet"
-    counts = filter_shard(src, out_tar, out_pq, CatFilterParams())
+    counts = filter_shard(src, out_tar, out_pq, CatFilterParams(), 10**8)
     df = pd.read_parquet(out_pq)
-    assert df.reason.tolist() == ["kept", "no_action", "text_spotted", "kept", "corrupt_image"]
-    assert counts == {"in": 5, "kept": 2, "no_action": 1, "text_spotted": 1, "corrupt_image": 1}
+    assert df.reason.tolist() == ["kept", "no_action", "text_spotted", "kept", "bad_image"]
+    assert counts == {"in": 5, "kept": 2, "no_action": 1, "text_spotted": 1, "bad_image": 1}
     assert list(df.columns[:4]) == ["key", "caption", "noise", "complexity"]
     from diht_core.data.shards import read_samples
     assert [s["key"] for s in read_samples(out_tar)] == ["000000000", "000000003"]
     # done shards are skipped; a changed config redoes the shard
-    assert filter_shard(src, out_tar, out_pq, CatFilterParams()) == {"skipped_done": 1}
-    assert "skipped_done" not in filter_shard(src, out_tar, out_pq, CatFilterParams(require_action=False))
+    assert filter_shard(src, out_tar, out_pq, CatFilterParams(), 10**8) == {"skipped_done": 1}
+    assert "skipped_done" not in filter_shard(src, out_tar, out_pq, CatFilterParams(require_action=False), 10**8)
     assert pd.read_parquet(out_pq).reason.tolist()[1] == "kept"
     # a truncated parquet (killed run) is redone
     out_pq.write_bytes(out_pq.read_bytes()[:50])
-    assert "skipped_done" not in filter_shard(src, out_tar, out_pq, CatFilterParams())
+    assert "skipped_done" not in filter_shard(src, out_tar, out_pq, CatFilterParams(), 10**8)
 
 
 def test_doctr_without_weights_is_a_clear_error(monkeypatch, tmp_path):

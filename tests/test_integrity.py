@@ -20,7 +20,7 @@ from diht_core.train.checkpoint import LATEST, PREVIOUS
 
 from conftest import ROOT, project_env
 from test_distributed import _mini_project
-from test_train import SIZE, _pseudo, _run, _shards
+from test_train import MAX_PIXELS, SIZE, _pseudo, _run, _shards
 
 HOLD = ("import sys\nfrom diht_core.data.lock import data_lock\nwith data_lock(sys.argv[1], 'cat_filter'):\n"
         "    print('held', flush=True)\n    sys.stdin.read()\n")
@@ -93,7 +93,7 @@ def trainset(tmp_path_factory):
     from diht_core.models import create_model
 
     torch.manual_seed(0)
-    return load_train_set(d, SIZE, create_model("diht-tiny-vit")[2], _pseudo(keys))
+    return load_train_set(d, SIZE, create_model("diht-tiny-vit")[2], MAX_PIXELS, _pseudo(keys))
 
 
 CFG = dict(seed=0, steps=6, batch_size=8, warmup_steps=2, checkpoint_every=2, log_every=1, lambda_obj=0.5,

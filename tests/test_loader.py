@@ -12,6 +12,7 @@ from diht_core.models import create_model
 from diht_core.data.pseudo_labels import save_shard
 
 N_OBJ, N_ATTR = 12, 8
+MAX_PIXELS = 89_478_485  # download.url_list.max_pixels
 
 
 def _setup(tmp_path, n_shards=4, per_shard=10, drop=()):
@@ -40,7 +41,8 @@ def test_join_is_correct_on_shuffled_shards(tmp_path, workers):
     keys = _setup(tmp_path)
     _, _, tok = create_model("diht-tiny-vit")
     pl = SparsePseudoLabels(tmp_path / "pl", N_OBJ, N_ATTR)
-    loader = make_loader(tmp_path / "shards", 32, tok, batch_size=7, workers=workers, pseudo=pl, seed=3)
+    loader = make_loader(tmp_path / "shards", 32, tok, batch_size=7, max_pixels=MAX_PIXELS, workers=workers, pseudo=pl,
+                         seed=3)
     seen = []
     for batch in loader:
         assert batch["image"].shape[1:] == (3, 32, 32) and batch["text"].shape[0] == len(batch["key"])
@@ -58,10 +60,11 @@ def test_missing_pseudo_label_is_an_error_or_a_counted_skip(tmp_path):
     _, _, tok = create_model("diht-tiny-vit")
     pl = SparsePseudoLabels(tmp_path / "pl", N_OBJ, N_ATTR)
     with pytest.raises(KeyError, match="no pseudo-label"):
-        for _ in make_loader(tmp_path / "shards", 32, tok, 8, workers=0, pseudo=pl, missing="error"):
+        for _ in make_loader(tmp_path / "shards", 32, tok, 8, MAX_PIXELS, workers=0, pseudo=pl, missing="error"):
             pass
-    batches = list(make_loader(tmp_path / "shards", 32, tok, 8, workers=2, pseudo=pl, missing="skip"))
+    batches = list(make_loader(tmp_path / "shards", 32, tok, 8, MAX_PIXELS, workers=2, pseudo=pl, missing="skip"))
     assert sum(b["skipped"] for b in batches) == 2
+    assert sum(b["skipped_by_reason"].get("missing_pseudo_label", 0) for b in batches) == 2
     assert sum(len(b["key"]) for b in batches) == 38
 
 
@@ -74,7 +77,7 @@ def test_streaming_resume_replays_to_the_exact_next_batch(tmp_path, resample, wo
     model, _, tok = create_model("diht-tiny-vit")
 
     def loader(seed, batch_size):
-        return make_loader(tmp_path / "shards", 32, tok, batch_size, workers, seed=seed, shuffle_buffer=20,
+        return make_loader(tmp_path / "shards", 32, tok, batch_size, MAX_PIXELS, workers, seed=seed, shuffle_buffer=20,
                            resample=resample, captions_per_image=2)
 
     def data():

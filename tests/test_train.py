@@ -12,6 +12,7 @@ from diht_core.config import TrainParams
 from diht_core.train import batch_indices, cosine_lr, load_train_set, train
 
 SIZE = image_size(create_model("diht-tiny-vit")[0])
+MAX_PIXELS = 89_478_485  # download.url_list.max_pixels
 
 
 def test_cosine_lr_is_a_function_of_the_step():
@@ -72,14 +73,15 @@ def test_train_set_joins_pseudo_labels_by_key(tmp_path):
     keys = _shards(tmp_path)
     _, _, tok = create_model("diht-tiny-vit")
     pl = _pseudo(keys)
-    ts = load_train_set(tmp_path, SIZE, tok, pl)
+    ts = load_train_set(tmp_path, SIZE, tok, MAX_PIXELS, pl)
     assert ts.keys == keys and len(ts.caption_index[1]) == 2
     for i, k in enumerate(ts.keys):
         assert torch.equal(ts.obj_targets[i], pl["objects"][pl["index"][k]])
     with pytest.raises(KeyError, match="000000005"):
-        load_train_set(tmp_path, SIZE, tok, _pseudo(keys, drop={"000000005"}), missing="error")
-    ts = load_train_set(tmp_path, SIZE, tok, _pseudo(keys, drop={"000000005"}), missing="skip")
+        load_train_set(tmp_path, SIZE, tok, MAX_PIXELS, _pseudo(keys, drop={"000000005"}), missing="error")
+    ts = load_train_set(tmp_path, SIZE, tok, MAX_PIXELS, _pseudo(keys, drop={"000000005"}), missing="skip")
     assert ts.skipped == 1 and "000000005" not in ts.keys
+    assert ts.faults.by_reason == {"missing_pseudo_label": 1}
 
 
 def _run(tmp_path, data, cfg, stop_at=None):
@@ -105,7 +107,7 @@ def test_resume_continues_the_same_run(tmp_path):
     keys = _shards(tmp_path)
     _, _, tok = create_model("diht-tiny-vit")
     torch.manual_seed(0)
-    data = load_train_set(tmp_path, SIZE, tok, _pseudo(keys))
+    data = load_train_set(tmp_path, SIZE, tok, MAX_PIXELS, _pseudo(keys))
     cfg = TrainParams(seed=0, steps=6, batch_size=8, warmup_steps=2, checkpoint_every=2, log_every=1,
                       lambda_obj=0.5, lambda_attr=0.5)
     straight, out = _run(tmp_path / "a", data, cfg)
@@ -121,7 +123,7 @@ def test_resume_continues_the_same_run(tmp_path):
 def test_checkpoint_of_other_data_is_not_resumed(tmp_path):
     _shards(tmp_path)
     _, _, tok = create_model("diht-tiny-vit")
-    data = load_train_set(tmp_path, SIZE, tok)
+    data = load_train_set(tmp_path, SIZE, tok, MAX_PIXELS)
     cfg = TrainParams(seed=0, steps=4, batch_size=8, warmup_steps=1, checkpoint_every=2, log_every=1)
     assert _run(tmp_path / "d", data, cfg, stop_at=3) == (None, None)
     data.images = data.images.flip(-1)  # same config, different data
@@ -169,7 +171,7 @@ def test_train_with_hard_negative_and_sigmoid_losses(tmp_path, loss, extra):
     torch.manual_seed(0)
     kw = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if loss == "sigmoid" else {}
     model, _, tok = create_model("diht-tiny-vit", **kw)
-    data = load_train_set(tmp_path, SIZE, tok)
+    data = load_train_set(tmp_path, SIZE, tok, MAX_PIXELS)
     cfg = TrainParams(seed=0, steps=3, batch_size=8, warmup_steps=1, log_every=1, loss=loss, **extra)
     out = train(model, data, cfg, tmp_path / "ck")
     assert len(out["history"]) == 3 and all(math.isfinite(h["loss"]) for h in out["history"])
@@ -183,8 +185,8 @@ def test_sigmoid_loss_needs_a_bias(tmp_path):
     _shards(tmp_path)
     model, _, tok = create_model("diht-tiny-vit")
     with pytest.raises(ValueError, match="logit_bias"):
-        train(model, load_train_set(tmp_path, SIZE, tok), TrainParams(seed=0, steps=1, batch_size=8, loss="sigmoid"),
-              tmp_path / "ck")
+        train(model, load_train_set(tmp_path, SIZE, tok, MAX_PIXELS),
+              TrainParams(seed=0, steps=1, batch_size=8, loss="sigmoid"), tmp_path / "ck")
 
 
 @pytest.mark.parametrize("loss", ["infonce", "hn-nce", "sigmoid"])
@@ -196,7 +198,7 @@ def test_accumulation_and_checkpointing_match_one_full_batch(tmp_path, loss):
     kw = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if loss == "sigmoid" else {}
     extra = {"hn_beta": 0.5} if loss == "hn-nce" else {}
     _, _, tok = create_model("diht-tiny-vit")
-    data = load_train_set(tmp_path, SIZE, tok, _pseudo(keys))
+    data = load_train_set(tmp_path, SIZE, tok, MAX_PIXELS, _pseudo(keys))
 
     def one_step(**cfg_kw):
         torch.manual_seed(0)
@@ -220,7 +222,7 @@ def test_bf16_autocast_trains(tmp_path):
     _shards(tmp_path)
     torch.manual_seed(0)
     model, _, tok = create_model("diht-tiny-vit")
-    out = train(model, load_train_set(tmp_path, SIZE, tok),
+    out = train(model, load_train_set(tmp_path, SIZE, tok, MAX_PIXELS),
                 TrainParams(seed=0, steps=2, batch_size=8, warmup_steps=1, log_every=1, precision="bf16"), tmp_path / "ck")
     assert all(math.isfinite(h["loss"]) for h in out["history"])
 
@@ -228,7 +230,7 @@ def test_bf16_autocast_trains(tmp_path):
 def test_several_captions_per_image_are_consecutive_rows_of_that_image(tmp_path):
     keys = _shards(tmp_path)  # odd samples have 2 captions, even ones 1
     _, _, tok = create_model("diht-tiny-vit")
-    data = load_train_set(tmp_path, SIZE, tok)
+    data = load_train_set(tmp_path, SIZE, tok, MAX_PIXELS)
     cfg = TrainParams(seed=0, steps=2, batch_size=8, captions_per_image=3, loss="sigmoid")
     for step, batch in enumerate(data.batches(cfg, 0)):
         idx = batch_indices(step, len(data), 8, 0).tolist()
@@ -249,7 +251,7 @@ def test_several_captions_per_image_are_consecutive_rows_of_that_image(tmp_path)
 def test_torch_compile_trains_like_eager(tmp_path):
     _shards(tmp_path)
     _, _, tok = create_model("diht-tiny-vit")
-    data = load_train_set(tmp_path, SIZE, tok)
+    data = load_train_set(tmp_path, SIZE, tok, MAX_PIXELS)
 
     def losses(**kw):
         torch.manual_seed(0)

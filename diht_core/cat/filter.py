@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..data.shards import FAULTS
 from .parser import ParsedCaption
 from .spotting import matched_text
 
-REASONS = ("kept", "corrupt_image", "low_complexity", "no_action", "text_spotted")
+# a sample with a fault of the shard reader (FAULTS) is dropped before the caption and text-spotting rules
+REASONS = ("kept", *FAULTS, "low_complexity", "no_action", "text_spotted")
 
 
 @dataclass(frozen=True)

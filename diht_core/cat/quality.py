@@ -7,6 +7,7 @@ import re
 import pandas as pd
 
 from ..data.scenes import COLOURS, COUNT_WORDS, SHAPES, SIZES
+from ..data.shards import FAULTS
 
 GRAMMAR_NOUNS = set(SHAPES) | {"shape", "picture", "left", "right", "top", "bottom"}
 GRAMMAR_ATTRIBUTES = set(COLOURS) | set(SIZES) | set(COUNT_WORDS.values())
@@ -32,7 +33,7 @@ def cat_quality(df: pd.DataFrame) -> dict:
       of parsed ones that belong to the grammar (precision);
     - the whole filter as a detector of junk and painted-text pairs.
     """
-    known = df[df.noise.notna() & (df.reason != "corrupt_image")]
+    known = df[df.noise.notna() & ~df.reason.isin(FAULTS)]
     if known.empty:
         return {}
     grammar = known[known.noise != "junk"]

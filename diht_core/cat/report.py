@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..data.files import atomic_write_text
-from ..data.shards import iter_shard
+from ..data.shards import FAULTS, iter_shard
 from ..plots import pyplot, save_figure
 from .filter import REASONS
 from .quality import cat_quality
@@ -46,7 +46,7 @@ def funnel_png(funnel: dict, path: Path) -> None:
 def examples_html(df: pd.DataFrame, shards, path: Path, per_reason: int = 6) -> None:
     """A page of example dropped pairs for each reason."""
     want = {r: df[df.reason == r].key.head(per_reason).tolist() for r in REASONS if r != "kept"}
-    keys = {k for ks in want.values() for k in ks}
+    keys = {k for r, ks in want.items() if r not in FAULTS for k in ks}  # no image shown for a bad one
     images = {}
     for shard in shards:
         for s in iter_shard(shard):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
-import os
 from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -15,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import CatFilterParams
-from ..data.shards import decode_image, iter_shard, write_shard
+from ..data.files import atomic_path
+from ..data.shards import SampleFault, iter_shard, open_image, parse_sample, write_shard
 from .filter import caption_decision, decide
 from .parser import parse_captions
 
@@ -50,10 +50,11 @@ def code_version() -> str:
     return h.hexdigest()[:16]
 
 
-def shard_digest(in_path: str | Path, cfg: CatFilterParams) -> str:
-    """Identifies the work of one shard: the input bytes, the filter config and the code."""
+def shard_digest(in_path: str | Path, cfg: CatFilterParams, max_pixels: int) -> str:
+    """Identifies the work of one shard: the input bytes, the filter config, the pixel limit and the code."""
     h = hashlib.sha256(Path(in_path).read_bytes())
     h.update(config_digest(cfg).encode())
+    h.update(str(max_pixels).encode())
     h.update(code_version().encode())
     return h.hexdigest()[:24]
 
@@ -68,18 +69,28 @@ def shard_done(parquet_path: Path, digest: str) -> bool:
     return meta.get(b"cat_digest", b"").decode() == digest
 
 
-def filter_shard(in_path: str | Path, out_tar: str | Path, out_parquet: str | Path, cfg: CatFilterParams) -> dict:
-    """Filter one shard; returns the per-reason counts.
+def filter_shard(in_path: str | Path, out_tar: str | Path, out_parquet: str | Path, cfg: CatFilterParams,
+                 max_pixels: int) -> dict:
+    """Filter one shard; returns the per-reason counts (and "truncated": samples read before the cut, if cut).
 
-    A shard is done when its parquet exists with the same digest (``shard_digest``); a killed run redoes
-    only unfinished shards (outputs are written atomically, parquet last).
+    Every key read gets a decision row; a sample with a fault (bad json, missing or empty caption, bad image, more
+    than max_pixels in its header) is dropped with that reason. A truncated shard is recorded in the parquet's
+    metadata (``shard_truncation``). A shard is done when its parquet exists with the same digest
+    (``shard_digest``); a killed run redoes only unfinished shards (outputs are written atomically, parquet last).
     """
     out_tar, out_parquet = Path(out_tar), Path(out_parquet)
-    digest = shard_digest(in_path, cfg)
+    digest = shard_digest(in_path, cfg, max_pixels)
     if shard_done(out_parquet, digest) and out_tar.exists():
         return {"skipped_done": 1}
-    raw = list(iter_shard(in_path))
-    captions = [s.get("txt", b"").decode("utf-8", errors="replace") for s in raw]
+    raw, samples, truncated = [], [], None
+    for r in iter_shard(in_path):
+        s = parse_sample(r, need_caption=True)  # json and caption; the image is decoded one at a time below
+        if s["fault"] == "truncated":
+            truncated = {"read": s["read"], "error": s["error"]}
+        else:
+            raw.append(r)
+            samples.append(s)
+    captions = [(s.get("captions") or [s.get("txt", "")])[0] for s in samples]
     parsed = parse_captions(captions, batch_size=cfg.parse_batch_size)
     spotter = None
     if cfg.text_spotting:
@@ -87,14 +98,14 @@ def filter_shard(in_path: str | Path, out_tar: str | Path, out_parquet: str | Pa
 
         spotter = get_spotter(cfg.spotter)
     rows, kept = [], []
-    for s, cap, pc in zip(raw, captions, parsed):
-        meta = json.loads(s["json"]) if "json" in s else {}
+    for r, s, cap, pc in zip(raw, samples, captions, parsed):
         spotted: list = []
         try:
-            image = decode_image(s.get("jpg") or s.get("png") or s.get("webp") or b"")
-        except ValueError:
-            d = None
-            reason, keep, matched = "corrupt_image", False, None
+            if s["fault"] is not None:
+                raise SampleFault(s["fault"], s["error"])
+            image = open_image(s.get("image_bytes"), max_pixels)
+        except SampleFault as fault:
+            reason, keep, matched = fault.reason, False, None
         else:
             d = caption_decision(pc, cfg.min_complexity, cfg.require_action)
             if d is None and spotter is not None:
@@ -103,34 +114,49 @@ def filter_shard(in_path: str | Path, out_tar: str | Path, out_parquet: str | Pa
                             min_chars=cfg.min_chars, min_confidence=cfg.min_confidence)
             reason, keep, matched = d.reason, d.kept, d.matched
         rows.append({
-            "key": s["__key__"], "caption": cap, "noise": meta.get("noise"), "complexity": pc.complexity,
-            "has_action": pc.has_action, "objects": list(pc.objects), "attributes": [a for _, a in pc.attributes],
-            "spotted_text": " | ".join(t for t, _ in spotted), "matched_text": matched, "kept": keep,
-            "reason": reason,
+            "key": s["key"], "caption": cap, "noise": (s.get("json") or {}).get("noise"),
+            "complexity": pc.complexity, "has_action": pc.has_action, "objects": list(pc.objects),
+            "attributes": [a for _, a in pc.attributes], "spotted_text": " | ".join(t for t, _ in spotted),
+            "matched_text": matched, "kept": keep, "reason": reason,
         })
         if keep:
-            kept.append({k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"})
+            kept.append({k: v for k, v in r.items() if not k.startswith("__") or k == "__key__"})
     write_shard(out_tar, kept)
     table = pa.Table.from_pandas(pd.DataFrame(rows, columns=COLUMNS), preserve_index=False)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"cat_digest": digest.encode()})
-    out_parquet.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_parquet.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, out_parquet)
+    meta = {b"cat_digest": digest.encode()}
+    if truncated is not None:
+        meta[b"cat_truncated"] = json.dumps(truncated).encode()
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
+    with atomic_path(out_parquet) as tmp:
+        pq.write_table(table, tmp)
     counts: dict = {"in": len(rows)}
     for r in rows:
         counts[r["reason"]] = counts.get(r["reason"], 0) + 1
+    if truncated is not None:
+        counts["truncated"] = truncated["read"]
     return counts
 
 
-def shard_jobs(shards: list[Path], out_dir: Path, dec_dir: Path, cfg: CatFilterParams) -> list[tuple]:
+def shard_truncation(parquets: list[Path]) -> dict[str, dict]:
+    """{shard name: {"read": samples before the cut, "error"}} of the truncated raw shards, from the decisions'
+    metadata (so a resumed run reports them too)."""
+    out = {}
+    for f in parquets:
+        cut = (pq.read_schema(f).metadata or {}).get(b"cat_truncated")
+        if cut is not None:
+            out[f"{f.stem}.tar"] = json.loads(cut)
+    return out
+
+
+def shard_jobs(shards: list[Path], out_dir: Path, dec_dir: Path, cfg: CatFilterParams, max_pixels: int
+               ) -> list[tuple]:
     """filter_shard's arguments for each raw shard; outputs of shards that no longer exist are removed."""
     names = {s.stem for s in shards}
     for d, ext in ((out_dir, ".tar"), (dec_dir, ".parquet")):
         for f in d.glob(f"*{ext}") if d.exists() else []:
             if f.stem not in names:
                 f.unlink()
-    return [(s, out_dir / s.name, dec_dir / f"{s.stem}.parquet", cfg) for s in shards]
+    return [(s, out_dir / s.name, dec_dir / f"{s.stem}.parquet", cfg, max_pixels) for s in shards]
 
 
 def filter_job(job: tuple) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -13,28 +14,31 @@ from tqdm import tqdm
 
 from ..config import TeacherParams
 from ..data.files import atomic_savez
-from ..data.shards import load_split, read_decoded
+from ..data.shards import Faults, load_split, read_decoded
 from .teacher import features
 
 
 def _load_cache(path: Path, digest: str):
-    """(keys, fp32 features) from a feature cache file, or None if missing, stale or unreadable."""
+    """(keys, fp32 features, {fault reason: samples skipped}) from a feature cache file, or None if missing, stale
+    or unreadable."""
     try:
         z = np.load(path)
         if str(z["digest"]) != digest:
             return None
-        return z["keys"].tolist(), torch.from_numpy(z["features"].astype(np.float32))
+        return (z["keys"].tolist(), torch.from_numpy(z["features"].astype(np.float32)),
+                json.loads(str(z["faults"])))
     except (OSError, ValueError, KeyError, EOFError):
         return None
 
 
-def cached_features(model, shards: list[Path], cache_dir: Path, teacher_file: Path, t: TeacherParams):
+def cached_features(model, shards: list[Path], cache_dir: Path, teacher_file: Path, t: TeacherParams, max_pixels: int):
     """Teacher features of every sample of these shards, one fp16 .npz per shard in cache_dir, reused while its
     digest (teacher weights, arch, image size, shard content) matches; cache files of other shards are removed.
-    Returns (keys, fp32 features [N, D] as stored in fp16, number of shards reused)."""
+    A sample with a fault is skipped and counted (the counts are cached with the features).
+    Returns (keys, fp32 features [N, D] as stored in fp16, number of shards reused, Faults)."""
     cache_dir.mkdir(exist_ok=True)
     teacher_digest = hashlib.sha256(teacher_file.read_bytes() + f"{t.arch}/{t.image_size}".encode())
-    keys, feats = [], []
+    keys, feats, faults = [], [], Faults()
     reused = 0
     for shard in tqdm(shards, desc="teacher features", mininterval=2.0):
         cache = cache_dir / f"{shard.stem}.npz"
@@ -45,23 +49,26 @@ def cached_features(model, shards: list[Path], cache_dir: Path, teacher_file: Pa
         if cached is not None:
             keys.extend(cached[0])
             feats.append(cached[1])
+            faults.merge(*cached[2])
             reused += 1
             continue
-        ks, ims = [], []
-        for s in read_decoded([shard], t.image_size):
-            if s["image"] is None:
-                raise ValueError(f"sample {s['key']!r} of {shard}: no readable image")
+        ks, ims, shard_faults = [], [], Faults()
+        for s in read_decoded([shard], t.image_size, max_pixels):
+            if shard_faults.skip(s):
+                continue
             ks.append(s["key"])
             ims.append(s["image"])
+        faults.merge(shard_faults.by_reason, shard_faults.truncated)
         f = features(model, torch.stack(ims)) if ims else torch.zeros(0, model.num_features)
         atomic_savez(cache, keys=np.array(ks, dtype=str), features=f.numpy().astype(np.float16),
-                     digest=np.array(digest))
+                     digest=np.array(digest),
+                     faults=np.array(json.dumps([shard_faults.by_reason, shard_faults.truncated])))
         keys.extend(ks)
         feats.append(f.half().float())
     for stale in list(cache_dir.glob("*.npz")):
         if stale.stem not in {s.stem for s in shards}:
             stale.unlink()
-    return keys, torch.cat(feats), reused
+    return keys, torch.cat(feats), reused, faults
 
 
 def probe_accuracy(train_x, train_y, test_x, test_y) -> float:
@@ -70,8 +77,9 @@ def probe_accuracy(train_x, train_y, test_x, test_y) -> float:
     return float(clf.score(test_x, test_y))
 
 
-def split_probe_accuracy(encode: Callable[[torch.Tensor], torch.Tensor], directory: Path, size: int) -> float:
+def split_probe_accuracy(encode: Callable[[torch.Tensor], torch.Tensor], directory: Path, size: int,
+                         max_pixels: int) -> float:
     """The linear probe on the features ``encode`` gives of directory/train and directory/test (images at size)."""
-    tr, te = load_split(directory / "train", size), load_split(directory / "test", size)
+    tr, te = load_split(directory / "train", size, max_pixels), load_split(directory / "test", size, max_pixels)
     return probe_accuracy(encode(tr["images"]).numpy(), tr["cls"].numpy(), encode(te["images"]).numpy(),
                           te["cls"].numpy())

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from ..config import TeacherParams
 from ..data.images import normalize_images
 from ..data.scenes import COLOURS, RELATIONS, SHAPES, SIZES
-from ..data.shards import read_decoded, shard_paths
+from ..data.shards import Faults, read_decoded, shard_paths
 from ..models import create_model, image_size
 from .soft_targets import SoftTargetCrossEntropy
 from .vocabulary import multi_hot, sqrt_resampling_weights
@@ -31,15 +31,22 @@ def label_vector(labels: dict) -> np.ndarray:
     return np.array([1.0 if name in on else 0.0 for name in LABELS], dtype=np.float32)
 
 
-def load_teacher_split(directory: str | Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The labelled teacher split: uint8 images at ``size`` and their [N, len(LABELS)] multi-hot labels."""
-    images, labels = [], []
-    for s in read_decoded(shard_paths(directory), size):
-        if s["image"] is None:
-            raise ValueError(f"sample {s['key']!r} of {directory}: no readable image")
+def load_teacher_split(directory: str | Path, size: int, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor, Faults]:
+    """The labelled teacher split: uint8 images at ``size``, their [N, len(LABELS)] multi-hot labels, and the
+    samples skipped by reason (a fault, or a json without valid "labels": bad_json)."""
+    images, labels, faults = [], [], Faults()
+    for s in read_decoded(shard_paths(directory), size, max_pixels):
+        if faults.skip(s):
+            continue
+        try:
+            labels.append(label_vector(s["json"]["labels"]))
+        except (KeyError, TypeError):
+            faults.count("bad_json")
+            continue
         images.append(s["image"])
-        labels.append(label_vector(s["json"]["labels"]))
-    return torch.stack(images), torch.from_numpy(np.stack(labels))
+    if not images:
+        raise ValueError(f"no usable sample in the teacher split {directory}: {faults.summary()}")
+    return torch.stack(images), torch.from_numpy(np.stack(labels)), faults
 
 
 class OpenCLIPTower(torch.nn.Module):

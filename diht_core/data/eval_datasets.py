@@ -398,16 +398,18 @@ def load_cc_validation(tsv_path: str | Path, shard_dir: str | Path) -> dict:
             "missing": missing, "total": len(rows)}
 
 
-def load_synthetic(root: str | Path, kind: str, image_size: int, split: str = "test") -> dict:
+def load_synthetic(root: str | Path, kind: str, image_size: int, split: str = "test",
+                   max_pixels: int | None = None) -> dict:
     """A split of a synthetic task in the loaders' form; images: uint8 [N, 3, image_size, image_size].
 
     The tasks of ``diht_core.data.synthetic`` use the wds layout; the split is read whole, with the images
     decoded up front at the model's image size.
 
     VQA adds ``answers`` (the candidates of each question). Captions are the ``txt`` lines as written.
+    A bad sample (see data/shards.py FAULTS; max_pixels checked in the header) is an error naming shard and key.
     """
     root = Path(root)
-    data = load_split(root / split, image_size)
+    data = load_split(root / split, image_size, max_pixels)
     if kind == "classification":
         return {"images": data["images"], "labels": data["cls"], "classnames": _read_lines(root / "classnames.txt"),
                 "templates": _read_lines(root / "zeroshot_classification_templates.txt")}

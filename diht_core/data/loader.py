@@ -3,7 +3,6 @@ each sample with its two sparse pseudo-label vectors by key."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,43 +11,44 @@ import webdataset as wds
 
 from .images import image_to_uint8
 from .pseudo_labels import SparsePseudoLabels
-from .shards import decode_image, shard_paths
+from .shards import Faults, iter_shard, parse_sample, shard_paths
 
 
 class _Join:
-    """Turns a raw webdataset sample into (key, image uint8, tokens, obj, attr), or a counted skip."""
+    """Turns a raw webdataset sample into (key, image uint8, tokens, obj, attr), or a skip: {"skip": the parsed
+    sample with its fault} (a bad sample, a truncated shard, or a key without pseudo-label under missing="skip")."""
 
-    def __init__(self, image_size: int, tokenizer, pseudo: SparsePseudoLabels | None, missing: str, seed: int,
-                 captions_per_image: int = 1):
+    def __init__(self, image_size: int, tokenizer, max_pixels: int, pseudo: SparsePseudoLabels | None, missing: str,
+                 seed: int, captions_per_image: int = 1):
         self.image_size, self.tokenizer, self.pseudo, self.missing = image_size, tokenizer, pseudo, missing
-        self.k = captions_per_image
+        self.max_pixels, self.k = max_pixels, captions_per_image
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, raw: dict):
-        key = raw["__key__"]
+        s = parse_sample(raw, self.max_pixels, need_caption=True)
+        if s["fault"] is not None:
+            return {"skip": {k: s[k] for k in ("key", "shard", "fault", "read", "error") if k in s}}
+        key = s["key"]
         if self.pseudo is not None and key not in self.pseudo:
             if self.missing == "error":
                 raise KeyError(f"no pseudo-label for sample key {key!r} (pseudo_labels.missing=error)")
-            return {"skip": 1}
-        try:
-            image = image_to_uint8(decode_image(raw.get("jpg") or raw.get("png") or b""), self.image_size)
-        except ValueError:
-            return {"skip": 1}
-        meta = json.loads(raw["json"]) if "json" in raw else {}
-        captions = meta.get("captions") or [raw.get("txt", b"").decode("utf-8", errors="replace")]
+            return {"skip": {"key": key, "fault": "missing_pseudo_label"}}
+        image = image_to_uint8(s["pil"], self.image_size)
+        captions = s["captions"]
         if self.k == 1:  # several captions: one per visit
             texts = [captions[int(self.rng.integers(len(captions)))]]
         else:  # K of them (cycled when there are fewer), all positives of this image
             order = self.rng.permutation(len(captions))
             texts = [captions[order[j % len(order)]] for j in range(self.k)]
-        out = {"skip": 0, "key": key, "image": image, "text": self.tokenizer(texts)}
+        out = {"skip": None, "key": key, "image": image, "text": self.tokenizer(texts)}
         if self.pseudo is not None:
             out["obj"], out["attr"] = self.pseudo.dense(key)
         return out
 
 
-def _collate(kept: list[dict], skipped: int) -> dict:
-    batch = {"skipped": skipped, "key": [s["key"] for s in kept]}
+def _collate(kept: list[dict], faults: Faults) -> dict:
+    batch = {"skipped": faults.skipped, "skipped_by_reason": faults.by_reason, "truncated": faults.truncated,
+             "key": [s["key"] for s in kept]}
     for name in ("image", "obj", "attr"):
         if kept and name in kept[0]:
             batch[name] = torch.stack([s[name] for s in kept])
@@ -58,24 +58,31 @@ def _collate(kept: list[dict], skipped: int) -> dict:
 
 
 def _batch_kept(batch_size: int, partial: bool):
-    """Batches of exactly `batch_size` kept samples (a smaller last one when partial), each with the count of
-    samples skipped on its way: a skip never shrinks a batch, so every rank's batch has the same size."""
+    """Batches of exactly `batch_size` kept samples (a smaller last one when partial), each with the samples skipped
+    on its way (``skipped``, ``skipped_by_reason``) and the shards found truncated (``truncated``): a skip never
+    shrinks a batch, so every rank's batch has the same size."""
     def stage(src):
-        kept, skipped = [], 0
+        kept, faults = [], Faults()
         for s in src:
-            if s["skip"]:
-                skipped += 1
+            if s["skip"] is not None:
+                faults.skip(s["skip"])
                 continue
             kept.append(s)
             if len(kept) == batch_size:
-                yield _collate(kept, skipped)
-                kept, skipped = [], 0
-        if (kept and partial) or skipped:
-            yield _collate(kept if partial else [], skipped)
+                yield _collate(kept, faults)
+                kept, faults = [], Faults()
+        if (kept and partial) or faults.by_reason or faults.truncated:
+            yield _collate(kept if partial else [], faults)
     return stage
 
 
-def make_loader(shard_dir: str | Path, image_size: int, tokenizer, batch_size: int, workers: int = 0,
+def _shard_samples(src):
+    """The raw samples of each shard of the stream ({"url": path}), by the one shard reader (data/shards.py)."""
+    for shard in src:
+        yield from iter_shard(shard["url"])
+
+
+def make_loader(shard_dir: str | Path, image_size: int, tokenizer, batch_size: int, max_pixels: int, workers: int = 0,
                 pseudo: SparsePseudoLabels | None = None, missing: str = "error", seed: int = 0,
                 shuffle_buffer: int = 1000, resample: bool = False,
                 captions_per_image: int = 1) -> torch.utils.data.DataLoader:
@@ -84,9 +91,10 @@ def make_loader(shard_dir: str | Path, image_size: int, tokenizer, batch_size: i
     resample=False: shard order shuffled by seed, split across ranks and workers, partial last batch.
     resample=True: an endless stream of shards drawn with replacement (per rank and worker), full batches;
     the caller decides how many batches make an epoch.  Samples are shuffled in a seeded buffer.
-    Batches are dicts: key, image (uint8), text (K rows per image), obj, attr, skipped.
-    A sample whose key has no pseudo-label is an error (missing="error") or is skipped and counted
-    (missing="skip"); the count travels with each batch, so no worker ever hangs on it."""
+    Batches are dicts: key, image (uint8), text (K rows per image), obj, attr, skipped, skipped_by_reason, truncated.
+    A sample with a fault (data/shards.py FAULTS, max_pixels checked in the header) is skipped and counted; one whose
+    key has no pseudo-label is an error (missing="error") or is skipped and counted (missing="skip"); the counts
+    travel with each batch, so no worker ever hangs on them."""
     urls = [str(p) for p in shard_paths(shard_dir)]
     if not urls:
         raise FileNotFoundError(f"no shards in {shard_dir}")
@@ -97,9 +105,9 @@ def make_loader(shard_dir: str | Path, image_size: int, tokenizer, batch_size: i
                   wds.split_by_worker]
     ds = wds.DataPipeline(
         *shards,
-        wds.tarfile_to_samples(),
+        _shard_samples,
         wds.shuffle(shuffle_buffer, seed=seed),
-        wds.map(_Join(image_size, tokenizer, pseudo, missing, seed, captions_per_image)),
+        wds.map(_Join(image_size, tokenizer, max_pixels, pseudo, missing, seed, captions_per_image)),
         _batch_kept(batch_size, partial=not resample))
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
                                        persistent_workers=False, worker_init_fn=_seed_worker(seed))

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import sys
 import tarfile
+import warnings
+import zlib
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 import webdataset as wds
 from PIL import Image
+from webdataset.tariterators import base_plus_ext
 
 from .files import atomic_path
 from .images import image_to_uint8
@@ -44,51 +49,206 @@ def write_shard(path: str | Path, samples: list[dict]) -> None:
             sink.write(s)
 
 
+# What makes one sample unusable, checked in this order: its json, its caption, its image (the header size first)
+FAULTS = ("bad_json", "missing_caption", "empty_caption", "bad_image", "too_many_pixels")
+IMAGE_EXTS = ("jpg", "png", "webp")
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped as webdataset skips them
+_BLOCK = tarfile.BLOCKSIZE
+
+
+class SampleFault(ValueError):
+    """One sample is unusable; ``reason`` is one of FAULTS."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason, self.message = reason, message
+
+
+def _members(path: Path) -> Iterator[tuple[str | None, bytes | str]]:
+    """(name, bytes) of the regular members of a tar, in order; a last (None, error) when the tar stops before its
+    end-of-archive block (cut, even at a header boundary, or a corrupt header: the rest of it is lost)."""
+    with open(path, "rb") as f:
+        try:
+            with tarfile.open(fileobj=f, mode="r:*") as tar:
+                for m in tar:
+                    if m.isreg() and not _META.match(m.name):
+                        yield m.name, tar.extractfile(m).read()
+                tar.fileobj.seek(tar.offset)
+                if tar.fileobj.read(_BLOCK) != bytes(_BLOCK):
+                    raise tarfile.ReadError(f"no end-of-archive block at byte {tar.offset}")
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+            yield None, f"{type(err).__name__}: {err}"
+
+
 def iter_shard(path: str | Path) -> Iterator[dict]:
-    """Raw samples of one shard: dict of key -> bytes, plus __key__."""
-    ds = wds.WebDataset(str(path), shardshuffle=False, empty_check=False)
-    for sample in ds:
-        yield sample
+    """Raw samples of one shard (webdataset's grouping: ``__key__``, ``__url__``, ext -> bytes), in order.
+
+    A truncated shard ends with a record {"__key__": None, "__url__", "__truncated__": {"read": samples before the
+    cut, "error"}} instead of raising; the sample being read at the cut is yielded as far as it was read."""
+    current, read = None, 0
+    for name, data in _members(Path(path)):
+        if name is None:
+            if current is not None:
+                yield current
+            yield {"__key__": None, "__url__": str(path), "__truncated__": {"read": read + (current is not None),
+                                                                           "error": data}}
+            return
+        key, ext = base_plus_ext(name)
+        if key is None:  # a member without an extension belongs to no sample
+            continue
+        if current is not None and key != current["__key__"]:
+            read += 1
+            yield current
+            current = None
+        current = current or {"__key__": key, "__url__": str(path)}
+        current.setdefault(ext.lower(), data)  # a duplicate member: the first one counts
+    if current is not None:
+        yield current
 
 
-def read_samples(path: str | Path) -> Iterator[dict]:
-    """Decoded samples: {"key", "image": PIL, "txt": str, "json": dict} (fields that exist)."""
-    for raw in iter_shard(path):
-        out = {"key": raw["__key__"]}
-        for ext in ("jpg", "png", "webp"):
-            if ext in raw:
-                out["image_bytes"] = raw[ext]
-                break
-        if "txt" in raw:
-            out["txt"] = raw["txt"].decode("utf-8", errors="replace")
+def open_image(data: bytes | None, max_pixels: int) -> Image.Image:
+    """RGB image of these bytes. SampleFault("too_many_pixels") when the header's width x height exceeds max_pixels
+    (before any pixel is decoded), SampleFault("bad_image") when it is missing or does not decode."""
+    if data is None:
+        raise SampleFault("bad_image", "no image member (jpg, png or webp)")
+    try:
+        with warnings.catch_warnings():  # max_pixels is the limit here, not PIL's warning (its error stays)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as err:
+        raise SampleFault("too_many_pixels", str(err)) from None
+    except Exception as err:  # PIL raises several types for corrupt data
+        raise SampleFault("bad_image", f"{type(err).__name__}: {err}") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise SampleFault("too_many_pixels", f"{w}x{h} pixels > max_pixels {max_pixels}")
+    try:
+        img.load()
+    except Exception as err:
+        raise SampleFault("bad_image", f"{type(err).__name__}: {err}") from None
+    return img.convert("RGB")
+
+
+def _json_object(data: bytes) -> dict:
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise SampleFault("bad_json", f"{type(err).__name__}: {err}") from None
+    if not isinstance(obj, dict):
+        raise SampleFault("bad_json", f"a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def sample_captions(s: dict) -> list[str]:
+    """The captions of a parsed sample: its json's "captions" when non-empty, else its txt; blank ones dropped.
+    SampleFault("missing_caption" | "empty_caption" | "bad_json")."""
+    captions = (s.get("json") or {}).get("captions")
+    if captions is not None and not (isinstance(captions, list) and all(isinstance(c, str) for c in captions)):
+        raise SampleFault("bad_json", "json \"captions\" is not a list of strings")
+    if not captions:
+        if "txt" not in s:
+            raise SampleFault("missing_caption", "no txt member and no json \"captions\"")
+        captions = [s["txt"]]
+    captions = [c for c in captions if c.strip()]
+    if not captions:
+        raise SampleFault("empty_caption", "every caption is blank")
+    return captions
+
+
+def parse_sample(raw: dict, max_pixels: int | None = None, need_caption: bool = False) -> dict:
+    """A raw sample's fields: key, shard, image_bytes, txt, json (an object), cls, captions (need_caption), pil (an
+    RGB image, decoded when max_pixels is given), and ``fault``: None or a reason of FAULTS (``error``: the
+    detail). A truncation record (see iter_shard) becomes {"key": None, "shard", "fault": "truncated", "read",
+    "error"}. Never raises on bad data."""
+    if "__truncated__" in raw:
+        return {"key": None, "shard": raw["__url__"], "fault": "truncated", **raw["__truncated__"]}
+    s = {"key": raw["__key__"], "shard": raw.get("__url__"), "fault": None}
+    image = next((raw[ext] for ext in IMAGE_EXTS if ext in raw), None)
+    if image is not None:
+        s["image_bytes"] = image
+    if "txt" in raw:
+        s["txt"] = raw["txt"].decode("utf-8", errors="replace")
+    if "cls" in raw:
+        s["cls"] = int(raw["cls"])
+    try:
         if "json" in raw:
-            out["json"] = json.loads(raw["json"])
-        if "cls" in raw:
-            out["cls"] = int(raw["cls"])
-        yield out
+            s["json"] = _json_object(raw["json"])
+        if need_caption:
+            s["captions"] = sample_captions(s)
+        if max_pixels is not None:
+            s["pil"] = open_image(image, max_pixels)
+    except SampleFault as fault:
+        s["fault"], s["error"] = fault.reason, fault.message
+    return s
 
 
-def read_decoded(paths: Iterable[str | Path], image_size: int) -> Iterator[dict]:
-    """The samples of these shards (as ``read_samples``) with ``image``: uint8 [3, S, S] at ``image_size``, or
-    None where the image is missing or corrupt (the caller skips and counts it, or fails)."""
+class Faults:
+    """What a stage skipped: samples per reason (FAULTS and any the stage adds) and the truncated shards (shard
+    name -> {"read": samples read before the cut, "error"})."""
+
+    def __init__(self):
+        self.by_reason: dict[str, int] = {}
+        self.truncated: dict[str, dict] = {}
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.by_reason.values())
+
+    def count(self, reason: str, n: int = 1) -> None:
+        self.by_reason[reason] = self.by_reason.get(reason, 0) + n
+
+    def skip(self, s: dict) -> bool:
+        """Count a parsed sample that has a fault (or a truncation record, reported on stderr); True when the caller
+        must skip it."""
+        if s["fault"] is None:
+            return False
+        if s["fault"] == "truncated":
+            name = Path(s["shard"]).name
+            self.truncated[name] = {"read": s["read"], "error": s["error"]}
+            print(f"[shards] {s['shard']} is truncated after {s['read']} samples; the rest is lost ({s['error']})",
+                  file=sys.stderr)
+        else:
+            self.count(s["fault"])
+        return True
+
+    def merge(self, by_reason: dict, truncated: dict) -> None:
+        for reason, n in by_reason.items():
+            self.count(reason, n)
+        self.truncated.update(truncated)
+
+    def summary(self) -> str:
+        return f"skipped by reason {self.by_reason}, truncated shards {self.truncated}"
+
+
+def read_samples(path: str | Path, max_pixels: int | None = None, need_caption: bool = False) -> Iterator[dict]:
+    """The samples of one shard, parsed (``parse_sample``), a truncation record last if the shard is cut."""
+    for raw in iter_shard(path):
+        yield parse_sample(raw, max_pixels, need_caption)
+
+
+def read_decoded(paths: Iterable[str | Path], image_size: int, max_pixels: int,
+                 need_caption: bool = False) -> Iterator[dict]:
+    """The samples of these shards (as ``read_samples``); those without a fault with ``image``: uint8
+    [3, S, S] at ``image_size``. The caller skips and counts the faults (``Faults``), or fails."""
     for path in paths:
-        for s in read_samples(path):
-            try:
-                s["image"] = image_to_uint8(decode_image(s["image_bytes"]), image_size)
-            except (ValueError, KeyError):
-                s["image"] = None
+        for s in read_samples(path, max_pixels, need_caption):
+            if s["fault"] is None:
+                s["image"] = image_to_uint8(s.pop("pil"), image_size)
             yield s
 
 
-def load_split(directory: str | Path, image_size: int) -> dict:
-    """A whole split in memory: images (uint8 at image_size), cls, txt and json of every sample."""
+def load_split(directory: str | Path, image_size: int, max_pixels: int | None = None) -> dict:
+    """A whole split of generated data in memory: images (uint8 at image_size), cls, txt and json of every sample.
+    Any fault is an error naming the shard, the key and the reason. max_pixels: None, PIL's own bomb limit only."""
     paths = shard_paths(directory)
     if not paths:
         raise FileNotFoundError(f"no shards in {directory}")
     images, cls, txt, meta = [], [], [], []
-    for s in read_decoded(paths, image_size):
-        if s["image"] is None:
-            raise ValueError(f"sample {s['key']!r} of {directory}: no readable image")
+    limit = max_pixels if max_pixels is not None else (Image.MAX_IMAGE_PIXELS or sys.maxsize)
+    for s in read_decoded(paths, image_size, limit):
+        if s["fault"] is not None:
+            what = "is truncated" if s["key"] is None else f"sample {s['key']!r}: {s['fault']}"
+            raise ValueError(f"{s['shard']} {what} ({s['error']})")
         images.append(s["image"])
         cls.append(s.get("cls", -1))
         txt.append(s.get("txt", ""))
@@ -101,5 +261,9 @@ def count_samples(directory: Path) -> int:
     keys = set()
     for path in shard_paths(directory):
         with tarfile.open(path) as tar:
-            keys.update((path, name.split(".", 1)[0]) for name in tar.getnames())
+            try:
+                for m in tar:
+                    keys.add((path, m.name.split(".", 1)[0]))
+            except tarfile.ReadError:  # a truncated shard: the samples before the cut
+                pass
     return len(keys)

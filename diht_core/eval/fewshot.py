@@ -151,18 +151,20 @@ def run_fewshot(train_x, train_y, val_x, val_y, test_x, test_y, W0, shots=(1, 2,
     return {"zero_shot": probe_accuracy(test_x, test_y, W0, torch.zeros(C)), "curve": curve}
 
 
-def classification_features(model, tokenizer, task_dir: str | Path, split: str, size: int, batch_size: int = 256):
+def classification_features(model, tokenizer, task_dir: str | Path, split: str, size: int, batch_size: int = 256,
+                            max_pixels: int | None = None):
     """(image embeddings, labels, zero-shot classifier W0 [d, C]) of one split of a synthetic classification task."""
-    data = load_synthetic(task_dir, "classification", size, split)
+    data = load_synthetic(task_dir, "classification", size, split, max_pixels)
     W0 = build_classifier(text_encoder(model, tokenizer, batch_size), data["classnames"], data["templates"])
     return encode_images(model, data["images"], batch_size), data["labels"], W0
 
 
-def fewshot_curve(model, tokenizer, task_dir: str | Path, f: FewshotParams, batch_size: int = 256) -> dict:
+def fewshot_curve(model, tokenizer, task_dir: str | Path, f: FewshotParams, batch_size: int = 256,
+                  max_pixels: int | None = None) -> dict:
     """run_fewshot with the grids of f on the train / val / test splits of a synthetic classification task."""
     size = image_size(model)
-    tr_x, tr_y, W0 = classification_features(model, tokenizer, task_dir, "train", size, batch_size)
-    va_x, va_y, _ = classification_features(model, tokenizer, task_dir, "val", size, batch_size)
-    te_x, te_y, _ = classification_features(model, tokenizer, task_dir, "test", size, batch_size)
+    tr_x, tr_y, W0 = classification_features(model, tokenizer, task_dir, "train", size, batch_size, max_pixels)
+    va_x, va_y, _ = classification_features(model, tokenizer, task_dir, "val", size, batch_size, max_pixels)
+    te_x, te_y, _ = classification_features(model, tokenizer, task_dir, "test", size, batch_size, max_pixels)
     return run_fewshot(tr_x, tr_y, va_x, va_y, te_x, te_y, W0, shots=f.shots, seeds=list(range(f.seeds)),
                        deltas=f.deltas, weight_decays=f.weight_decays, steps=f.steps, lr=f.lr, delta_bs=f.delta_bs)

@@ -18,11 +18,12 @@ from .zeroshot import build_classifier, zero_shot_classification
 
 
 def run_task(name: str, model, preprocess, tokenizer, data_root: str | Path, synthetic_root: str | Path | None = None,
-             batch_size: int = 256) -> dict:
+             batch_size: int = 256, max_pixels: int | None = None) -> dict:
     """Metrics of one task with "main" (its main metric) and "chance" added; {"skipped": reason} without data.
 
     Real tasks read ``<data_root>/<spec.default_path>`` through the model's preprocess; synthetic ones
-    ``<synthetic_root>/eval/<task>`` (the download stage's; default: data_root), decoded at the model's image size.
+    ``<synthetic_root>/eval/<task>`` (the download stage's; default: data_root), decoded at the model's image size
+    (a sample over max_pixels, from its header, or otherwise bad is an error naming its shard and key).
     """
     spec = get_task(name)
     if spec.synthetic:
@@ -30,7 +31,7 @@ def run_task(name: str, model, preprocess, tokenizer, data_root: str | Path, syn
         if not task_dir.exists():
             return {"skipped": f"data not found at {task_dir}"}
         model.eval()
-        data = load_synthetic(task_dir, spec.kind, image_size(model))
+        data = load_synthetic(task_dir, spec.kind, image_size(model), max_pixels=max_pixels)
         img = encode_images(model, data["images"], batch_size)
     else:
         try:
@@ -61,7 +62,8 @@ def score(spec: TaskSpec, img: torch.Tensor, encode, data: dict) -> tuple[dict, 
     return metrics, metrics.get("chance", float("nan"))
 
 
-def run_benchmark(bench: BenchmarkParams, data_dir: str | Path, model, preprocess, tokenizer) -> dict[str, dict]:
+def run_benchmark(bench: BenchmarkParams, data_dir: str | Path, model, preprocess, tokenizer,
+                  max_pixels: int | None = None) -> dict[str, dict]:
     """task -> result (run_task) for every task of bench.tasks; synthetic data under <data_dir>/eval/."""
-    return {name: run_task(name, model, preprocess, tokenizer, bench.data_root, data_dir, bench.batch_size)
+    return {name: run_task(name, model, preprocess, tokenizer, bench.data_root, data_dir, bench.batch_size, max_pixels)
             for name in bench.tasks}

@@ -7,7 +7,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +17,7 @@ from ..config import Params, Paths, TrainParams
 from ..data.images import to_device
 from ..data.loader import make_loader
 from ..data.pseudo_labels import SparsePseudoLabels, load_all
-from ..data.shards import count_samples, read_decoded, shard_paths
+from ..data.shards import Faults, count_samples, read_decoded, shard_paths
 
 
 @dataclass
@@ -28,7 +28,11 @@ class TrainSet:
     caption_index: list[list[int]]  # per image, rows of `tokens`
     obj_targets: torch.Tensor | None = None   # float [N, V_obj] (dense from sparse top-k)
     attr_targets: torch.Tensor | None = None
-    skipped: int = 0
+    faults: Faults = field(default_factory=Faults)  # skipped samples by reason, truncated shards
+
+    @property
+    def skipped(self) -> int:
+        return self.faults.skipped
 
     def __len__(self):
         return len(self.keys)
@@ -70,34 +74,36 @@ def _chunks(items: list, parts: int):
     return (items[i:i + size] for i in range(0, len(items), size))
 
 
-def load_train_set(shard_dir: str | Path, image_size: int, tokenizer, pseudo_labels: dict | None = None,
-                   missing: str = "error", max_captions: int = 8) -> TrainSet:
-    """Decode the (filtered) shards once into memory and join pseudo-labels by key."""
+def load_train_set(shard_dir: str | Path, image_size: int, tokenizer, max_pixels: int,
+                   pseudo_labels: dict | None = None, missing: str = "error", max_captions: int = 8) -> TrainSet:
+    """Decode the (filtered) shards once into memory and join pseudo-labels by key. A sample with a fault (see
+    data/shards.py FAULTS) or, with missing="skip", without a pseudo-label is skipped and counted by reason."""
     keys, images, caps, index = [], [], [], []
     pl_rows = []  # row of each kept sample in the pseudo-label arrays
-    skipped = 0
+    faults = Faults()
     paths = shard_paths(shard_dir)
     if not paths:
         raise FileNotFoundError(f"no shards in {shard_dir}")
-    for s in read_decoded(paths, image_size):
+    for s in read_decoded(paths, image_size, max_pixels, need_caption=True):
+        if faults.skip(s):
+            continue
         key = s["key"]
         if pseudo_labels is not None and key not in pseudo_labels["index"]:
             if missing == "error":
                 raise KeyError(f"no pseudo-label for sample key {key!r} (pseudo_labels.missing=error)")
-            skipped += 1
+            faults.count("missing_pseudo_label")
             continue
-        if s["image"] is None:
-            skipped += 1
-            continue
-        captions = (s.get("json") or {}).get("captions") or [s.get("txt", "")]
+        captions = s["captions"]
         keys.append(key)
         images.append(s["image"])
         index.append(list(range(len(caps), len(caps) + len(captions[:max_captions]))))
         caps.extend(captions[:max_captions])
         if pseudo_labels is not None:
             pl_rows.append(pseudo_labels["index"][key])
+    if not keys:
+        raise ValueError(f"no training sample left in {shard_dir}: {faults.summary()}")
     tokens = tokenizer(caps)
-    ts = TrainSet(keys, torch.stack(images), tokens, index, skipped=skipped)
+    ts = TrainSet(keys, torch.stack(images), tokens, index, faults=faults)
     if pseudo_labels is not None:
         rows = torch.tensor(pl_rows, dtype=torch.long)
         ts.obj_targets = pseudo_labels["objects"][rows]
@@ -130,8 +136,12 @@ class StreamingData:
                  epoch_steps: int | None = None):
         self.make_loader, self.fingerprint, self.has_targets = make_loader, fingerprint, distill
         self.epoch_steps = epoch_steps
-        self.skipped = 0
+        self.faults = Faults()  # skipped samples by reason, truncated shards
         self.position = (0, 0)
+
+    @property
+    def skipped(self) -> int:
+        return self.faults.skipped
 
     def digest(self) -> str:
         return self.fingerprint
@@ -149,7 +159,7 @@ class StreamingData:
                 if i < offset:  # replaying the interrupted epoch up to the checkpoint
                     continue
                 self.position = (epoch, i + 1)
-                self.skipped += batch["skipped"]
+                self.faults.merge(batch["skipped_by_reason"], batch["truncated"])
                 if len(batch["key"]) < 2:
                     continue
                 produced += 1
@@ -158,7 +168,8 @@ class StreamingData:
                 if step >= cfg.steps:
                     return
             if produced == 0 and offset == 0:
-                raise RuntimeError(f"epoch {epoch} of the streaming loader produced no batch (all samples skipped?)")
+                raise RuntimeError(f"epoch {epoch} of the streaming loader produced no batch: "
+                                   f"{self.faults.summary()} so far")
             epoch, offset = epoch + 1, 0
 
 
@@ -168,7 +179,7 @@ def shard_dir(paths: Paths, source: str) -> Path:
 
 
 def streaming_data(cfg: TrainParams, missing: str, shards: Path, labels: Path | None, image_size: int, tokenizer,
-                   sizes: dict | None) -> StreamingData:
+                   sizes: dict | None, max_pixels: int) -> StreamingData:
     """Shards streamed by the webdataset loader, pseudo-labels (from ``labels``, when ``sizes``) joined by key in
     the workers."""
     pseudo = SparsePseudoLabels(labels, sizes["objects"], sizes["attributes"]) if sizes else None
@@ -179,7 +190,7 @@ def streaming_data(cfg: TrainParams, missing: str, shards: Path, labels: Path | 
     h.update(json.dumps([cfg.resample, cfg.workers, os.environ.get("WORLD_SIZE", "1")]).encode())
 
     def loader(seed: int, batch_size: int):
-        return make_loader(shards, image_size, tokenizer, batch_size, cfg.workers, pseudo, missing, seed,
+        return make_loader(shards, image_size, tokenizer, batch_size, max_pixels, cfg.workers, pseudo, missing, seed,
                            resample=cfg.resample, captions_per_image=cfg.captions_per_image)
 
     epoch_steps = math.ceil(count_samples(shards) / cfg.batch_size) if cfg.resample else None
@@ -196,8 +207,9 @@ def training_data(p: Params, image_size: int, tokenizer, sizes: dict | None):
     (distillation)."""
     labels = Path(p.paths.data) / "pseudo_labels"
     shards = shard_dir(p.paths, p.train.source)
+    max_pixels = p.download.url_list.max_pixels  # the one pixel limit of every stage that reads images
     if p.train.loader == "webdataset":
         return streaming_data(p.resolved_train(), p.pseudo_labels.missing, shards, labels, image_size, tokenizer,
-                              sizes)
+                              sizes, max_pixels)
     pseudo = load_all(labels, sizes["objects"], sizes["attributes"]) if sizes else None
-    return load_train_set(shards, image_size, tokenizer, pseudo, p.pseudo_labels.missing)
+    return load_train_set(shards, image_size, tokenizer, max_pixels, pseudo, p.pseudo_labels.missing)

@@ -66,6 +66,8 @@ def fit(p: Params, checkpoint_dir: Path, log_fn: Callable[[int, dict], None] | N
         "train_pairs": len(trainset) if in_memory else None,
         "train_captions": int(trainset.tokens.shape[0]) if in_memory else None,
         "skipped_samples": trainset.skipped,
+        "skipped_by_reason": trainset.faults.by_reason,
+        "truncated_shards": trainset.faults.truncated,
         "samples_seen": cfg.steps * cfg.batch_size,
         "distillation": distill,
         "final_loss": summary["final_loss"],
