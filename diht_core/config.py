@@ -389,6 +389,16 @@ def _no_duplicate_keys(node, prefix: str = "", seen_nodes: set | None = None) ->
             _no_duplicate_keys(value, f"{prefix}{i}.", seen_nodes)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2's floats: `1e-3` is a number (PyYAML's YAML 1.1 rules read it as a string without a dot)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
 def read_yaml(path: Path) -> object:
     """A YAML file's content: UTF-8, each key once (ParamsError naming the file, and the key, otherwise)."""
     try:
@@ -398,8 +408,8 @@ def read_yaml(path: Path) -> object:
     except OSError as err:
         raise ParamsError(f"{path}: cannot read: {err.strerror or err}") from None
     try:
-        _no_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
-        return yaml.safe_load(text)
+        _no_duplicate_keys(yaml.compose(text, Loader=_Loader))
+        return yaml.load(text, Loader=_Loader)
     except ParamsError as err:
         raise ParamsError(f"{path}: {err}") from None
     except yaml.YAMLError as err:

@@ -146,3 +146,11 @@ def test_known_names_pass():
                 {"teacher": {"arch": "resnet18.a1_in1k"}}, {"teacher": {"arch": "open_clip:ViT-B-32"}},
                 {"teacher": {"arch": "test_resnet"}}):
         check_names(validate_params(raw))
+
+
+def test_exponent_floats_are_numbers(tmp_path):
+    """`1e-3` (YAML 1.2's float, without a dot) is a number, as DVC's `-S train.lr=1e-3` writes it."""
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  weight_decay: 5E-2\n")
+    p = load_params(path)
+    assert (p.train.lr, p.train.weight_decay) == (0.001, 0.05)

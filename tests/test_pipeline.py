@@ -27,11 +27,11 @@ def _metrics(project: Path) -> dict:
 
 
 def _tree(project: Path, *dirs: str) -> dict:
-    """relative path -> sha256 of every file under dirs."""
+    """relative path -> sha256 of every file under dirs (the stages' lock file is no output)."""
     import hashlib
 
     return {str(f.relative_to(project)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for d in dirs for f in sorted((project / d).rglob("*")) if f.is_file()}
+            for d in dirs for f in sorted((project / d).rglob("*")) if f.is_file() and f.name != ".diht.lock"}
 
 
 def _run(cmd, project, timeout=600, env=None):

@@ -33,11 +33,11 @@ def _load_cache(path: Path, digest: str):
 
 def cached_features(model, shards: list[Path], cache_dir: Path, teacher_file: Path, t: TeacherParams, max_pixels: int):
     """Teacher features of every sample of these shards, one fp16 .npz per shard in cache_dir, reused while its
-    digest (teacher weights, arch, image size, shard content) matches; cache files of other shards are removed.
+    digest (teacher weights, arch, image size, max_pixels, shard content) matches; cache files of other shards are removed.
     A sample with a fault is skipped and counted (the counts are cached with the features).
     Returns (keys, fp32 features [N, D] as stored in fp16, number of shards reused, Faults)."""
     cache_dir.mkdir(exist_ok=True)
-    teacher_digest = hashlib.sha256(teacher_file.read_bytes() + f"{t.arch}/{t.image_size}".encode())
+    teacher_digest = hashlib.sha256(teacher_file.read_bytes() + f"{t.arch}/{t.image_size}/{max_pixels}".encode())
     keys, feats, faults = [], [], Faults()
     reused = 0
     for shard in tqdm(shards, desc="teacher features", mininterval=2.0):

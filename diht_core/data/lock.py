@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 LOCK_NAME = ".diht.lock"
-_held: dict[str, int] = {}  # lock files this process holds -> depth (a stage run inside another one's)
+_held: dict[str, list] = {}  # lock files this process holds -> [fd, depth] (a stage run inside another one's)
 _guard = threading.Lock()
 
 
@@ -46,8 +46,7 @@ def data_lock(data_dir: str | Path, stage: str) -> Iterator[Path]:
     key = str(path.resolve())
     with _guard:
         if key in _held:
-            _held[key] += 1
-            fd = None
+            _held[key][1] += 1
         else:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -55,18 +54,18 @@ def data_lock(data_dir: str | Path, stage: str) -> Iterator[Path]:
             except BlockingIOError:
                 os.close(fd)
                 raise DataFolderBusy(f"data folder {path.parent} is in use by {_describe(holder(path))}; "
-                                     "wait for it to finish, or give this run its own paths.data") from None
+                                     "wait for it to finish, or give this run its own paths (data, models, metrics, "
+                                     "plots)") from None
             rec = {"pid": os.getpid(), "stage": stage, "host": socket.gethostname(), "since": time.time()}
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(rec).encode(), 0)
-            _held[key] = 1
+            _held[key] = [fd, 1]
     try:
         yield path
     finally:
         with _guard:
-            _held[key] -= 1
-            if _held[key] == 0:
-                del _held[key]
-                if fd is not None:
-                    os.ftruncate(fd, 0)
-                    os.close(fd)  # closing the last descriptor releases the flock
+            _held[key][1] -= 1
+            if _held[key][1] == 0:
+                fd = _held.pop(key)[0]
+                os.ftruncate(fd, 0)
+                os.close(fd)  # closing the last descriptor releases the flock

@@ -26,7 +26,7 @@ class TaskSpec:
     loader: data_root -> the loaded data (see diht_core.data.eval_datasets), reading
     ``<data_root>/<default_path>``; caption_template: applied to every caption before encoding
     (retrieval; None = captions as they are); block_size: retrieval galleries of that many images
-    (None = one gallery); synthetic: read at the model's image size by diht_core.eval.synthetic (the runner).
+    (None = one gallery); synthetic: read at the model's image size by diht_core.eval.runner.run_task.
     """
 
     name: str

@@ -136,9 +136,10 @@ def train(model, data, cfg: TrainParams, checkpoint_dir: str | Path,
                 scaler.scale(loss).backward()
             loss_c_total = loss_c.detach()
             loss_d_total = loss_d_total + loss_d.detach()
-        step_loss = all_mean(loss_c_total + loss_d_total, info)  # the same on every rank
-        finite = bool(torch.isfinite(step_loss))
-        if finite or scaler.is_enabled():  # the fp16 scaler skips a step with non-finite gradients itself
+        # the fp16 scaler skips a step with non-finite gradients itself (and adjusts its scale): no check, no sync
+        step_loss = None if scaler.is_enabled() else all_mean(loss_c_total + loss_d_total, info)  # same on all ranks
+        finite = step_loss is None or bool(torch.isfinite(step_loss))
+        if finite:
             sync_replicated_grads(replicated, info)
             for o in optimizers:
                 scaler.step(o)

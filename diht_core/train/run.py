@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -82,8 +83,7 @@ def launch_torchrun(p: Params, workdir: Path, env: dict) -> dict:
         raise ValueError("launcher: torchrun needs params loaded from a file (load_params)")
     path, overrides = p.source
     workdir.mkdir(parents=True, exist_ok=True)
-    result = workdir / "result.json"
-    result.unlink(missing_ok=True)
+    result = workdir / f"result-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"  # this launch's own
     project = str(Path(__file__).resolve().parents[2])  # where tasks/ and diht_core/ are
     env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join(filter(None, [project, os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={p.train.nproc_per_node}",
@@ -92,7 +92,9 @@ def launch_torchrun(p: Params, workdir: Path, env: dict) -> dict:
     if proc.returncode != 0 or not result.exists():
         raise RuntimeError(f"torchrun training failed (exit code {proc.returncode}; the ranks' errors are above); "
                            f"command: {' '.join(cmd)}")
-    return json.loads(result.read_text())
+    metrics = json.loads(result.read_text())
+    result.unlink()
+    return metrics
 
 
 def loss_plot(hist: pd.DataFrame, path: Path) -> None:
