@@ -154,7 +154,7 @@ def test_streaming_loader_counts_faults_by_reason(tmp_path, workers):
 
     corpus = make_corpus(tmp_path)
     _, _, tok = create_model("diht-tiny-vit")
-    batches = list(make_loader(tmp_path, 32, tok, 2, MAX_PIXELS, workers, seed=1))
+    batches = list(make_loader(tmp_path, 32, tok, 2, MAX_PIXELS, 1, TrainParams(workers=workers)))
     assert sorted(k for b in batches for k in b["key"]) == sorted(corpus["good"])
     by_reason: dict = {}
     for b in batches:
@@ -162,7 +162,8 @@ def test_streaming_loader_counts_faults_by_reason(tmp_path, workers):
             by_reason[r] = by_reason.get(r, 0) + n
     assert by_reason == _by_reason(True) and sum(b["skipped"] for b in batches) == len(BAD)
     assert [b["truncated"]["1.tar"]["read"] for b in batches if b["truncated"]] == [1]
-    data = StreamingData(lambda seed, bs: make_loader(tmp_path, 32, tok, bs, MAX_PIXELS, workers, seed=seed),
+    cfg = TrainParams(workers=workers)
+    data = StreamingData(lambda seed, bs: make_loader(tmp_path, 32, tok, bs, MAX_PIXELS, seed, cfg),
                          "fp", distill=False)
     assert len(list(data.batches(TrainParams(seed=0, steps=2, batch_size=2), 0))) == 2
     assert data.faults.by_reason and data.skipped == sum(data.faults.by_reason.values())
@@ -173,7 +174,8 @@ def test_streaming_loader_all_skipped_is_a_clear_error(tmp_path):
 
     _, _, tok = create_model("diht-tiny-vit")
     write_shard(tmp_path / "0.tar", [{"__key__": f"{i}", "jpg": b"bad", "txt": CAPTIONS[0]} for i in range(3)])
-    data = StreamingData(lambda seed, bs: make_loader(tmp_path, 32, tok, bs, MAX_PIXELS, 0, seed=seed), "fp",
+    cfg = TrainParams(workers=0)
+    data = StreamingData(lambda seed, bs: make_loader(tmp_path, 32, tok, bs, MAX_PIXELS, seed, cfg), "fp",
                          distill=False)
     with pytest.raises(RuntimeError, match=r"no batch: skipped by reason \{'bad_image': 3\}"):
         list(data.batches(TrainParams(seed=0, steps=2, batch_size=2), 0))

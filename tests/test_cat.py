@@ -63,7 +63,7 @@ def test_caption_text_match_rule():
     assert caption_text_match([("xxPurPlecirc", 0.9)], cap)          # case and whitespace ignored
     assert not caption_text_match([("PURPLE CIRCLE", 0.5)], cap)     # low confidence
     assert not caption_text_match([("PURP", 0.99)], cap)             # 4 < 5 characters
-    assert caption_text_match([("PURP", 0.99)], cap, min_chars=4)
+    assert caption_text_match([("PURP", 0.99)], cap, CatFilterParams(min_chars=4))
     assert not caption_text_match([("GREEN STAR", 0.99)], cap)
     assert not caption_text_match([], cap)
 
@@ -74,8 +74,8 @@ def test_decide_order():
     d = decide(p, [("RED CIRCLE", 0.99)])
     assert not d.kept and d.reason == "text_spotted" and d.matched == "redci"
     assert decide(parse_caption("stock photo id 12345"), None).reason == "no_action"
-    assert decide(parse_caption("a red circle"), None, min_complexity=2).reason == "low_complexity"
-    assert decide(parse_caption("stock photo"), None, require_action=False).kept
+    assert decide(parse_caption("a red circle"), None, CatFilterParams(min_complexity=2)).reason == "low_complexity"
+    assert decide(parse_caption("stock photo"), None, CatFilterParams(require_action=False)).kept
 
 
 def test_rapidocr_spots_painted_caption_words():

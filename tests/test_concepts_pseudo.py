@@ -3,16 +3,18 @@ import pytest
 import torch
 
 from diht_core.concepts.vocabulary import build_vocabulary, multi_hot, sqrt_resampling_weights
+from diht_core.config import ConceptParams
 from diht_core.data.pseudo_labels import densify, load_all, save_shard, sparsify
 
 
 def test_vocabulary_counts_min_count_and_max_size():
     objs = [["cat", "cat", "dog"], ["cat"], ["bird"], ["dog"]]
     attrs = [["red"], ["red", "big"], [], ["red"]]
-    v = build_vocabulary(objs, attrs, min_count=2, max_size=10)
+    v = build_vocabulary(objs, attrs, ConceptParams(min_count=2, max_size=10))
     assert v["objects"] == {"cat": 2, "dog": 2}  # counted once per caption, bird dropped
     assert list(v["attributes"]) == ["red"]
-    assert list(build_vocabulary(objs, attrs, min_count=1, max_size=1)["objects"]) == ["cat"]
+    tiny = ConceptParams.model_construct(min_count=1, max_size=1)  # below the schema's range, for the library
+    assert list(build_vocabulary(objs, attrs, tiny)["objects"]) == ["cat"]
 
 
 def test_multi_hot_and_sqrt_weights():

@@ -167,11 +167,11 @@ def test_url_list_formats(tmp_path):
     assert read_url_list(headed).caption.tolist() == ["one"]
     csv = tmp_path / "list.csv"
     csv.write_text('id,link,text\n1,http://a/1.jpg,"one, with comma"\n2,http://a/2.jpg,\n')
-    df = read_url_list(csv, url_col="link", caption_col="text")
+    df = read_url_list(csv, UrlListParams(url_col="link", caption_col="text"))
     assert df.to_dict("list") == {"url": ["http://a/1.jpg", "http://a/2.jpg"], "caption": ["one, with comma", ""]}
     laion = tmp_path / "part-00000.parquet"
     pd.DataFrame({"URL": ["http://a/1.jpg", None], "TEXT": ["one", None], "WIDTH": [1, 2]}).to_parquet(laion)
-    assert read_url_list(laion, url_col="URL", caption_col="TEXT").to_dict("list") == {
+    assert read_url_list(laion, UrlListParams(url_col="URL", caption_col="TEXT")).to_dict("list") == {
         "url": ["http://a/1.jpg", ""], "caption": ["one", ""]}
     txt = tmp_path / "urls.txt"
     txt.write_text("http://a/1.jpg\n\nhttp://a/2.jpg\n")

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diht_core.config import FewshotParams
 from diht_core.eval.fewshot import kshot_indices, pgd_probe, probe_accuracy, run_fewshot, scratch_probe
 from diht_core.eval.zeroshot import zero_shot_classification
 
@@ -23,13 +24,13 @@ def clusters(seed=0, d=128, C=4, sigma=0.35, w0_noise=0.12):
 
 def test_delta_zero_is_zero_shot_exactly():
     trx, tr_y, vx, vy, tx, ty, W0 = clusters()
-    W, b = pgd_probe(trx[:8], tr_y[:8], W0, delta=0.0, delta_b=0.0, steps=50)
+    W, b = pgd_probe(trx[:8], tr_y[:8], W0, delta=0.0, delta_b=0.0, f=FewshotParams(steps=50))
     assert torch.equal(W, W0) and torch.equal(b, torch.zeros(4))
     zs = zero_shot_classification(tx, W0, ty)["acc1"]
     assert probe_accuracy(tx, ty, W, b) == pytest.approx(zs, abs=1e-12)
     assert 0.4 < zs < 1.0
-    out = run_fewshot(trx, tr_y, vx, vy, tx, ty, W0, shots=[1, 4], seeds=[0, 1], deltas=[0.0],
-                      weight_decays=[0.0], steps=20, lr=0.05)
+    out = run_fewshot(trx, tr_y, vx, vy, tx, ty, W0, FewshotParams(shots=[1, 4], seeds=2, deltas=[0.0],
+                      delta_bs=[0.0], weight_decays=[0.0], steps=20, lr=0.05))
     assert out["zero_shot"] == pytest.approx(zs, abs=1e-12)
     for row in out["curve"]:
         assert row["pgd_mean"] == pytest.approx(zs, abs=1e-12) and row["pgd_std"] == pytest.approx(0, abs=1e-12)
@@ -37,20 +38,20 @@ def test_delta_zero_is_zero_shot_exactly():
 
 def test_pgd_respects_constraints_and_moves():
     trx, tr_y, *_, W0 = clusters(seed=1)
-    W, b = pgd_probe(trx, tr_y, W0, delta=0.5, delta_b=0.2, steps=100)
+    W, b = pgd_probe(trx, tr_y, W0, delta=0.5, delta_b=0.2, f=FewshotParams(steps=100))
     assert (W - W0).norm() <= 0.5 + 1e-5 and b.norm() <= 0.2 + 1e-6
     assert (W - W0).norm() > 0.4  # the constraint is active, not trivially satisfied
-    W2, b2 = pgd_probe(trx, tr_y, W0, delta=0.5, delta_b=0.2, steps=100)
+    W2, b2 = pgd_probe(trx, tr_y, W0, delta=0.5, delta_b=0.2, f=FewshotParams(steps=100))
     assert torch.equal(W, W2) and torch.equal(b, b2)  # deterministic
-    Wbig, _ = pgd_probe(trx, tr_y, W0, delta=100.0, delta_b=100.0, steps=100)
+    Wbig, _ = pgd_probe(trx, tr_y, W0, delta=100.0, delta_b=100.0, f=FewshotParams(steps=100))
     assert (Wbig - W0).norm() > 0.5
 
 
 def test_scratch_probe_fits_and_weight_decay_shrinks():
     trx, tr_y, *_ = clusters(seed=2)
-    W, b = scratch_probe(trx, tr_y, weight_decay=0.0, steps=100)
+    W, b = scratch_probe(trx, tr_y, weight_decay=0.0, f=FewshotParams(steps=100))
     assert probe_accuracy(trx, tr_y, W, b) == 1.0
-    Wd, _ = scratch_probe(trx, tr_y, weight_decay=0.1, steps=100)
+    Wd, _ = scratch_probe(trx, tr_y, weight_decay=0.1, f=FewshotParams(steps=100))
     assert Wd.norm() < 0.5 * W.norm()
 
 
@@ -67,8 +68,9 @@ def test_kshot_indices():
 
 def test_pgd_beats_scratch_at_one_shot():
     trx, tr_y, vx, vy, tx, ty, W0 = clusters()
-    out = run_fewshot(trx, tr_y, vx, vy, tx, ty, W0, shots=[1, 16], seeds=[0, 1, 2],
-                      deltas=[0.0, 0.1, 0.3, 1.0, 3.0], weight_decays=[0.0, 1e-4, 1e-3, 1e-2], steps=200, lr=0.05)
+    out = run_fewshot(trx, tr_y, vx, vy, tx, ty, W0, FewshotParams(shots=[1, 16], seeds=3,
+                      deltas=[0.0, 0.1, 0.3, 1.0, 3.0], delta_bs=[0.0, 0.1, 0.3, 1.0, 3.0],
+                      weight_decays=[0.0, 1e-4, 1e-3, 1e-2], steps=200, lr=0.05))
     one, full = out["curve"]
     assert set(one) == {"k", "pgd_mean", "pgd_std", "scratch_mean", "scratch_std", "best_delta", "best_delta_b",
                         "best_weight_decay"}
@@ -86,8 +88,8 @@ def test_curve_starts_at_zero_shot():
     W0 = torch.nn.functional.normalize(torch.randn(8, 3, generator=g), dim=0)
     y = torch.arange(3).repeat(10)
     x = torch.nn.functional.normalize(W0.T[y] + 0.5 * torch.randn(30, 8, generator=g), dim=-1)
-    res = run_fewshot(x, y, x, y, x, y, W0, shots=[0, 1], seeds=[0, 1], deltas=[0.0, 0.5], weight_decays=[0.0],
-                      steps=5, lr=0.05)
+    res = run_fewshot(x, y, x, y, x, y, W0, FewshotParams(shots=[0, 1], seeds=2, deltas=[0.0, 0.5],
+                      delta_bs=[0.0, 0.5], weight_decays=[0.0], steps=5, lr=0.05))
     k0 = res["curve"][0]
     assert k0["k"] == 0 and k0["pgd_mean"] == res["zero_shot"] == probe_accuracy(x, y, W0, torch.zeros(3))
     assert k0["scratch_mean"] == pytest.approx(1 / 3)
@@ -98,7 +100,7 @@ def test_delta_b_grid_is_searched_separately():
     from diht_core.eval.fewshot import run_fewshot
 
     trx, tr_y, vx, vy, tx, ty, W0 = clusters()
-    out = run_fewshot(trx, tr_y, vx, vy, tx, ty, W0, shots=[2], seeds=[0], deltas=[0.0, 1.0], delta_bs=[0.0, 0.7],
-                      weight_decays=[0.0], steps=20, lr=0.05)
+    out = run_fewshot(trx, tr_y, vx, vy, tx, ty, W0, FewshotParams(shots=[2], seeds=1, deltas=[0.0, 1.0],
+                      delta_bs=[0.0, 0.7], weight_decays=[0.0], steps=20, lr=0.05))
     row = out["curve"][0]
     assert row["best_delta"][0] in (0.0, 1.0) and row["best_delta_b"][0] in (0.0, 0.7)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from diht_core.config import TrainParams
 from diht_core.data.loader import make_loader
 from diht_core.data.pseudo_labels import SparsePseudoLabels
 from diht_core.data.scenes import render, sample_scene
@@ -41,8 +42,8 @@ def test_join_is_correct_on_shuffled_shards(tmp_path, workers):
     keys = _setup(tmp_path)
     _, _, tok = create_model("diht-tiny-vit")
     pl = SparsePseudoLabels(tmp_path / "pl", N_OBJ, N_ATTR)
-    loader = make_loader(tmp_path / "shards", 32, tok, batch_size=7, max_pixels=MAX_PIXELS, workers=workers, pseudo=pl,
-                         seed=3)
+    loader = make_loader(tmp_path / "shards", 32, tok, batch_size=7, max_pixels=MAX_PIXELS, seed=3,
+                         cfg=TrainParams(workers=workers), pseudo=pl)
     seen = []
     for batch in loader:
         assert batch["image"].shape[1:] == (3, 32, 32) and batch["text"].shape[0] == len(batch["key"])
@@ -60,9 +61,11 @@ def test_missing_pseudo_label_is_an_error_or_a_counted_skip(tmp_path):
     _, _, tok = create_model("diht-tiny-vit")
     pl = SparsePseudoLabels(tmp_path / "pl", N_OBJ, N_ATTR)
     with pytest.raises(KeyError, match="no pseudo-label"):
-        for _ in make_loader(tmp_path / "shards", 32, tok, 8, MAX_PIXELS, workers=0, pseudo=pl, missing="error"):
+        for _ in make_loader(tmp_path / "shards", 32, tok, 8, MAX_PIXELS, 0, TrainParams(workers=0), pseudo=pl,
+                             missing="error"):
             pass
-    batches = list(make_loader(tmp_path / "shards", 32, tok, 8, MAX_PIXELS, workers=2, pseudo=pl, missing="skip"))
+    batches = list(make_loader(tmp_path / "shards", 32, tok, 8, MAX_PIXELS, 0, TrainParams(workers=2), pseudo=pl,
+                                   missing="skip"))
     assert sum(b["skipped"] for b in batches) == 2
     assert sum(b["skipped_by_reason"].get("missing_pseudo_label", 0) for b in batches) == 2
     assert sum(len(b["key"]) for b in batches) == 38
@@ -77,8 +80,8 @@ def test_streaming_resume_replays_to_the_exact_next_batch(tmp_path, resample, wo
     model, _, tok = create_model("diht-tiny-vit")
 
     def loader(seed, batch_size):
-        return make_loader(tmp_path / "shards", 32, tok, batch_size, MAX_PIXELS, workers, seed=seed, shuffle_buffer=20,
-                           resample=resample, captions_per_image=2)
+        return make_loader(tmp_path / "shards", 32, tok, batch_size, MAX_PIXELS, seed, shuffle_buffer=20,
+                           cfg=TrainParams(workers=workers, resample=resample, captions_per_image=2, loss="sigmoid"))
 
     def data():
         return StreamingData(loader, "fp", distill=False, epoch_steps=5 if resample else None)

@@ -4,6 +4,7 @@ import torch
 
 from diht_core.concepts import teacher as T
 from diht_core.concepts.vocabulary import sqrt_resampling_weights
+from diht_core.config import TeacherParams
 
 
 def test_classifier_learns_a_planted_concept():
@@ -13,7 +14,8 @@ def test_classifier_learns_a_planted_concept():
     y[:, 0] = (feats[:, 3] > 0).numpy()          # concept 0 is planted in feature 3
     y[:, 1] = 1 - y[:, 0]
     y[:40, 2] = 1                                  # a rare concept
-    clf = T.train_concept_classifier(feats[:300], y[:300], sqrt_resampling_weights(y[:300]), epochs=30, lr=0.05)
+    clf = T.train_concept_classifier(feats[:300], y[:300], sqrt_resampling_weights(y[:300]),
+                                     TeacherParams(classifier_epochs=30, classifier_lr=0.05), seed=0)
     with torch.no_grad():
         s = clf(feats[300:]).numpy()
     assert T.mean_average_precision(s[:, :2], y[300:, :2]) > 0.95

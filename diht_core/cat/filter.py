@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config import CatFilterParams
 from ..data.shards import FAULTS
 from .parser import ParsedCaption
 from .spotting import matched_text
@@ -19,23 +20,23 @@ class FilterDecision:
     matched: str | None = None
 
 
-def caption_decision(parsed: ParsedCaption, min_complexity: int = 1, require_action: bool = True):
-    """Keep iff complexity >= min_complexity and (if required) the caption has an action."""
-    if parsed.complexity < min_complexity:
+def caption_decision(parsed: ParsedCaption, cfg: CatFilterParams = CatFilterParams()):
+    """Keep iff complexity >= cfg.min_complexity and (if required) the caption has an action."""
+    if parsed.complexity < cfg.min_complexity:
         return FilterDecision(False, "low_complexity")
-    if require_action and not parsed.has_action:
+    if cfg.require_action and not parsed.has_action:
         return FilterDecision(False, "no_action")
     return None
 
 
-def decide(parsed: ParsedCaption, spotted: list[tuple[str, float]] | None, *, min_complexity: int = 1,
-           require_action: bool = True, min_chars: int = 5, min_confidence: float = 0.8) -> FilterDecision:
+def decide(parsed: ParsedCaption, spotted: list[tuple[str, float]] | None,
+           cfg: CatFilterParams = CatFilterParams()) -> FilterDecision:
     """Caption rules first, then the text-spotting rule (spotted=None: spotting off)."""
-    d = caption_decision(parsed, min_complexity, require_action)
+    d = caption_decision(parsed, cfg)
     if d is not None:
         return d
     if spotted:
-        m = matched_text(spotted, parsed.text, min_chars, min_confidence)
+        m = matched_text(spotted, parsed.text, cfg)
         if m is not None:
             return FilterDecision(False, "text_spotted", m)
     return FilterDecision(True, "kept")

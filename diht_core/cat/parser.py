@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterable
 
+from ..config import CatFilterParams
+
 MAX_CHARS = 2000  # captions are truncated before parsing; web captions past this are boilerplate
 ATTR_DEPS = {"amod", "nummod", "compound"}
 SUBJ_DEPS = {"nsubj", "nsubjpass", "csubj"}
@@ -171,7 +173,7 @@ def _parse_doc(doc, text: str) -> ParsedCaption:
     )
 
 
-def parse_captions(texts: Iterable, batch_size: int = 256) -> list[ParsedCaption]:
+def parse_captions(texts: Iterable, batch_size: int = CatFilterParams().parse_batch_size) -> list[ParsedCaption]:
     """Parse captions in batches through nlp.pipe; each distinct caption is parsed once.
 
     Bad input (None, bytes that are not UTF-8, empty, 10k characters) yields a defined parse, never an error.

@@ -107,11 +107,10 @@ def filter_shard(in_path: str | Path, out_tar: str | Path, out_parquet: str | Pa
         except SampleFault as fault:
             reason, keep, matched = fault.reason, False, None
         else:
-            d = caption_decision(pc, cfg.min_complexity, cfg.require_action)
+            d = caption_decision(pc, cfg)
             if d is None and spotter is not None:
                 spotted = spotter(image)  # spot only pairs that survived the caption rules
-            d = d or decide(pc, spotted, min_complexity=cfg.min_complexity, require_action=cfg.require_action,
-                            min_chars=cfg.min_chars, min_confidence=cfg.min_confidence)
+            d = d or decide(pc, spotted, cfg)
             reason, keep, matched = d.reason, d.kept, d.matched
         rows.append({
             "key": s["key"], "caption": cap, "noise": (s.get("json") or {}).get("noise"),

@@ -10,6 +10,8 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from ..config import CatFilterParams
+
 
 class TextSpotter(Protocol):
     name: str
@@ -84,7 +86,7 @@ def _find_weights(root: Path, arch: str) -> Path | None:
 
 
 @lru_cache(maxsize=2)
-def get_spotter(name: str = "rapidocr", weights: str | None = None) -> TextSpotter:
+def get_spotter(name: str = CatFilterParams().spotter, weights: str | None = None) -> TextSpotter:
     if name == "rapidocr":
         return RapidOCRSpotter()
     if name == "doctr":
@@ -92,7 +94,7 @@ def get_spotter(name: str = "rapidocr", weights: str | None = None) -> TextSpott
     raise ValueError(f"unknown text spotter {name!r}; use 'rapidocr' or 'doctr'")
 
 
-def spot_text(image: Image.Image, spotter: str = "rapidocr") -> list[tuple[str, float]]:
+def spot_text(image: Image.Image, spotter: str = CatFilterParams().spotter) -> list[tuple[str, float]]:
     """Spot text in one image with the named backend."""
     return get_spotter(spotter)(image)
 
@@ -101,19 +103,20 @@ def _norm(s: str) -> str:
     return "".join(s.lower().split())
 
 
-def caption_text_match(spotted, caption: str, min_chars: int = 5, min_confidence: float = 0.8) -> bool:
-    """True if some confident spotted text shares >= min_chars consecutive characters with the caption.
+def caption_text_match(spotted, caption: str, cfg: CatFilterParams = CatFilterParams()) -> bool:
+    """True if some spotted text of confidence >= cfg.min_confidence shares >= cfg.min_chars consecutive
+    characters with the caption.
 
     The comparison is a sliding window over the spotted text, ignoring case and whitespace.
     """
-    return matched_text(spotted, caption, min_chars, min_confidence) is not None
+    return matched_text(spotted, caption, cfg) is not None
 
 
-def matched_text(spotted, caption: str, min_chars: int = 5, min_confidence: float = 0.8) -> str | None:
+def matched_text(spotted, caption: str, cfg: CatFilterParams = CatFilterParams()) -> str | None:
     """The first matching window, or None."""
-    cap = _norm(caption)
+    cap, min_chars = _norm(caption), cfg.min_chars
     for text, conf in spotted:
-        if conf < min_confidence:
+        if conf < cfg.min_confidence:
             continue
         t = _norm(text)
         for i in range(len(t) - min_chars + 1):

@@ -105,7 +105,7 @@ def fit_teacher(t: TeacherParams, images: torch.Tensor, labels: torch.Tensor, se
         raise ValueError(f"teacher.image_size={t.image_size} but {t.arch} takes {image_size(model)} px images")
     losses = []
     if t.weights is None:
-        losses = pretrain(model, images[n_val:], labels[n_val:], t.pretrain_epochs, t.batch_size, t.lr, seed)
+        losses = pretrain(model, images[n_val:], labels[n_val:], t, seed)
     freeze(model)
     scores = torch.sigmoid(multilabel_scores(model, images[:n_val])).numpy()
     return model, losses, mean_average_precision(scores, labels[:n_val].numpy())
@@ -118,9 +118,10 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def pretrain(model, images: torch.Tensor, targets: torch.Tensor, epochs: int, batch_size: int, lr: float,
-             seed: int = 0) -> list[float]:
-    """Supervised multi-label pre-training (the SWAG stand-in). Returns the loss per epoch."""
+def pretrain(model, images: torch.Tensor, targets: torch.Tensor, t: TeacherParams, seed: int) -> list[float]:
+    """Supervised multi-label pre-training (the SWAG stand-in) for t.pretrain_epochs at t.batch_size and t.lr.
+    Returns the loss per epoch."""
+    epochs, batch_size, lr = t.pretrain_epochs, t.batch_size, t.lr
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     steps = epochs * max(1, len(images) // batch_size)
@@ -176,10 +177,11 @@ def topk_accuracy(scores: np.ndarray, targets: np.ndarray, k: int = 1) -> float:
     return float(np.mean([targets[has][i, top[i]].any() for i in range(len(top))]))
 
 
-def train_concept_classifier(feats: torch.Tensor, targets: np.ndarray, weights: np.ndarray, epochs: int, lr: float,
-                             seed: int = 0, batch_size: int = 256) -> torch.nn.Linear:
-    """Linear classifier on frozen features, soft-target CE against normalised multi-hot targets,
-    with samples drawn by the square-root re-sampling weights."""
+def train_concept_classifier(feats: torch.Tensor, targets: np.ndarray, weights: np.ndarray, t: TeacherParams,
+                             seed: int, batch_size: int = 256) -> torch.nn.Linear:
+    """Linear classifier on frozen features (t.classifier_epochs at t.classifier_lr), soft-target CE against
+    normalised multi-hot targets, with samples drawn by the square-root re-sampling weights."""
+    epochs, lr = t.classifier_epochs, t.classifier_lr
     g = torch.Generator().manual_seed(seed)
     feats = feats.float()
     mu, sd = feats.mean(0, keepdim=True), feats.std(0, keepdim=True).clamp_min(1e-6)
@@ -221,7 +223,7 @@ def train_classifiers(feats: torch.Tensor, keys: list[str], decisions, vocab: di
         names = list(vocab[kind])
         y = multi_hot(dec[column].map(list), names)
         w = sqrt_resampling_weights(y[~is_val])
-        clf = train_concept_classifier(feats[~is_val], y[~is_val], w, t.classifier_epochs, t.classifier_lr, seed)
+        clf = train_concept_classifier(feats[~is_val], y[~is_val], w, t, seed)
         with torch.no_grad():
             s = clf(feats[is_val]).numpy()
         metrics[kind] = {"heldout_map": mean_average_precision(s, y[is_val]),

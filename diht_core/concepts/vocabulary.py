@@ -11,8 +11,10 @@ from ..config import ConceptParams
 
 
 def build_vocabulary(objects: Iterable[Iterable[str]], attributes: Iterable[Iterable[str]],
-                     min_count: int = 5, max_size: int = 1000) -> dict:
-    """Count lemmatised concepts (once per caption) and keep the frequent ones, most frequent first."""
+                     c: ConceptParams = ConceptParams()) -> dict:
+    """Count lemmatised concepts (once per caption) and keep the frequent ones (>= c.min_count), most frequent
+    first, at most c.max_size of each kind."""
+    min_count, max_size = c.min_count, c.max_size
     vocab = {}
     for name, rows in (("objects", objects), ("attributes", attributes)):
         counts = Counter(c for row in rows for c in set(row))
@@ -26,7 +28,7 @@ def vocabulary_from_decisions(decisions, c: ConceptParams) -> dict:
     kept = decisions[decisions.kept]
     if kept.empty:
         raise ValueError("the CAT filter kept no pairs: loosen cat_filter params")
-    vocab = build_vocabulary(kept.objects.map(list), kept.attributes.map(list), c.min_count, c.max_size)
+    vocab = build_vocabulary(kept.objects.map(list), kept.attributes.map(list), c)
     for kind in ("objects", "attributes"):
         if not vocab[kind]:
             raise ValueError(f"the {kind} vocabulary is empty: lower concepts.min_count "

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from ..config import PseudoLabelParams, TrainParams
 from .images import image_to_uint8
 from .pseudo_labels import SparsePseudoLabels
 from .shards import Faults, iter_shard, parse_sample, shard_paths
@@ -19,7 +20,7 @@ class _Join:
     sample with its fault} (a bad sample, a truncated shard, or a key without pseudo-label under missing="skip")."""
 
     def __init__(self, image_size: int, tokenizer, max_pixels: int, pseudo: SparsePseudoLabels | None, missing: str,
-                 seed: int, captions_per_image: int = 1):
+                 seed: int, captions_per_image: int):
         self.image_size, self.tokenizer, self.pseudo, self.missing = image_size, tokenizer, pseudo, missing
         self.max_pixels, self.k = max_pixels, captions_per_image
         self.rng = np.random.default_rng(seed)
@@ -82,14 +83,15 @@ def _shard_samples(src):
         yield from iter_shard(shard["url"])
 
 
-def make_loader(shard_dir: str | Path, image_size: int, tokenizer, batch_size: int, max_pixels: int, workers: int = 0,
-                pseudo: SparsePseudoLabels | None = None, missing: str = "error", seed: int = 0,
-                shuffle_buffer: int = 1000, resample: bool = False,
-                captions_per_image: int = 1) -> torch.utils.data.DataLoader:
-    """One epoch over the shards, a deterministic function of `seed` (and the number of workers and ranks).
+def make_loader(shard_dir: str | Path, image_size: int, tokenizer, batch_size: int, max_pixels: int, seed: int,
+                cfg: TrainParams = TrainParams(), pseudo: SparsePseudoLabels | None = None,
+                missing: str = PseudoLabelParams().missing, shuffle_buffer: int = 1000) -> torch.utils.data.DataLoader:
+    """One epoch over the shards, a deterministic function of `seed` (and the number of workers and ranks); of the
+    train section it reads workers, resample and captions_per_image (batch_size and seed are the caller's: per rank,
+    per epoch).
 
-    resample=False: shard order shuffled by seed, split across ranks and workers, partial last batch.
-    resample=True: an endless stream of shards drawn with replacement (per rank and worker), full batches;
+    cfg.resample=False: shard order shuffled by seed, split across ranks and workers, partial last batch.
+    cfg.resample=True: an endless stream of shards drawn with replacement (per rank and worker), full batches;
     the caller decides how many batches make an epoch.  Samples are shuffled in a seeded buffer.
     Batches are dicts: key, image (uint8), text (K rows per image), obj, attr, skipped, skipped_by_reason, truncated.
     A sample with a fault (data/shards.py FAULTS, max_pixels checked in the header) is skipped and counted; one whose
@@ -98,7 +100,7 @@ def make_loader(shard_dir: str | Path, image_size: int, tokenizer, batch_size: i
     urls = [str(p) for p in shard_paths(shard_dir)]
     if not urls:
         raise FileNotFoundError(f"no shards in {shard_dir}")
-    if resample:
+    if cfg.resample:
         shards = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
     else:
         shards = [wds.SimpleShardList(urls), wds.detshuffle(len(urls), seed=seed), wds.split_by_node,
@@ -107,9 +109,9 @@ def make_loader(shard_dir: str | Path, image_size: int, tokenizer, batch_size: i
         *shards,
         _shard_samples,
         wds.shuffle(shuffle_buffer, seed=seed),
-        wds.map(_Join(image_size, tokenizer, max_pixels, pseudo, missing, seed, captions_per_image)),
-        _batch_kept(batch_size, partial=not resample))
-    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
+        wds.map(_Join(image_size, tokenizer, max_pixels, pseudo, missing, seed, cfg.captions_per_image)),
+        _batch_kept(batch_size, partial=not cfg.resample))
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=cfg.workers,
                                        persistent_workers=False, worker_init_fn=_seed_worker(seed))
 
 

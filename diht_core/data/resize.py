@@ -7,6 +7,8 @@ import warnings
 
 from PIL import Image
 
+from ..config import UrlListParams
+
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 
 
@@ -52,7 +54,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize(img: Image.Image, mode: str, size: int = 256, only_if_bigger: bool = False) -> Image.Image:
+def resize(img: Image.Image, mode: str, size: int = UrlListParams().image_size,
+           only_if_bigger: bool = UrlListParams().resize_only_if_bigger) -> Image.Image:
     """img resized in one of img2dataset's modes (its names and geometry; `size` defaults to 256 there).
 
     - no: keep the image as it is;

@@ -195,7 +195,7 @@ def download_source(d: DownloadParams, seed: int, root: str | Path) -> dict:
     u = d.url_list
     if not Path(u.path).is_file():
         raise FileNotFoundError(f"download.url_list.path: no such file {u.path}")
-    urls = read_url_list(u.path, u.format, u.url_col, u.caption_col)
+    urls = read_url_list(u.path, u)
     root = Path(root)
     stats = download_url_list(urls, root / "raw" / "train", u)
     for sub in ("raw/teacher", "eval"):

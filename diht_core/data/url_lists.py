@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import URL_LIST_FORMATS, infer_format
+from ..config import URL_LIST_FORMATS, UrlListParams, infer_format
 
 FORMATS = URL_LIST_FORMATS
 
 
-def read_url_list(path: str | Path, fmt: str | None = None, url_col: str = "url",
-                  caption_col: str | None = "caption") -> pd.DataFrame:
-    """DataFrame with columns url, caption (str; "" where missing), one row per input row, in order.
+def read_url_list(path: str | Path, cfg: UrlListParams = UrlListParams()) -> pd.DataFrame:
+    """DataFrame with columns url, caption (str; "" where missing), one row per input row, in order; of cfg it
+    reads format (None: from the suffix), url_col and caption_col.
 
     - tsv: CC3M's `Train_GCC-training.tsv` (caption<TAB>url, no header) or any TSV with a header row;
     - csv: with a header row naming the columns (or, without one, the column of URLs is found);
@@ -23,8 +23,8 @@ def read_url_list(path: str | Path, fmt: str | None = None, url_col: str = "url"
     Without a header row the URL column is the one whose values start with http(s)://, and the caption
     is the first other column.
     """
-    path = Path(path)
-    fmt = fmt or infer_format(path)
+    path, url_col, caption_col = Path(path), cfg.url_col, cfg.caption_col
+    fmt = cfg.format or infer_format(path)
     if fmt not in FORMATS:
         raise ValueError(f"{path}: cannot tell the list format from its name; give one of {FORMATS}")
     if fmt == "parquet":

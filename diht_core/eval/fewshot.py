@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import FewshotParams
+from ..config import BenchmarkParams, FewshotParams
 from ..data.eval_datasets import load_synthetic
 from ..models import image_size
 from .encoders import encode_images, text_encoder
@@ -66,21 +66,22 @@ def _train(x, y, W_init, W0, deltas, delta_bs, wds, steps, lr):
     return W.detach(), b.detach()
 
 
-def pgd_probe(train_x, train_y, W0, delta, delta_b, steps=200, lr=0.05):
-    """Linear probe initialised at W0, b=0, projected after every Adam step. delta=0 gives exactly W0.
+def pgd_probe(train_x, train_y, W0, delta, delta_b, f: FewshotParams = FewshotParams()):
+    """Linear probe initialised at W0, b=0, projected after every Adam step (f.steps at f.lr). delta=0 gives
+    exactly W0.
 
     Logits are 100 * normalize(x) @ W + b, so W = W0 (the zero-shot classifier), b = 0 reproduces
     zero-shot predictions exactly. PGD keeps ||W - W0||_F <= delta and ||b||_2 <= delta_b.
     """
-    W, b = _train(train_x, train_y, W0, W0, [delta], [delta_b], [0.0], steps, lr)
+    W, b = _train(train_x, train_y, W0, W0, [delta], [delta_b], [0.0], f.steps, f.lr)
     return W[0], b[0]
 
 
-def scratch_probe(train_x, train_y, weight_decay, steps=200, lr=0.05, num_classes=None):
-    """Logistic-regression baseline from zero init (deterministic) with L2 weight decay on W."""
+def scratch_probe(train_x, train_y, weight_decay, f: FewshotParams = FewshotParams(), num_classes=None):
+    """Logistic-regression baseline from zero init (deterministic, f.steps at f.lr) with L2 weight decay on W."""
     C = num_classes or int(torch.as_tensor(train_y).max()) + 1
     W_init = torch.zeros(train_x.shape[1], C, device=train_x.device)
-    W, b = _train(train_x, train_y, W_init, None, None, None, [weight_decay], steps, lr)
+    W, b = _train(train_x, train_y, W_init, None, None, None, [weight_decay], f.steps, f.lr)
     return W[0], b[0]
 
 
@@ -107,20 +108,16 @@ def kshot_indices(labels, k: int, seed: int) -> torch.LongTensor:
     return torch.cat(out).sort().values
 
 
-def run_fewshot(train_x, train_y, val_x, val_y, test_x, test_y, W0, shots=(1, 2, 4, 8, 16), seeds=(0, 1, 2),
-                deltas=(0.0, 0.1, 0.3, 1.0, 3.0), weight_decays=(0.0, 1e-4, 1e-3, 1e-2), steps=200, lr=0.05,
-                delta_bs=None) -> dict:
-    """Few-shot curve: per k and seed, pick (delta, delta_b) from the grid deltas x delta_bs (delta_bs=None:
-    delta_b = delta) / the weight decay on val, score on test.
+def run_fewshot(train_x, train_y, val_x, val_y, test_x, test_y, W0, f: FewshotParams = FewshotParams()) -> dict:
+    """Few-shot curve: per k of f.shots and seed of range(f.seeds), pick (delta, delta_b) from the grid
+    f.deltas x f.delta_bs / the weight decay of f.weight_decays on val, score on test (f.steps at f.lr).
 
     best_delta / best_delta_b / best_weight_decay are the per-seed choices (val ties go to the earliest grid
     entry); std is the population std over seeds.
     """
-    if delta_bs is None:
-        grid_w, grid_b = list(deltas), list(deltas)
-    else:
-        grid_w = [d for d in deltas for _ in delta_bs]
-        grid_b = [db for _ in deltas for db in delta_bs]
+    shots, seeds, weight_decays, steps, lr = f.shots, list(range(f.seeds)), f.weight_decays, f.steps, f.lr
+    grid_w = [d for d in f.deltas for _ in f.delta_bs]
+    grid_b = [db for _ in f.deltas for db in f.delta_bs]
     W0 = W0.float()
     C = W0.shape[1]
     curve = []
@@ -151,7 +148,8 @@ def run_fewshot(train_x, train_y, val_x, val_y, test_x, test_y, W0, shots=(1, 2,
     return {"zero_shot": probe_accuracy(test_x, test_y, W0, torch.zeros(C)), "curve": curve}
 
 
-def classification_features(model, tokenizer, task_dir: str | Path, split: str, size: int, batch_size: int = 256,
+def classification_features(model, tokenizer, task_dir: str | Path, split: str, size: int,
+                            batch_size: int = BenchmarkParams().batch_size,
                             max_pixels: int | None = None):
     """(image embeddings, labels, zero-shot classifier W0 [d, C]) of one split of a synthetic classification task."""
     data = load_synthetic(task_dir, "classification", size, split, max_pixels)
@@ -159,12 +157,12 @@ def classification_features(model, tokenizer, task_dir: str | Path, split: str, 
     return encode_images(model, data["images"], batch_size), data["labels"], W0
 
 
-def fewshot_curve(model, tokenizer, task_dir: str | Path, f: FewshotParams, batch_size: int = 256,
+def fewshot_curve(model, tokenizer, task_dir: str | Path, f: FewshotParams,
+                  batch_size: int = BenchmarkParams().batch_size,
                   max_pixels: int | None = None) -> dict:
     """run_fewshot with the grids of f on the train / val / test splits of a synthetic classification task."""
     size = image_size(model)
     tr_x, tr_y, W0 = classification_features(model, tokenizer, task_dir, "train", size, batch_size, max_pixels)
     va_x, va_y, _ = classification_features(model, tokenizer, task_dir, "val", size, batch_size, max_pixels)
     te_x, te_y, _ = classification_features(model, tokenizer, task_dir, "test", size, batch_size, max_pixels)
-    return run_fewshot(tr_x, tr_y, va_x, va_y, te_x, te_y, W0, shots=f.shots, seeds=list(range(f.seeds)),
-                       deltas=f.deltas, weight_decays=f.weight_decays, steps=f.steps, lr=f.lr, delta_bs=f.delta_bs)
+    return run_fewshot(tr_x, tr_y, va_x, va_y, te_x, te_y, W0, f)

@@ -18,7 +18,7 @@ from .zeroshot import build_classifier, zero_shot_classification
 
 
 def run_task(name: str, model, preprocess, tokenizer, data_root: str | Path, synthetic_root: str | Path | None = None,
-             batch_size: int = 256, max_pixels: int | None = None) -> dict:
+             batch_size: int = BenchmarkParams().batch_size, max_pixels: int | None = None) -> dict:
     """Metrics of one task with "main" (its main metric) and "chance" added; {"skipped": reason} without data.
 
     Real tasks read ``<data_root>/<spec.default_path>`` through the model's preprocess; synthetic ones

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ..config import Params, Paths, TrainParams
+from ..config import Params, Paths, PseudoLabelParams, TrainParams
 from ..data.images import to_device
 from ..data.loader import make_loader
 from ..data.pseudo_labels import SparsePseudoLabels, load_all
@@ -75,7 +75,8 @@ def _chunks(items: list, parts: int):
 
 
 def load_train_set(shard_dir: str | Path, image_size: int, tokenizer, max_pixels: int,
-                   pseudo_labels: dict | None = None, missing: str = "error", max_captions: int = 8) -> TrainSet:
+                   pseudo_labels: dict | None = None, missing: str = PseudoLabelParams().missing,
+                   max_captions: int = 8) -> TrainSet:
     """Decode the (filtered) shards once into memory and join pseudo-labels by key. A sample with a fault (see
     data/shards.py FAULTS) or, with missing="skip", without a pseudo-label is skipped and counted by reason."""
     keys, images, caps, index = [], [], [], []
@@ -190,8 +191,7 @@ def streaming_data(cfg: TrainParams, missing: str, shards: Path, labels: Path | 
     h.update(json.dumps([cfg.resample, cfg.workers, os.environ.get("WORLD_SIZE", "1")]).encode())
 
     def loader(seed: int, batch_size: int):
-        return make_loader(shards, image_size, tokenizer, batch_size, max_pixels, cfg.workers, pseudo, missing, seed,
-                           resample=cfg.resample, captions_per_image=cfg.captions_per_image)
+        return make_loader(shards, image_size, tokenizer, batch_size, max_pixels, seed, cfg, pseudo, missing)
 
     epoch_steps = math.ceil(count_samples(shards) / cfg.batch_size) if cfg.resample else None
     return StreamingData(loader, h.hexdigest()[:16], distill=sizes is not None, epoch_steps=epoch_steps)

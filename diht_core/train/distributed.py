@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..config import TrainParams
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -25,7 +27,7 @@ def launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
-def pick_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+def pick_device(device: str = TrainParams().device, local_rank: int = 0) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device: cuda, but torch sees no CUDA device")
     if device == "cpu" or not torch.cuda.is_available():
@@ -33,7 +35,7 @@ def pick_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
+def init_distributed(device: str = TrainParams().device) -> DistInfo:
     """Join torchrun's process group when launched by it (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set); otherwise a
     single process. NCCL on GPU, gloo on CPU."""
     if not launched_by_torchrun():

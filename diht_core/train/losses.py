@@ -134,7 +134,8 @@ class HardNegativeContrastiveLoss(nn.Module):
     of log-weights, no raw exponentials) whatever the input dtype: fp16/bf16 inputs give an fp32 loss.
     """
 
-    def __init__(self, alpha: float = 1.0, beta: float = 0.0, rank: int = 0, world_size: int = 1):
+    def __init__(self, alpha: float = TrainParams().hn_alpha, beta: float = TrainParams().hn_beta, rank: int = 0,
+                 world_size: int = 1):
         super().__init__()
         alpha, beta = float(alpha), float(beta)
         check_hn_nce(alpha, beta)
@@ -251,7 +252,7 @@ def _or_similar_(out, a, b, threshold, block: int = 1024):
 
 @torch.no_grad()
 def mine_false_negatives(image_features, text_features, it_threshold=None, tt_threshold=None, ii_threshold=None,
-                         groups=None, captions_per_image: int = 1) -> torch.Tensor:
+                         groups=None, captions_per_image: int = TrainParams().captions_per_image) -> torch.Tensor:
     """FFF's on-the-fly positive assignment matrix M [n, n*K] (bool; no gradients).
 
     The texts are K = ``captions_per_image`` captions per image, image-major (text j belongs to image j // K);
