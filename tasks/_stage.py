@@ -17,8 +17,11 @@ from diht_core.config import Params, ParamsError, load_params, stage_params
 from diht_core.data.files import atomic_write_text
 from diht_core.data.lock import DataFolderBusy, data_lock
 
+from . import INPUTS
+
 PARENT_ENV = "DIHT_MLFLOW_PARENT_RUN_ID"
 BUSY_EXIT = 75  # EX_TEMPFAIL: try again later
+NO_INPUT_EXIT = 66  # EX_NOINPUT: an earlier stage has not run
 STATE_DIR = Path(os.environ.get("DIHT_STATE_DIR", ".state"))
 
 ENV_DEFAULTS = {
@@ -127,11 +130,31 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+class MissingInput(FileNotFoundError):
+    """A stage's input is not there: an earlier stage has not run."""
+
+
+def check_inputs(name: str, params: Params) -> None:
+    """Raise MissingInput, naming the stage to run first, when an input of stage `name` is missing."""
+    data = Path(params.paths.data)
+    inputs = dict(INPUTS.get(name, {}))
+    if name == "train":
+        inputs.update({"raw/train": "download"} if params.train.source == "raw" else {"filtered": "cat_filter"})
+    if name == "fewshot" or (name == "benchmark" and any(t.startswith("synthetic_") for t in params.benchmark.tasks)):
+        inputs["eval"] = "download"
+    for rel, producer in inputs.items():
+        if not (data / rel).exists():
+            raise MissingInput(f"stage {name}: its input {data / rel} is missing; run the {producer} stage first "
+                               f"(python -m tasks.{producer})")
+
+
 def run_stage(name: str, body: Callable[[Params, StageRun], dict], params: Params,
               parent_run_id: str | None = None) -> dict:
     """Run one stage inside its MLflow run (nested under the pipeline run when there is one), holding the lock of
-    paths.data (diht_core/data/lock.py): a second run of any stage on the same data folder stops at once."""
+    paths.data (diht_core/data/lock.py): a second run of any stage on the same data folder stops at once. A missing
+    input stops it before any work (MissingInput)."""
     with data_lock(params.paths.data, name):
+        check_inputs(name, params)
         return _run_stage(name, body, params, parent_run_id)
 
 
@@ -156,7 +179,7 @@ def _run_stage(name: str, body: Callable[[Params, StageRun], dict], params: Para
 
 def cli(name: str, body: Callable[[Params, StageRun], dict]) -> None:
     """`python -m tasks.<stage> --params params.yaml`; exit code 2: bad params, BUSY_EXIT: the data folder is in use
-    by another run."""
+    by another run, NO_INPUT_EXIT: an input is missing (the message names the stage to run first)."""
     parser = argparse.ArgumentParser(prog=f"python -m tasks.{name}", description=f"Run the {name} stage.")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
@@ -174,6 +197,9 @@ def cli(name: str, body: Callable[[Params, StageRun], dict]) -> None:
     except DataFolderBusy as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(BUSY_EXIT)
+    except MissingInput as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(NO_INPUT_EXIT)
     print(json.dumps(_flat_metrics(metrics), indent=1)[:2000])
 
 

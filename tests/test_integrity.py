@@ -215,3 +215,12 @@ def test_the_project_params_give_known_names():
 
     check_names(load_params(ROOT / "params.yaml"))
     check_names(load_params(ROOT / "params.yaml", yaml.safe_load((ROOT / "tests/data/tiny_params.yaml").read_text())))
+
+
+def test_a_missing_input_names_the_stage_to_run_first(tiny_project):
+    """No traceback: one line naming the missing file and the stage that writes it, before any work."""
+    proc = subprocess.run([sys.executable, "-m", "tasks.concepts", "--params", "params.yaml"], cwd=tiny_project,
+                          env=project_env(tiny_project), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 66, proc.stderr[-2000:]
+    assert "run the cat_filter stage first" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tiny_project / "metrics").exists()
