@@ -33,13 +33,8 @@ def encode_jpg(img: Image.Image, quality: int = 92) -> bytes:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Decode image bytes to RGB; raises ValueError on a corrupt image."""
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except Exception as err:  # PIL raises several types for corrupt data
-        raise ValueError(f"corrupt image: {err}") from err
-    return img.convert("RGB")
+    """Decode image bytes to RGB (PIL's own size limit only); raises ValueError (a SampleFault) on a corrupt image."""
+    return open_image(data, None)
 
 
 def write_shard(path: str | Path, samples: list[dict]) -> None:
@@ -106,9 +101,10 @@ def iter_shard(path: str | Path) -> Iterator[dict]:
         yield current
 
 
-def open_image(data: bytes | None, max_pixels: int) -> Image.Image:
+def open_image(data: bytes | None, max_pixels: int | None) -> Image.Image:
     """RGB image of these bytes. SampleFault("too_many_pixels") when the header's width x height exceeds max_pixels
-    (before any pixel is decoded), SampleFault("bad_image") when it is missing or does not decode."""
+    (before any pixel is decoded; None: PIL's own limit only), SampleFault("bad_image") when it is missing or does
+    not decode."""
     if data is None:
         raise SampleFault("bad_image", "no image member (jpg, png or webp)")
     try:
@@ -120,7 +116,7 @@ def open_image(data: bytes | None, max_pixels: int) -> Image.Image:
     except Exception as err:  # PIL raises several types for corrupt data
         raise SampleFault("bad_image", f"{type(err).__name__}: {err}") from None
     w, h = img.size
-    if w * h > max_pixels:
+    if max_pixels is not None and w * h > max_pixels:
         raise SampleFault("too_many_pixels", f"{w}x{h} pixels > max_pixels {max_pixels}")
     try:
         img.load()
