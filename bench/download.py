@@ -40,7 +40,8 @@ import json, sys, pandas as pd
 from diht_core.config import UrlListParams
 from diht_core.data.url_download import download_url_list
 lst, out, threads, timeout, size, mode = sys.argv[1:]
-cfg = UrlListParams(timeout=float(timeout), threads=int(threads), resize_mode=mode, image_size=int(size))
+cfg = UrlListParams(timeout=float(timeout), threads=int(threads), resize_mode=mode, image_size=int(size),
+                    allow_private=True)  # the loopback server's redirects stay on 127.0.0.1
 print(json.dumps(download_url_list(pd.read_parquet(lst), out, cfg, progress=False)))
 """
 

@@ -109,6 +109,12 @@ class UrlListParams(_Strict):
     shard_size: int = Field(default=10_000, ge=1)
     user_agent: str = Field(default="diht-pipeline/0.1 (img2dataset-style downloader)", min_length=1)
     respect_opt_out: bool = True
+    # Redirects are followed only to http(s) URLs whose host resolves to public (global) addresses; a redirect to
+    # loopback, private, link-local or reserved addresses, or to another scheme (file://, ftp://) fails with reason
+    # unsafe_redirect. The list's own URLs are fetched as given (the list is the user's choice), so a list served
+    # from 127.0.0.1 works; true: follow redirects into private addresses too (an intranet mirror; the tests'
+    # loopback redirects). Other schemes are never followed.
+    allow_private: bool = False
 
     @model_validator(mode="after")
     def _format_known(self):
@@ -118,9 +124,33 @@ class UrlListParams(_Strict):
         return self
 
 
+class PrecleanParams(_Strict):
+    """download.preclean: DiHT's LAION pre-cleaning (diht_core/data/preclean.py), decided from the list's columns
+    before any request; optional image classifiers (a CLIP image tower + a small head, from local files) on the
+    fetched images before CAT."""
+    enabled: bool = False
+    nsfw_column: str | None = "NSFW"             # rows whose value is in nsfw_values: reason nsfw
+    nsfw_values: list[str] = ["NSFW"]
+    watermark_column: str | None = "pwatermark"  # rows above max_watermark: reason watermark
+    max_watermark: float = Field(default=0.5, ge=0, le=1)
+    toxic_captions: bool = True                  # captions alt-profanity-check judges offensive: toxic_caption
+    clip_model: str = "ViT-L-14"                 # open_clip architecture of the image classifiers' embedding
+    clip_weights: str | None = None              # local open_clip checkpoint of clip_model (needed by the heads)
+    nsfw_model: str | None = None                # local head on the CLIP embedding: p > max_nsfw is nsfw
+    max_nsfw: float = Field(default=0.5, ge=0, le=1)
+    watermark_model: str | None = None           # local head: p > max_watermark is watermark
+
+    @model_validator(mode="after")
+    def _heads_need_clip(self):
+        if (self.nsfw_model or self.watermark_model) and not self.clip_weights:
+            raise ValueError("download.preclean.clip_weights: required when nsfw_model or watermark_model is set")
+        return self
+
+
 class DownloadParams(_Strict):
     source: Literal["synthetic", "url_list"] = "synthetic"
     url_list: UrlListParams = UrlListParams()
+    preclean: PrecleanParams = PrecleanParams()
     num_train: int = Field(default=4000, ge=16)
     shard_size: int = Field(default=500, ge=1)
     image_size: int = Field(default=128, ge=32, le=1024)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from diht_core.data.synthetic import write_source
+from diht_core.data.synthetic import SourceConflict, write_source
 from diht_core.data.url_download import download_source
 
 from ._stage import cli, make_task
@@ -20,5 +21,11 @@ def body(p, run) -> dict:
 
 download = make_task("download", body)
 
+CONFLICT_EXIT = 65  # EX_DATAERR: data/raw/train holds the other source's training split
+
 if __name__ == "__main__":
-    cli("download", body)
+    try:
+        cli("download", body)
+    except SourceConflict as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(CONFLICT_EXIT)

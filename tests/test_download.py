@@ -61,7 +61,7 @@ def test_every_url_accounted_for_with_its_reason(server, tmp_path):
     assert (urls.expected.isin(["http_404", "connection_error"])).mean() >= 0.15  # dead links
 
     out = tmp_path / "shards"
-    stats = download_url_list(urls, out, fast(threads=8, shard_size=20), progress=False)
+    stats = download_url_list(urls, out, fast(threads=8, shard_size=20, allow_private=True), progress=False)
 
     rows = _rows(out)
     assert rows.key.tolist() == [f"{i:09d}" for i in range(len(urls))]  # every URL once, in order
@@ -300,3 +300,83 @@ def test_an_unexpected_error_is_a_reason_too(server, monkeypatch):
     monkeypatch.setattr(ud, "resize", lambda *a: 1 / 0)
     sample, row = ud.download_one("000000000", server.url("/img/32x32/0.jpg"), "c", FAST)
     assert sample is None and row["reason"] == "error" and "ZeroDivisionError" in row["error_message"]
+
+
+def test_redirects_into_private_addresses_or_other_schemes_are_refused(server):
+    from urllib.parse import quote
+
+    def to(target: str) -> str:
+        return server.url("/to/" + quote(target, safe=""))
+
+    strict = fast()  # allow_private: false, the default
+    assert fetch(server.url("/img/32x32/0.jpg"), strict) == image_bytes(32, 32, 0)  # the list's own loopback URL
+    unsafe = {
+        server.url("/redirect/1/img/32x32/0.jpg"): "127.0.0.1",  # a redirect into loopback
+        to("file:///etc/passwd"): "file", to("ftp://example.com/a.jpg"): "ftp",
+        to("http://169.254.169.254/latest/meta-data/"): "169.254.169.254",  # cloud metadata: link-local
+        to("http://10.1.2.3/a.jpg"): "10.1.2.3", to("http://[::1]/a.jpg"): "::1",
+        to("http://localhost/a.jpg"): "localhost",
+    }
+    for url, what in unsafe.items():
+        with pytest.raises(FetchError) as err:
+            fetch(url, strict)
+        assert err.value.reason == "unsafe_redirect" and err.value.attempts == 1, (url, err.value)
+        assert what in err.value.message
+    relaxed = fast(allow_private=True)
+    assert fetch(server.url("/redirect/2/img/32x32/0.jpg"), relaxed) == image_bytes(32, 32, 0)
+    for target in ("file:///etc/passwd", "ftp://example.com/a.jpg"):  # other schemes: never
+        with pytest.raises(FetchError) as err:
+            fetch(to(target), relaxed)
+        assert err.value.reason == "unsafe_redirect"
+
+
+@pytest.mark.parametrize("addr, public", [
+    ("8.8.8.8", True), ("2606:4700:4700::1111", True), ("127.0.0.1", False), ("10.0.0.1", False),
+    ("172.16.5.4", False), ("192.168.1.1", False), ("169.254.169.254", False), ("100.64.0.1", False),
+    ("0.0.0.0", False), ("224.0.0.1", False), ("::1", False), ("fe80::1%eth0", False), ("fd00::1", False),
+    ("::ffff:127.0.0.1", False), ("::ffff:8.8.8.8", True), ("203.0.113.7", False),
+])
+def test_public_address(addr, public):
+    from diht_core.data.fetch import check_redirect, public_address
+
+    assert public_address(addr) is public
+    if public and ":" not in addr:  # an address literal resolves without the network
+        check_redirect(f"http://{addr}/a.jpg", allow_private=False)
+
+
+def test_sources_never_delete_each_others_training_split(server, tmp_path):
+    """A synthetic download after a URL list's (and the other way round) is refused before anything is removed;
+    the synthetic source clears only what it writes."""
+    from diht_core.data.synthetic import SourceConflict, write_source
+    from diht_core.data.url_download import download_source
+
+    lst = tmp_path / "list.tsv"
+    lst.write_text("".join(f"caption {i}\t{server.url(f'/img/40x30/{i}.jpg')}\n" for i in range(5)))
+    p = validate_params(tiny_params())
+    d_url = p.download.model_copy(update={"source": "url_list", "url_list": fast(path=str(lst), shard_size=2)})
+    root = tmp_path / "data"
+    (root / "eval" / "flickr30k").mkdir(parents=True)  # a real evaluation set beside the synthetic ones
+    (root / "eval" / "flickr30k" / "karpathy.json").write_text("{}")
+    m = download_source(d_url, 0, root)
+    assert m["train_samples"] == 5 and (root / "eval" / "synthetic_shape").is_dir()
+    train = root / "raw" / "train"
+
+    def snapshot() -> dict:
+        return {f.name: f.stat().st_mtime_ns for f in train.iterdir()}
+
+    before = snapshot()
+    with pytest.raises(SourceConflict, match="holds a URL list's download"):
+        write_source(p.download, 0, root)
+    assert snapshot() == before and (root / "raw" / "teacher").is_dir()  # nothing removed
+
+    other = tmp_path / "other"
+    (other / "eval" / "flickr30k").mkdir(parents=True)
+    write_source(p.download.model_copy(update={"num_train": 64, "shard_size": 16}), 0, other)
+    write_source(p.download.model_copy(update={"num_train": 32, "shard_size": 16}), 0, other)  # smaller: no stale
+    assert sorted(f.name for f in (other / "raw" / "train").iterdir()) == ["0.tar", "1.tar", "nshards.txt"]
+    assert (other / "eval" / "flickr30k").is_dir()  # not the synthetic source's: kept
+    synth = {f.name: f.stat().st_mtime_ns for f in (other / "raw" / "train").iterdir()}
+    with pytest.raises(SourceConflict, match="holds the synthetic training split"):
+        download_source(d_url, 0, other)
+    assert {f.name: f.stat().st_mtime_ns for f in (other / "raw" / "train").iterdir()} == synth
+    assert (root / "eval" / "flickr30k" / "karpathy.json").read_text() == "{}"

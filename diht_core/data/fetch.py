@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import socket
 import time
 import urllib.error
@@ -42,8 +43,8 @@ def fetch(url: str, cfg: UrlListParams = UrlListParams(), sleep=time.sleep) -> b
     """The body of url, or FetchError with the reason of the last attempt (cfg: the `download.url_list` params).
 
     `FetchError(reason, message)`'s reason is one of: timeout, http_<code>, too_large, not_image, redirect_loop,
-    too_many_redirects, connection_error, invalid_url, opted_out. Redirects are followed by hand (a limit, loops
-    detected), the body is read in chunks and abandoned past `max_bytes` or past the per-attempt deadline, and
+    too_many_redirects, unsafe_redirect, connection_error, invalid_url, opted_out. Redirects are followed by hand (a
+    limit, loops detected, only to public http(s) hosts: check_redirect), the body is read in chunks and abandoned past `max_bytes` or past the per-attempt deadline, and
     retryable failures (timeouts, connection errors, 429 and 5xx) are retried with exponential backoff.
     """
     attempt = 1
@@ -76,11 +77,40 @@ def fetch_once(url: str, cfg: UrlListParams) -> bytes:
             url = urljoin(url, location)
             if url in seen:
                 raise FetchError("redirect_loop", f"redirected back to {url[:200]}") from None
+            check_redirect(url, cfg.allow_private)
             continue
         with response:
             _check_headers(response.headers, cfg)
             return _read_capped(response, cfg.max_bytes, deadline)
     raise FetchError("too_many_redirects", f"more than {cfg.max_redirects} redirects")
+
+
+def check_redirect(url: str, allow_private: bool) -> None:
+    """FetchError unsafe_redirect unless url is http(s) and (allow_private, or) every address its host resolves to
+    is public: no loopback, private, link-local, shared (CGNAT), reserved or multicast address. The check resolves
+    the name itself; the connection resolves it again (a DNS answer that changes in between is not caught)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise FetchError("unsafe_redirect", f"redirect to a {parts.scheme or 'schemeless'} URL: {url[:200]!r}")
+    if allow_private:
+        return
+    if not parts.hostname:
+        raise FetchError("invalid_url", f"redirect to a URL without a host: {url[:200]!r}")
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port or 80, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError) as err:
+        raise FetchError("connection_error", f"cannot resolve redirect host {parts.hostname!r}: {err}") from None
+    for addr in sorted({info[4][0] for info in infos}):
+        if not public_address(addr):
+            raise FetchError("unsafe_redirect", f"redirect to {url[:200]} resolves to the non-public address {addr} "
+                                                "(download.url_list.allow_private: false)")
+
+
+def public_address(addr: str) -> bool:
+    ip = ipaddress.ip_address(addr.split("%")[0])  # an IPv6 zone index is not part of the address
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
 
 
 def _remaining(deadline: float) -> float:

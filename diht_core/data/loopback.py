@@ -12,6 +12,7 @@ import zlib
 from collections import Counter
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
 
 import numpy as np
 import pandas as pd
@@ -53,6 +54,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
+        self.server.record(self.path)
         try:
             self._route(self.path.strip("/").split("/"), {})
         except (ConnectionError, socket.timeout):  # the client gave up (timeouts, size caps)
@@ -76,6 +78,8 @@ class _Handler(BaseHTTPRequestHandler):
         if head == "redirect":
             n, rest = int(parts[1]), "/".join(parts[2:])
             return self._redirect(f"/{rest}" if n <= 1 else f"/redirect/{n - 1}/{rest}")
+        if head == "to":
+            return self._redirect(unquote(parts[1]))
         if head == "loop":
             return self._redirect("/loop/b" if parts[1] == "a" else "/loop/a")
         if head == "status":
@@ -136,6 +140,11 @@ class _Server(ThreadingHTTPServer):
         super().__init__(*args, **kwargs)
         self._counts: Counter = Counter()
         self._lock = threading.Lock()
+        self.paths: list[str] = []
+
+    def record(self, path: str) -> None:
+        with self._lock:
+            self.paths.append(path)
 
     def count(self, token: str) -> int:
         with self._lock:
@@ -156,6 +165,7 @@ class LoopbackServer:
     - `/huge/<bytes>` (with Content-Length), `/huge_nolength/<bytes>` (without): a big image/jpeg body;
     - `/bomb.png`: a 50 kB PNG of 20,000 x 20,000 pixels;
     - `/loop/a` <-> `/loop/b`: a redirect loop; `/redirect/<n>/<rest>`: n redirects, then rest;
+    - `/to/<url, percent-quoted>`: a redirect to that absolute URL (file://, another host);
     - `/slow/<ms>/<rest>`: wait, then rest; `/trickle/<ms>/<rest>`: rest's body in 1 kB pieces, ms apart;
     - `/flaky/<token>/<k>/<rest>`: 503 for the first k requests of token, then rest;
     - `/noai/<rest>`, `/octet/<rest>`: rest with `X-Robots-Tag: noai` / as application/octet-stream.
@@ -170,6 +180,11 @@ class LoopbackServer:
 
     def url(self, path: str) -> str:
         return self.base + path
+
+    @property
+    def requests(self) -> list[str]:
+        """The path of every request served so far, in arrival order."""
+        return list(self.httpd.paths)
 
     def __enter__(self) -> "LoopbackServer":
         self.thread.start()

@@ -234,11 +234,46 @@ def planted_noise(train_dir: Path, n: int) -> tuple[dict[str, float], float]:
     return {k: kinds[k] / n for k in NOISE_KINDS}, multi / n
 
 
+SYNTHETIC_EVAL_TASKS = (*CLASSIFICATION_TASKS, "synthetic_retrieval", "synthetic_vqa")
+
+
+class SourceConflict(RuntimeError):
+    """data/raw/train holds the other source's training split."""
+
+
+def url_list_download_in(train_dir: Path) -> bool:
+    """Whether train_dir holds a URL list's download (its _stats.json or a shard's parquet)."""
+    return (train_dir / "_stats.json").exists() or any(train_dir.glob("*.parquet"))
+
+
+def synthetic_train_in(train_dir: Path) -> bool:
+    """Whether train_dir holds the synthetic source's training split (its nshards.txt)."""
+    return (train_dir / "nshards.txt").exists()
+
+
+def clear_synthetic(root: Path, train: bool) -> None:
+    """Remove what generate writes, and nothing else: raw/teacher, eval/<synthetic task>, and with train the
+    synthetic shards of raw/train (a URL list's download there is refused before anything is removed)."""
+    train_dir = root / "raw" / "train"
+    if train and url_list_download_in(train_dir):
+        raise SourceConflict(
+            f"download.source synthetic: {train_dir} holds a URL list's download (_stats.json, *.parquet); the "
+            f"synthetic training split would replace it. Move it away (or delete it) first, or give this run its "
+            f"own paths.data")
+    shutil.rmtree(root / "raw" / "teacher", ignore_errors=True)
+    for task in SYNTHETIC_EVAL_TASKS:  # stale shards of a bigger config must not survive
+        shutil.rmtree(root / "eval" / task, ignore_errors=True)
+    if train and train_dir.is_dir():
+        for f in train_dir.iterdir():
+            if f.name == "nshards.txt" or (f.suffix == ".tar" and f.stem.isdigit()) or f.name.endswith(".tmp"):
+                f.unlink()
+
+
 def write_source(d: DownloadParams, seed: int, root: str | Path) -> dict:
-    """Replace root/raw and root/eval with a fresh synthetic source; its summary (the download stage's metrics)."""
+    """Write a fresh synthetic source over the old one (clear_synthetic: SourceConflict where data/raw/train
+    holds a URL list's download); its summary (the download stage's metrics)."""
     root = Path(root)
-    for sub in ("raw", "eval"):  # stale shards of a bigger config must not survive
-        shutil.rmtree(root / sub, ignore_errors=True)
+    clear_synthetic(root, train=True)
     counts = generate(d, seed, root)
     n = counts["train"]
     noise, multi = planted_noise(root / "raw" / "train", n)

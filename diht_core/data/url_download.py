@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -20,7 +19,8 @@ from .fetch import FetchError, fetch
 from .files import atomic_path, atomic_write_text
 from .resize import ImageError, load_image, resize
 from .shards import encode_jpg, write_shard
-from .synthetic import eval_counts, generate
+from .preclean import list_columns, preclean
+from .synthetic import SourceConflict, clear_synthetic, eval_counts, generate, synthetic_train_in
 from .url_lists import read_url_list
 
 COLUMNS = ["key", "url", "caption", "status", "reason", "error_message", "bytes",
@@ -35,10 +35,22 @@ def image_digest(cfg: UrlListParams) -> str:
     return json.dumps({k: getattr(cfg, k) for k in IMAGE_SETTINGS}, sort_keys=True)
 
 
-def download_one(key: str, url: str, caption: str, cfg: UrlListParams) -> tuple[dict | None, dict]:
-    """(webdataset sample or None, parquet row) of one URL."""
+def _row(key: str, url: str, caption: str) -> dict:
     row = dict.fromkeys(COLUMNS)
     row.update(key=key, url=url, caption=caption, bytes=0)
+    return row
+
+
+def dropped_row(key: str, url: str, caption: str, reason: str, message: str) -> dict:
+    """The parquet row of a URL that pre-cleaning dropped: never requested."""
+    row = _row(key, url, caption)
+    row.update(status="failed", reason=reason, error_message=message[:500])
+    return row
+
+
+def download_one(key: str, url: str, caption: str, cfg: UrlListParams) -> tuple[dict | None, dict]:
+    """(webdataset sample or None, parquet row) of one URL."""
+    row = _row(key, url, caption)
     try:
         data = fetch(url, cfg)
         row["bytes"] = len(data)
@@ -58,11 +70,17 @@ def download_one(key: str, url: str, caption: str, cfg: UrlListParams) -> tuple[
     return {"__key__": key, "jpg": jpg, "txt": caption, "json": json.dumps(meta).encode()}, row
 
 
-def shard_digest(rows: pd.DataFrame, first_index: int, cfg: UrlListParams) -> str:
+def shard_digest(rows: pd.DataFrame, first_index: int, cfg: UrlListParams, image_filter=None) -> str:
+    """The digest of a shard's input: its rows (with their pre-cleaning decisions, where made), the image settings
+    and the image classifiers (where used)."""
     h = hashlib.sha256(image_digest(cfg).encode())
     h.update(str(first_index).encode())
     for url, caption in zip(rows.url, rows.caption):
         h.update(url.encode() + b"\t" + caption.encode() + b"\n")
+    if "drop_reason" in rows.columns:
+        h.update(b"preclean\n" + "\n".join(rows.drop_reason).encode())
+    if image_filter is not None:
+        h.update(b"image_filter\n" + image_filter.digest.encode())
     return h.hexdigest()[:24]
 
 
@@ -97,10 +115,13 @@ def _clean(out_dir: Path, names: set[str]) -> None:
 
 
 def download_url_list(urls: pd.DataFrame, out_dir: str | Path, cfg: UrlListParams = UrlListParams(),
-                      progress: bool = True) -> dict:
+                      progress: bool = True, image_filter=None) -> dict:
     """Download every row of urls (columns url, caption) into shards under out_dir; return the stats.
 
-    cfg: the `download.url_list` params (fetching, threads, shard size, resizing and encoding).
+    cfg: the `download.url_list` params (fetching, threads, shard size, resizing and encoding). A row whose
+    `drop_reason` column (preclean) is not empty is not requested: its parquet row fails with that reason and its
+    `drop_message`. image_filter (image_filter.ImageFilter): classifiers run on each shard's images before it is
+    written; the images they flag fail with their reason.
 
     `<out>/<shard:05d>.tar` holds the successes (`jpg`, `txt`, `json` per sample), `<out>/<shard:05d>.parquet`
     one row per URL of the shard (successes and failures, with the reason), `<out>/_stats.json` the counts
@@ -115,10 +136,10 @@ def download_url_list(urls: pd.DataFrame, out_dir: str | Path, cfg: UrlListParam
     shards = [(f"{i:05d}", start, urls.iloc[start:start + cfg.shard_size])
               for i, start in enumerate(range(0, n, cfg.shard_size))]
     _clean(out_dir, {name for name, _, _ in shards})
-    todo = [(name, start, rows, shard_digest(rows, start, cfg)) for name, start, rows in shards]
+    todo = [(name, start, rows, shard_digest(rows, start, cfg, image_filter)) for name, start, rows in shards]
     todo = [t for t in todo if not shard_done(out_dir, t[0], t[3])]
     t0 = time.monotonic()
-    fetched = _run(todo, out_dir, cfg, progress, total=sum(len(t[2]) for t in todo))
+    fetched = _run(todo, out_dir, cfg, progress, total=sum(len(t[2]) for t in todo), image_filter=image_filter)
     seconds = time.monotonic() - t0
     stats = shard_stats(out_dir, [name for name, _, _ in shards])
     stats.update(shards=len(shards), resumed_shards=len(shards) - len(todo), seconds=round(seconds, 3),
@@ -128,23 +149,41 @@ def download_url_list(urls: pd.DataFrame, out_dir: str | Path, cfg: UrlListParam
     return stats
 
 
-def _run(todo: list, out_dir: Path, cfg: UrlListParams, progress: bool, total: int) -> dict:
+def _run(todo: list, out_dir: Path, cfg: UrlListParams, progress: bool, total: int, image_filter=None) -> dict:
     """Fetch the shards' URLs on one thread pool (a shard's slow tail overlaps the next shard) and write
     each shard as soon as its last URL is in."""
-    jobs = ((si, j, f"{start + j:09d}", url, cap)
-            for si, (_, start, rows, _) in enumerate(todo) for j, (url, cap) in enumerate(zip(rows.url, rows.caption)))
+    jobs = ((si, j, f"{start + j:09d}", url, cap, drop)
+            for si, (_, start, rows, _) in enumerate(todo)
+            for j, (url, cap, drop) in enumerate(zip(rows.url, rows.caption, _drops(rows))))
     results = [[None] * len(t[2]) for t in todo]
     left = [len(t[2]) for t in todo]
     started = [0.0] * len(todo)
     done = {"urls": 0, "ok": 0}
     bar = tqdm(total=total, unit="url", desc="download", disable=not progress, mininterval=1.0, smoothing=0.1)
     t0 = time.monotonic()
+
+    def record(si: int, j: int, sample: dict | None, row: dict) -> None:
+        results[si][j] = (sample, row)
+        left[si] -= 1
+        done["urls"] += 1
+        done["ok"] += sample is not None
+        bar.update(1)
+        if left[si] == 0:
+            name, _, _, digest = todo[si]
+            pairs = results[si] if image_filter is None else image_filter.apply(results[si])
+            write_shard_pair(out_dir, name, [s for s, _ in pairs if s is not None], [r for _, r in pairs], digest,
+                             time.monotonic() - started[si])
+            results[si] = None
+
     with ThreadPoolExecutor(cfg.threads) as ex:
         inflight = set()
 
         def submit() -> None:
-            for si, j, key, url, cap in jobs:
+            for si, j, key, url, cap, drop in jobs:
                 started[si] = started[si] or time.monotonic()
+                if drop is not None:  # pre-cleaned: never requested
+                    record(si, j, None, dropped_row(key, url, cap, *drop))
+                    continue
                 inflight.add(ex.submit(_job, si, j, key, url, cap, cfg))
                 if len(inflight) >= 4 * cfg.threads:
                     return
@@ -154,25 +193,22 @@ def _run(todo: list, out_dir: Path, cfg: UrlListParams, progress: bool, total: i
             finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
             inflight.difference_update(finished)
             for f in finished:
-                si, j, (sample, row) = f.result()
-                results[si][j] = (sample, row)
-                left[si] -= 1
-                done["urls"] += 1
-                done["ok"] += sample is not None
-                bar.update(1)
-                if left[si] == 0:
-                    name, _, _, digest = todo[si]
-                    write_shard_pair(out_dir, name, [s for s, _ in results[si] if s is not None],
-                                     [r for _, r in results[si]], digest, time.monotonic() - started[si])
-                    results[si] = None
+                record(*f.result())
             bar.set_postfix(ok=done["ok"], img_s=f"{done['ok'] / max(1e-9, time.monotonic() - t0):.0f}", refresh=False)
             submit()
     bar.close()
     return done
 
 
+def _drops(rows: pd.DataFrame):
+    """(reason, message) of each row that pre-cleaning dropped, None for the others."""
+    if "drop_reason" not in rows.columns:
+        return [None] * len(rows)
+    return [(r, m) if r else None for r, m in zip(rows.drop_reason, rows.drop_message)]
+
+
 def _job(si: int, j: int, key: str, url: str, caption: str, cfg: UrlListParams):
-    return si, j, download_one(key, url, caption, cfg)
+    return si, j, *download_one(key, url, caption, cfg)
 
 
 def shard_stats(out_dir: Path, names: list[str]) -> dict:
@@ -192,16 +228,28 @@ def download_source(d: DownloadParams, seed: int, root: str | Path) -> dict:
     """root/raw/train from the URL list (finished shards of an earlier run are kept); the teacher split and
     the evaluation tasks are still the synthetic ones, so every later stage runs unchanged. Returns the
     download stage's metrics; the list's own stats are in root/raw/train/_stats.json."""
-    u = d.url_list
+    u, c = d.url_list, d.preclean
     if not Path(u.path).is_file():
         raise FileNotFoundError(f"download.url_list.path: no such file {u.path}")
-    urls = read_url_list(u.path, u)
     root = Path(root)
-    stats = download_url_list(urls, root / "raw" / "train", u)
-    for sub in ("raw/teacher", "eval"):
-        shutil.rmtree(root / sub, ignore_errors=True)
+    if synthetic_train_in(root / "raw" / "train"):
+        raise SourceConflict(
+            f"download.source url_list: {root / 'raw' / 'train'} holds the synthetic training split (nshards.txt); "
+            "the URL list's shards cannot share the folder. Delete it first (the synthetic split is regenerated "
+            "from the seed), or give this run its own paths.data")
+    urls = read_url_list(u.path, u, list_columns(c))
+    report = None
+    if c.enabled:
+        urls, report = preclean(urls, c)
+    image_filter = None
+    if c.enabled and (c.nsfw_model or c.watermark_model):
+        from .image_filter import ImageFilter  # torch and open_clip: only when classifiers are asked for
+
+        image_filter = ImageFilter.from_params(c)
+    stats = download_url_list(urls, root / "raw" / "train", u, image_filter=image_filter)
+    clear_synthetic(root, train=False)
     counts = generate(d, seed, root, train=False)
-    return {
+    metrics = {
         "urls": stats["count"],
         "train_samples": stats["successes"],
         "failed": stats["failed"],
@@ -213,3 +261,6 @@ def download_source(d: DownloadParams, seed: int, root: str | Path) -> dict:
         "teacher_samples": counts["teacher"],
         "eval_samples": eval_counts(counts),
     }
+    if report is not None:  # the rows pre-cleaning dropped are counted in reasons too
+        metrics["preclean"] = {**report, "image_classifiers": image_filter.names if image_filter else []}
+    return metrics

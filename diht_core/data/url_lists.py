@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 
@@ -12,9 +13,10 @@ from ..config import URL_LIST_FORMATS, UrlListParams, infer_format
 FORMATS = URL_LIST_FORMATS
 
 
-def read_url_list(path: str | Path, cfg: UrlListParams = UrlListParams()) -> pd.DataFrame:
+def read_url_list(path: str | Path, cfg: UrlListParams = UrlListParams(), extra: Sequence[str] = ()) -> pd.DataFrame:
     """DataFrame with columns url, caption (str; "" where missing), one row per input row, in order; of cfg it
-    reads format (None: from the suffix), url_col and caption_col.
+    reads format (None: from the suffix), url_col and caption_col. The columns named in extra that the list has
+    (LAION's NSFW, pwatermark) follow, as they are.
 
     - tsv: CC3M's `Train_GCC-training.tsv` (caption<TAB>url, no header) or any TSV with a header row;
     - csv: with a header row naming the columns (or, without one, the column of URLs is found);
@@ -39,7 +41,8 @@ def read_url_list(path: str | Path, cfg: UrlListParams = UrlListParams()) -> pd.
     if caption_col is not None and fmt != "txt" and caption_col not in df.columns:
         raise ValueError(f"{path}: no caption column {caption_col!r}; columns are {list(df.columns)}")
     captions = df[caption_col] if caption_col in df.columns else pd.Series([""] * len(df))
-    return pd.DataFrame({"url": _text(df[url_col]).str.strip(), "caption": _text(captions)})
+    kept = {c: df[c].reset_index(drop=True) for c in extra if c in df.columns and c not in ("url", "caption")}
+    return pd.DataFrame({"url": _text(df[url_col]).str.strip(), "caption": _text(captions), **kept})
 
 
 def _text(col: pd.Series) -> pd.Series:
