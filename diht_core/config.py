@@ -127,7 +127,7 @@ class UrlListParams(_Strict):
 class PrecleanParams(_Strict):
     """download.preclean: DiHT's LAION pre-cleaning (diht_core/data/preclean.py), decided from the list's columns
     before any request; optional image classifiers (a CLIP image tower + a small head, from local files) on the
-    fetched images before CAT."""
+    fetched images before CAT. Nothing of it runs unless enabled."""
     enabled: bool = False
     nsfw_column: str | None = "NSFW"             # rows whose value is in nsfw_values: reason nsfw
     nsfw_values: list[str] = ["NSFW"]
