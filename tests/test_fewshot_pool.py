@@ -106,3 +106,16 @@ def test_shots_up_to_25():
         FewshotParams(shots=[1, 26])
     with pytest.raises(ValidationError, match="0"):
         FewshotParams(shots=[-1])
+
+
+def test_a_bad_sample_is_an_error_naming_shard_key_and_reason(tmp_path):
+    (tmp_path / "train").mkdir()
+    write_shard(tmp_path / "train" / "00000.tar", [{"__key__": "a", "png": png((200, 0, 0)), "cls": "0"},
+                                                   {"__key__": "b", "png": b"not an image", "cls": "1"}])
+    assert split_labels(tmp_path / "train").tolist() == [0, 1]  # labels read no image
+    with pytest.raises(ValueError, match=r"00000.tar sample 'b': bad_image"):
+        stream_features(tmp_path / "train", None, lambda imgs: imgs.float(), 8, None, 4)
+    stream_features(tmp_path / "train", torch.tensor([0]), lambda imgs: imgs.float(), 8, None, 4)  # b not kept
+    write_shard(tmp_path / "train" / "00001.tar", [{"__key__": "c", "png": png((0, 0, 200))}])
+    with pytest.raises(ValueError, match=r"00001.tar sample 'c': no cls"):
+        split_labels(tmp_path / "train")
