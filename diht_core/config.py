@@ -272,6 +272,9 @@ class BenchmarkParams(_Strict):
         return v
 
 
+MAX_SHOTS = 25  # the DiHT paper's k-shot curve on ImageNet goes up to 25 shots per class
+
+
 class FewshotParams(_Strict):
     task: Literal["synthetic_shape", "synthetic_colour", "synthetic_count"] = "synthetic_shape"
     shots: list[int] = [0, 1, 2, 4, 8, 16]
@@ -285,8 +288,9 @@ class FewshotParams(_Strict):
     @field_validator("shots")
     @classmethod
     def _shots(cls, v):
-        if not v or any(k < 0 for k in v):
-            raise ValueError("shots must be a non-empty list of integers >= 0 (0: zero-shot)")
+        if not v or any(k < 0 or k > MAX_SHOTS for k in v):
+            raise ValueError(f"shots must be a non-empty list of integers from 0 (zero-shot) to {MAX_SHOTS} "
+                             "(the DiHT paper's k-shot range)")
         return sorted(set(v))
 
     @field_validator("deltas", "delta_bs", "weight_decays")

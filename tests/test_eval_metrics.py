@@ -10,7 +10,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from clip_benchmark.metrics.zeroshot_classification import accuracy as _cb_accuracy
 from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
-from diht_core.eval.retrieval import retrieval_metrics
+from diht_core.eval.retrieval import block_retrieval_metrics, retrieval_metrics
 from diht_core.eval.vqa import vqa_accuracy
 from diht_core.eval.zeroshot import build_classifier, classification_metrics, zero_shot_classification
 
@@ -169,17 +169,20 @@ def test_retrieval_chunked_equals_unchunked():
 
 def test_retrieval_blocks_equal_separate_runs():
     img, txt, t2i = retrieval_data(50, 5, seed=11)
-    out = retrieval_metrics(img, txt, t2i, ks=KS, block_size=20)  # blocks of 20, 20, 10 images
-    assert len(out["blocks"]) == 3
+    blocks = [{"images": (0, 20), "full": True}, {"images": (20, 40), "full": True},
+              {"images": (40, 50), "full": False}]  # a partial block: reported, not averaged
+    out = block_retrieval_metrics(img, txt, t2i, blocks, ks=KS)
+    assert len(out["blocks"]) == 3 and (out["full_blocks"], out["partial_blocks"]) == (2, 1)
     for bi, (s, e) in enumerate([(0, 20), (20, 40), (40, 50)]):
         sel = (t2i >= s) & (t2i < e)
         sep = retrieval_metrics(img[s:e], txt[sel], t2i[sel] - s, ks=KS)
         ref = cb_retrieval(img[s:e], txt[sel], t2i[sel] - s, KS)
-        assert out["blocks"][bi] == sep
+        assert {k: v for k, v in out["blocks"][str(bi)].items() if k in sep} == sep
+        assert out["blocks"][str(bi)]["images"] == e - s
         for key, v in ref.items():
             assert sep[key] == pytest.approx(v, abs=1e-7)
-    for key in out["blocks"][0]:
-        assert out[key] == pytest.approx(sum(b[key] for b in out["blocks"]) / 3)
+    for key in sep:
+        assert out[key] == pytest.approx((out["blocks"]["0"][key] + out["blocks"]["1"][key]) / 2)
     # smaller galleries are easier than the full one
     full = retrieval_metrics(img, txt, t2i, ks=KS)
     assert out["image_retrieval_recall@1"] > full["image_retrieval_recall@1"]

@@ -41,7 +41,7 @@ def test_noise_fractions_must_fit():
 
 def test_fewshot_shots_must_fit_pool():
     with pytest.raises(ParamsError, match="fewshot_per_class"):
-        validate_params({"fewshot": {"shots": [32]}, "download": {"eval": {"fewshot_per_class": 16}}})
+        validate_params({"fewshot": {"shots": [20]}, "download": {"eval": {"fewshot_per_class": 16}}})
 
 
 def test_overrides_and_bad_yaml(tmp_path):

@@ -14,7 +14,7 @@ from PIL import Image
 from diht_core.data.eval_datasets import (DEFAULT_TEMPLATES, DatasetNotFound, LazyImages, load_cc_validation,
                                           load_imagefolder, load_karpathy_json, load_wds_classification,
                                           load_wds_retrieval, load_wds_vqa)
-from diht_core.eval.registry import (TaskSpec, check_available, default_tasks, get_task, list_tasks,
+from diht_core.eval.registry import (TaskSpec, check_available, default_tasks, diht_tasks, get_task, list_tasks,
                                      register_task, resolve)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,13 +61,14 @@ def make_wds_retrieval(root: Path) -> None:
 
 
 def test_registry_counts():
-    real = list_tasks(synthetic=False)
-    assert len(list_tasks("classification", synthetic=False)) == 17
-    assert len(list_tasks("retrieval", synthetic=False)) == 10
-    assert len(list_tasks("vqa", synthetic=False)) == 2
-    assert len(real) == 29 and len(set(real)) == 29
+    real = list_tasks(synthetic=False, extra=False)
+    assert len(list_tasks("classification", synthetic=False, extra=False)) == 17
+    assert len(list_tasks("retrieval", synthetic=False, extra=False)) == 10
+    assert len(list_tasks("vqa", synthetic=False, extra=False)) == 2
+    assert len(real) == 29 and len(set(real)) == 29 and real == diht_tasks()
     assert default_tasks() == SYNTHETIC == list_tasks(synthetic=True)
-    assert len(list_tasks()) == 29 + 5
+    assert list_tasks(extra=True) == ["cc_val_t2i", "cc_val_i2t"]  # outside the 29
+    assert len(list_tasks()) == 29 + 2 + 5
     for name in ("imagenet1k", "coco_t2i", "coco_i2t", "flickr30k_t2i", "flickr30k_i2t"):  # named in the paper
         assert name in real
 
@@ -231,15 +232,15 @@ def test_load_cc_validation(tmp_path):
         for key, i in (("000000000", 2), ("000000001", 0)):
             sink.write({"__key__": key, "jpg": img_bytes(COLOURS[i], "JPEG"), "txt": f"caption {i}",
                         "json": json.dumps({"url": urls[i], "key": key, "status": "success"}).encode()})
-    d = load_cc_validation(tsv, shards)
-    assert d["missing"] == 1 and d["total"] == 3
+    d = load_cc_validation(tsv, shards, 14_000, 2_000)
+    assert d["missing"] == 1 and d["total"] == 3 and d["blocks"][0]["dead"] == 1
     assert d["captions"] == ["caption 0", "caption 2"]  # TSV order kept
     assert d["text_to_image"].tolist() == [0, 1] and d["urls"] == [urls[0], urls[2]]
     assert d["images"][0].getpixel((4, 4))[0] > 200 and d["images"][1].getpixel((4, 4))[1] > 200
     with pytest.raises(DatasetNotFound, match="validation_missing"):
-        load_cc_validation(tsv, tmp_path / "validation_missing")
+        load_cc_validation(tsv, tmp_path / "validation_missing", 14_000, 2_000)
     with pytest.raises(DatasetNotFound, match="nothere.tsv"):
-        load_cc_validation(tmp_path / "nothere.tsv", shards)
+        load_cc_validation(tmp_path / "nothere.tsv", shards, 14_000, 2_000)
 
 
 # --------------------------------------------------------------------------- absent data

@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import pandas as pd
 import torch
 from PIL import Image
 
@@ -346,27 +347,49 @@ def load_karpathy_json(json_path: str | Path, image_root: str | Path) -> dict:
             "text_to_image": torch.tensor(t2i, dtype=torch.long), "image_paths": paths}
 
 
-def load_cc_validation(tsv_path: str | Path, shard_dir: str | Path) -> dict:
-    """Conceptual Captions validation: TSV rows joined to downloaded img2dataset shards by URL.
+def _cc_rows(tsv_path: Path, rows: int) -> list[tuple[str, str]]:
+    """(caption, url) of the first ``rows`` rows of a CC TSV (caption<TAB>url, no header), in file order."""
+    out = []
+    with open(tsv_path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if len(out) == rows:
+                break
+            if not line.strip():
+                continue
+            parts = line.rstrip("\r\n").split("\t")
+            if len(parts) < 2:
+                raise ValueError(f"{tsv_path}:{n}: expected caption<TAB>url, got {line!r:.200}")
+            out.append((parts[0].strip(), parts[1].strip()))
+    return out
 
-    The TSV is ``caption<TAB>url``, no header; the webdataset shards' per-sample ``json`` holds the ``url``.
 
-    Captions whose URL has no downloaded image are dropped and counted (``missing``; ``total``
-    is the number of TSV rows). Images keep the TSV order, so consecutive blocks of the result
-    match blocks of the validation file; a URL listed twice gives one image with two captions.
+def _attempted_urls(shard_dir: Path) -> set[str] | None:
+    """URLs the download tried (any status), from the shards' parquets (img2dataset's and ours); None without one."""
+    parquets = sorted(shard_dir.glob("*.parquet"))
+    if not parquets:
+        return None
+    return {str(u).strip() for p in parquets for u in pd.read_parquet(p, columns=["url"]).url}
+
+
+def load_cc_validation(tsv_path: str | Path, shard_dir: str | Path, rows: int, block_size: int) -> dict:
+    """Conceptual Captions validation as the DiHT GCC study evaluates it: the first ``rows`` rows of the TSV in blocks
+    of ``block_size`` rows (block b: rows b*block_size .. (b+1)*block_size - 1), each block its own gallery.
+
+    The TSV is ``caption<TAB>url``, no header; the downloaded img2dataset shards' per-sample ``json`` holds the
+    ``url``. A row whose image is absent is *dead*: dropped inside its block and counted there. When the shards'
+    parquets are there, a row the download never tried is ``not_downloaded`` instead. A block is ``full`` when the
+    file has all its rows, the download tried all of them and at least one image is present; any other block is
+    partial (reported apart, never averaged as a full one). A URL listed twice in a block: one image, two captions.
+
+    Returns images (block after block), captions, text_to_image, urls, ``blocks`` (per block: block, first_row,
+    rows_in_file, images [start, end) into images, captions, dead, not_downloaded, full), ``missing`` (dead
+    rows) and ``total`` (rows read).
     """
     tsv_path, shard_dir = Path(tsv_path), Path(shard_dir)
     if not tsv_path.exists():
         raise DatasetNotFound(f"no Conceptual Captions validation TSV at {tsv_path} "
                               "(caption<TAB>url per line, no header)")
-    rows = []
-    for n, line in enumerate(tsv_path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.rstrip("\r\n").split("\t")
-        if len(parts) < 2:
-            raise ValueError(f"{tsv_path}:{n}: expected caption<TAB>url, got {line!r:.200}")
-        rows.append((parts[0].strip(), parts[1].strip()))
+    table = _cc_rows(tsv_path, rows)
     shards = shard_paths(shard_dir) if shard_dir.is_dir() else []
     if not shards:
         raise DatasetNotFound(f"no downloaded webdataset shards (*.tar) in {shard_dir}; expected img2dataset "
@@ -379,23 +402,34 @@ def load_cc_validation(tsv_path: str | Path, shard_dir: str | Path) -> dict:
         if meta.get("status", "success") != "success" or not meta.get("url"):
             continue
         by_url.setdefault(str(meta["url"]).strip(), _image_member(shard, key, members))
-    entries, image_of_url, captions, t2i, urls = [], {}, [], [], []
-    missing = 0
-    for caption, url in rows:
-        if url not in by_url:
-            missing += 1
-            continue
-        if url not in image_of_url:
-            image_of_url[url] = len(entries)
-            entries.append(by_url[url])
-            urls.append(url)
-        captions.append(caption)
-        t2i.append(image_of_url[url])
+    attempted = _attempted_urls(shard_dir)
+    entries, captions, t2i, urls, blocks = [], [], [], [], []
+    for b, first in enumerate(range(0, rows, block_size)):
+        block_rows = table[first:first + block_size]
+        block = {"block": b, "first_row": first, "rows_in_file": len(block_rows),
+                 "images": (len(entries), len(entries)), "captions": 0, "dead": 0, "not_downloaded": 0}
+        image_of_url: dict[str, int] = {}
+        for caption, url in block_rows:
+            if url not in by_url:
+                block["not_downloaded" if attempted is not None and url not in attempted else "dead"] += 1
+                continue
+            if url not in image_of_url:
+                image_of_url[url] = len(entries)
+                entries.append(by_url[url])
+                urls.append(url)
+            captions.append(caption)
+            t2i.append(image_of_url[url])
+            block["captions"] += 1
+        block["images"] = (block["images"][0], len(entries))
+        block["full"] = (block["rows_in_file"] == block_size and block["not_downloaded"] == 0
+                         and len(entries) > block["images"][0])
+        blocks.append(block)
     if not entries:
-        raise DatasetNotFound(f"none of the {len(rows)} URLs of {tsv_path} has a downloaded image in {shard_dir}")
+        raise DatasetNotFound(f"none of the first {len(table)} URLs of {tsv_path} has a downloaded image in "
+                              f"{shard_dir}")
     return {"images": TarImages(entries), "captions": captions,
-            "text_to_image": torch.tensor(t2i, dtype=torch.long), "urls": urls,
-            "missing": missing, "total": len(rows)}
+            "text_to_image": torch.tensor(t2i, dtype=torch.long), "urls": urls, "blocks": blocks,
+            "missing": sum(b["dead"] for b in blocks), "total": len(table)}
 
 
 def load_synthetic(root: str | Path, kind: str, image_size: int, split: str = "test",

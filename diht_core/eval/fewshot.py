@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from ..config import BenchmarkParams, FewshotParams
-from ..data.eval_datasets import load_synthetic
+from ..data.eval_datasets import _read_lines
 from ..models import image_size
 from .encoders import encode_images, text_encoder
+from .fewshot_pool import PoolFeatures, kshot_indices, needed_indices, split_labels, stream_features
 from .zeroshot import build_classifier
 
 SCALE = 100.0
@@ -97,17 +98,6 @@ def probe_accuracy(x, y, W, b) -> float:
     return _accs(x, y, W[None], torch.as_tensor(b, dtype=torch.float32, device=x.device).reshape(1, -1)).item()
 
 
-def kshot_indices(labels, k: int, seed: int) -> torch.LongTensor:
-    """k random indices per class (all of a class with fewer than k), sorted; deterministic from seed."""
-    labels = torch.as_tensor(labels)
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for c in torch.unique(labels):
-        idx = (labels == c).nonzero().flatten()
-        out.append(idx[torch.randperm(len(idx), generator=g)[:k]])
-    return torch.cat(out).sort().values
-
-
 def run_fewshot(train_x, train_y, val_x, val_y, test_x, test_y, W0, f: FewshotParams = FewshotParams()) -> dict:
     """Few-shot curve: per k of f.shots and seed of range(f.seeds), pick (delta, delta_b) from the grid
     f.deltas x f.delta_bs / the weight decay of f.weight_decays on val, score on test (f.steps at f.lr).
@@ -148,21 +138,30 @@ def run_fewshot(train_x, train_y, val_x, val_y, test_x, test_y, W0, f: FewshotPa
     return {"zero_shot": probe_accuracy(test_x, test_y, W0, torch.zeros(C)), "curve": curve}
 
 
-def classification_features(model, tokenizer, task_dir: str | Path, split: str, size: int,
-                            batch_size: int = BenchmarkParams().batch_size,
-                            max_pixels: int | None = None):
-    """(image embeddings, labels, zero-shot classifier W0 [d, C]) of one split of a synthetic classification task."""
-    data = load_synthetic(task_dir, "classification", size, split, max_pixels)
-    W0 = build_classifier(text_encoder(model, tokenizer, batch_size), data["classnames"], data["templates"])
-    return encode_images(model, data["images"], batch_size), data["labels"], W0
+def split_features(model, task_dir: str | Path, split: str, size: int, batch_size: int, max_pixels: int | None,
+                   keep: torch.LongTensor | None = None):
+    """(unit-norm image embeddings, labels of the whole split) of a synthetic classification split, streamed from its
+    shards (stream_features): keep None embeds every sample (a tensor), else only those pool indices (PoolFeatures)."""
+    labels = split_labels(Path(task_dir) / split)
+    x = stream_features(Path(task_dir) / split, keep, lambda imgs: encode_images(model, imgs, batch_size), size,
+                        max_pixels, batch_size)
+    return (x if keep is None else PoolFeatures(keep, x)), labels
 
 
 def fewshot_curve(model, tokenizer, task_dir: str | Path, f: FewshotParams,
                   batch_size: int = BenchmarkParams().batch_size,
                   max_pixels: int | None = None) -> dict:
-    """run_fewshot with the grids of f on the train / val / test splits of a synthetic classification task."""
+    """run_fewshot with the grids of f on the train / val / test splits of a synthetic classification task.
+
+    The train pool is streamed: its labels are read first, then only the samples some k of f.shots and seed picks
+    are decoded and embedded (at most batch_size images at a time); val and test are embedded batch by batch.
+    """
     size = image_size(model)
-    tr_x, tr_y, W0 = classification_features(model, tokenizer, task_dir, "train", size, batch_size, max_pixels)
-    va_x, va_y, _ = classification_features(model, tokenizer, task_dir, "val", size, batch_size, max_pixels)
-    te_x, te_y, _ = classification_features(model, tokenizer, task_dir, "test", size, batch_size, max_pixels)
+    task_dir = Path(task_dir)
+    W0 = build_classifier(text_encoder(model, tokenizer, batch_size), _read_lines(task_dir / "classnames.txt"),
+                          _read_lines(task_dir / "zeroshot_classification_templates.txt"))
+    keep = needed_indices(split_labels(task_dir / "train"), f.shots, f.seeds)
+    tr_x, tr_y = split_features(model, task_dir, "train", size, batch_size, max_pixels, keep)
+    va_x, va_y = split_features(model, task_dir, "val", size, batch_size, max_pixels)
+    te_x, te_y = split_features(model, task_dir, "test", size, batch_size, max_pixels)
     return run_fewshot(tr_x, tr_y, va_x, va_y, te_x, te_y, W0, f)

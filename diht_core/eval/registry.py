@@ -1,4 +1,5 @@
-"""The evaluation task registry: DiHT's 29-task zero-shot benchmark plus the 5 synthetic tasks."""
+"""The evaluation task registry: DiHT's 29-task zero-shot benchmark, the extra cc_val tasks and the 5 synthetic
+tasks."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from ..data.eval_datasets import (DatasetNotFound, load_cc_validation, load_karp
 
 KINDS = ("classification", "retrieval", "vqa")
 DIHT_CAPTION_TEMPLATE = "a photo of {}."  # DiHT wraps every retrieval caption (example_retrieval_eval.py)
-CC_BLOCK_SIZE = next(row[4] for row in catalog.RETRIEVAL if row[0] == "cc_val")  # blocks of 2,000 images
 T2I, I2T = (d[1] for d in catalog.DIRECTIONS)
 
 
@@ -25,8 +25,9 @@ class TaskSpec:
 
     loader: data_root -> the loaded data (see diht_core.data.eval_datasets), reading
     ``<data_root>/<default_path>``; caption_template: applied to every caption before encoding
-    (retrieval; None = captions as they are); block_size: retrieval galleries of that many images
-    (None = one gallery); synthetic: read at the model's image size by diht_core.eval.runner.run_task.
+    (retrieval; None = captions as they are); block_size: galleries of blocks of that many data rows
+    (None = one gallery; the loader's "blocks" say which images form each); synthetic: read at the model's image
+    size by diht_core.eval.runner.run_task; extra: a real task outside DiHT's 29 (cc_val).
     """
 
     name: str
@@ -40,6 +41,7 @@ class TaskSpec:
     synthetic: bool = False
     split: str = "test"
     block_size: int | None = None
+    extra: bool = False
 
     def path(self, data_root: str | Path) -> Path:
         return Path(data_root) / self.default_path
@@ -104,7 +106,8 @@ def _karpathy_loader(json_rel: str) -> Callable[[Path], dict]:
 
 def _cc_loader(tsv_rel: str, shards_rel: str) -> Callable[[Path], dict]:
     def load(data_root: str | Path) -> dict:
-        return load_cc_validation(Path(data_root) / tsv_rel, Path(data_root) / shards_rel)
+        return load_cc_validation(Path(data_root) / tsv_rel, Path(data_root) / shards_rel, catalog.CC_ROWS,
+                                  catalog.CC_BLOCK_SIZE)
     load.__name__ = "load_cc_validation"
     return load
 
@@ -131,26 +134,31 @@ def _retrieval_source(layout: str, rel: str) -> tuple[Callable[[Path], dict], st
         return _wds_loader("retrieval", rel, "test"), _wds_layout(rel, "retrieval")
     return (_cc_loader(f"{rel}/Validation_GCC-1.1.0-Validation.tsv", f"{rel}/validation"),
             f"Conceptual Captions validation: {rel}/Validation_GCC-1.1.0-Validation.tsv (caption<TAB>url, no header) "
-            f"+ img2dataset shards {rel}/validation/*.tar (image + json with url)")
+            f"+ img2dataset shards {rel}/validation/*.tar (image + json with url; the shards' *.parquet, when there, "
+            f"tell dead URLs from rows never downloaded)")
 
 
 def _register_benchmark() -> None:
     """Every row of catalog.py as a TaskSpec.
 
     The paper only names ImageNet-1K, COCO and Flickr30K among its 17 classification, 10 retrieval
-    and 2 VQA tasks; the rest is a reconstruction, see docs/benchmark_tasks.md.
+    and 2 VQA tasks; the rest is a reconstruction, see docs/benchmark_tasks.md. cc_val is registered as an extra
+    task, outside the 29.
     """
     for name, folder, metric, notes in catalog.CLASSIFICATION:
         rel = f"wds/{folder}"
         register_task(TaskSpec(name=name, kind="classification", main_metric=metric,
                                loader=_wds_loader("classification", rel, "test"), default_path=rel,
                                layout=_wds_layout(rel, "classification"), notes=notes))
-    for stem, source, rel, notes, block in catalog.RETRIEVAL:
-        loader, layout = _retrieval_source(source, rel)
-        for direction, metric, what in catalog.DIRECTIONS:
-            register_task(TaskSpec(name=f"{stem}_{direction}", kind="retrieval", main_metric=metric, loader=loader,
-                                   default_path=rel, layout=layout, caption_template=DIHT_CAPTION_TEMPLATE,
-                                   notes=f"{what} R@1. {notes}", block_size=block))
+    for rows, extra in ((catalog.RETRIEVAL, False), (catalog.EXTRA_RETRIEVAL, True)):
+        for stem, source, rel, notes in rows:
+            loader, layout = _retrieval_source(source, rel)
+            block = catalog.CC_BLOCK_SIZE if source == "cc" else None
+            for direction, metric, what in catalog.DIRECTIONS:
+                register_task(TaskSpec(name=f"{stem}_{direction}", kind="retrieval", main_metric=metric,
+                                       loader=loader, default_path=rel, layout=layout,
+                                       caption_template=DIHT_CAPTION_TEMPLATE, notes=f"{what} R@1. {notes}",
+                                       block_size=block, extra=extra))
     for name, notes in catalog.VQA:
         rel = f"wds/{name}"
         register_task(TaskSpec(name=name, kind="vqa", main_metric="accuracy", loader=_wds_loader("vqa", rel, "test"),
@@ -168,12 +176,18 @@ _register_benchmark()
 # --------------------------------------------------------------------------- lookups
 
 
-def list_tasks(kind: str | None = None, synthetic: bool | None = None) -> list[str]:
-    """Registered task names in registration order, optionally of one kind / synthetic or real only."""
+def list_tasks(kind: str | None = None, synthetic: bool | None = None, extra: bool | None = None) -> list[str]:
+    """Registered task names in registration order, optionally of one kind / synthetic or real only / extra or not."""
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     return [n for n, s in _TASKS.items()
-            if (kind is None or s.kind == kind) and (synthetic is None or s.synthetic == synthetic)]
+            if (kind is None or s.kind == kind) and (synthetic is None or s.synthetic == synthetic)
+            and (extra is None or s.extra == extra)]
+
+
+def diht_tasks() -> list[str]:
+    """DiHT's 29-task zero-shot benchmark (17 classification, 10 retrieval, 2 VQA) as reconstructed here."""
+    return list_tasks(synthetic=False, extra=False)
 
 
 def get_task(name: str) -> TaskSpec:

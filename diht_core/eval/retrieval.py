@@ -1,4 +1,4 @@
-"""Image-text retrieval recall@k (CLIP_benchmark keys), memory bounded, optional block galleries."""
+"""Image-text retrieval recall@k (CLIP_benchmark keys), memory bounded; one gallery or separate block galleries."""
 
 from __future__ import annotations
 
@@ -41,28 +41,50 @@ def _metrics(text_ranks, image_ranks, ks) -> dict:
     return m
 
 
-@torch.no_grad()
-def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image, ks=(1, 5, 10),
-                      block_size: int | None = None, chunk_size: int = 1024) -> dict:
-    """Recall@k both ways plus mean_recall@1 (DataComp).
-
-    image_retrieval_recall@k: a caption is a hit if its image is in its top-k images.
-    text_retrieval_recall@k: an image is a hit if any of its captions is in its top-k captions
-    (an image without captions counts as a miss, as in CLIP_benchmark).
-    block_size: consecutive blocks of block_size images (the last may be smaller), each with its own
-    captions, are separate galleries; keys hold the mean over blocks and "blocks" the per-block dicts.
-    """
+def _prepare(image_emb, text_emb, text_to_image):
     image_emb = F.normalize(image_emb.float(), dim=-1)
     text_emb = F.normalize(text_emb.float(), dim=-1)
     t2i = torch.as_tensor(text_to_image, dtype=torch.long, device=image_emb.device)
     assert len(t2i) == len(text_emb) and (len(t2i) == 0 or 0 <= int(t2i.min()) and int(t2i.max()) < len(image_emb))
-    if block_size is None:
-        return _metrics(*_ranks(image_emb, text_emb, t2i, chunk_size), ks)
-    blocks = []
-    for s in range(0, len(image_emb), block_size):
-        e = min(s + block_size, len(image_emb))
-        sel = (t2i >= s) & (t2i < e)
-        blocks.append(_metrics(*_ranks(image_emb[s:e], text_emb[sel], t2i[sel] - s, chunk_size), ks))
-    out = {key: sum(b[key] for b in blocks) / len(blocks) for key in blocks[0]}
-    out["blocks"] = blocks
+    return image_emb, text_emb, t2i
+
+
+@torch.no_grad()
+def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image, ks=(1, 5, 10),
+                      chunk_size: int = 1024) -> dict:
+    """Recall@k both ways plus mean_recall@1 (DataComp), one gallery.
+
+    image_retrieval_recall@k: a caption is a hit if its image is in its top-k images.
+    text_retrieval_recall@k: an image is a hit if any of its captions is in its top-k captions
+    (an image without captions counts as a miss, as in CLIP_benchmark).
+    """
+    image_emb, text_emb, t2i = _prepare(image_emb, text_emb, text_to_image)
+    return _metrics(*_ranks(image_emb, text_emb, t2i, chunk_size), ks)
+
+
+@torch.no_grad()
+def block_retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image, blocks: list[dict],
+                            ks=(1, 5, 10), chunk_size: int = 1024) -> dict:
+    """Retrieval in separate galleries (the Conceptual Captions protocol): each block {"images": (start, end),
+    "full": bool, counts...} holds the images [start, end) and the captions of those images.
+
+    Returns the mean over the *full* blocks under retrieval_metrics' keys (NaN without a full block), "full_blocks"
+    and "partial_blocks" (counts) and "blocks": {"<b>": the block's counts, "full", "images" (its gallery size) and
+    its own metrics (none for a block without an image)}. A partial block is reported there, never averaged.
+    """
+    image_emb, text_emb, t2i = _prepare(image_emb, text_emb, text_to_image)
+    per_block, full = {}, []
+    for i, block in enumerate(blocks):
+        s, e = block["images"]
+        entry = {k: v for k, v in block.items() if k not in ("images", "block")}
+        entry["images"] = e - s
+        if e > s:
+            sel = (t2i >= s) & (t2i < e)
+            entry.update(_metrics(*_ranks(image_emb[s:e], text_emb[sel], t2i[sel] - s, chunk_size), ks))
+            if block["full"]:
+                full.append(entry)
+        per_block[str(block.get("block", i))] = entry
+    keys = [f"{d}_retrieval_recall@{k}" for k in ks for d in ("image", "text")] + ["mean_recall@1"]
+    out = {key: sum(b[key] for b in full) / len(full) if full else float("nan") for key in keys}
+    out.update(full_blocks=len(full), partial_blocks=len(blocks) - len(full), blocks=per_block)
     return out

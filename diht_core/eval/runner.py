@@ -12,7 +12,7 @@ from ..data.eval_datasets import DatasetNotFound, load_synthetic
 from ..models import image_size
 from .encoders import encode_images, encode_pil, encode_statements, text_encoder
 from .registry import TaskSpec, get_task, resolve
-from .retrieval import retrieval_metrics
+from .retrieval import block_retrieval_metrics, retrieval_metrics
 from .vqa import vqa_accuracy
 from .zeroshot import build_classifier, zero_shot_classification
 
@@ -41,7 +41,7 @@ def run_task(name: str, model, preprocess, tokenizer, data_root: str | Path, syn
         model.eval()
         img = encode_pil(model, preprocess, data["images"], batch_size)
     metrics, chance = score(spec, img, text_encoder(model, tokenizer, batch_size), data)
-    metrics = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+    metrics = {k: v for k, v in metrics.items() if not isinstance(v, list)}  # "blocks": {block: its metrics}
     counts = {k: int(data[k]) for k in ("missing", "total") if k in data}  # e.g. CC captions of dead URLs
     return {**metrics, **counts, "main": float(metrics[spec.main_metric]), "chance": float(chance)}
 
@@ -53,8 +53,11 @@ def score(spec: TaskSpec, img: torch.Tensor, encode, data: dict) -> tuple[dict, 
         return zero_shot_classification(img, W, data["labels"]), 1.0 / W.shape[1]
     if spec.kind == "retrieval":
         txt = encode(spec.wrap_captions(data["captions"]))
-        metrics = retrieval_metrics(img, txt, data["text_to_image"], ks=(1, 5, 10), block_size=spec.block_size)
-        return metrics, 1.0 / min(len(img), spec.block_size or len(img))  # R@1 of a random ranking
+        if "blocks" not in data:
+            return retrieval_metrics(img, txt, data["text_to_image"], ks=(1, 5, 10)), 1.0 / len(img)  # random R@1
+        metrics = block_retrieval_metrics(img, txt, data["text_to_image"], data["blocks"], ks=(1, 5, 10))
+        full = [b for b in metrics["blocks"].values() if b["full"]]  # random R@1, averaged as the metric is
+        return metrics, float(np.mean([1.0 / b["images"] for b in full])) if full else float("nan")
     st = encode_statements(encode, data["statements"])
     metrics = vqa_accuracy(img, st, torch.as_tensor(data["labels"]), data.get("qtypes"))
     if spec.synthetic:  # the mean of 1 / candidates in float64, as the synthetic tasks have always reported it

@@ -1,0 +1,121 @@
+"""The few-shot train pool streams from shards: labels first, only the k-shot samples decoded, a batch at a time."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+from pydantic import ValidationError
+
+from diht_core.config import FewshotParams
+from diht_core.data.shards import load_split, write_shard
+from diht_core.eval import fewshot_pool
+from diht_core.eval.encoders import encode_images, text_encoder
+from diht_core.eval.fewshot import fewshot_curve, run_fewshot
+from diht_core.eval.fewshot_pool import PoolFeatures, kshot_indices, needed_indices, split_labels, stream_features
+from diht_core.eval.zeroshot import build_classifier
+from diht_core.models import create_model, image_size
+
+CLASSES = ["red", "green", "blue"]
+
+
+def png(rgb) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (12, 12), rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_task(root, per_class: dict[str, int], shard_size: int = 7, seed: int = 0):
+    """A synthetic classification task (3 colour classes, noisy shades) in the wds layout, several shards a split."""
+    g = torch.Generator().manual_seed(seed)
+    for split, per in per_class.items():
+        labels = torch.arange(len(CLASSES)).repeat(per)[torch.randperm(per * len(CLASSES), generator=g)]
+        samples = []
+        for i, c in enumerate(labels.tolist()):
+            rgb = [int(v) for v in torch.randint(0, 90, (3,), generator=g)]
+            rgb[c] += 150
+            samples.append({"__key__": f"{i:06d}", "png": png(tuple(rgb)), "cls": str(c)})
+        (root / split).mkdir(parents=True)
+        for s in range(0, len(samples), shard_size):
+            write_shard(root / split / f"{s // shard_size:05d}.tar", samples[s:s + shard_size])
+    (root / "classnames.txt").write_text("\n".join(CLASSES) + "\n")
+    (root / "zeroshot_classification_templates.txt").write_text("a {c} square.\n")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model, _, tok = create_model("diht-tiny-vit")
+    return model.eval(), tok
+
+
+def test_only_the_kshot_samples_are_decoded_a_batch_at_a_time(tmp_path, monkeypatch):
+    write_task(tmp_path, {"train": 20})  # a pool of 60 in 9 shards
+    labels = split_labels(tmp_path / "train")
+    keep = needed_indices(labels, [0, 1, 2], seeds=2)
+    assert 3 <= len(keep) <= 12 < len(labels)
+    decoded, held = [], []
+    real_open = fewshot_pool.open_image
+    monkeypatch.setattr(fewshot_pool, "open_image", lambda data, limit: decoded.append(1) or real_open(data, limit))
+    x = stream_features(tmp_path / "train", keep, lambda imgs: held.append(len(imgs)) or imgs.float().mean((2, 3)),
+                        16, None, batch_size=4)
+    assert len(decoded) == len(keep)  # the rest of the pool is never decoded
+    assert max(held) <= 4 and sum(held) == len(keep)  # never more than one batch of images at once
+    ref = load_split(tmp_path / "train", 16)
+    assert torch.equal(x, ref["images"][keep].float().mean((2, 3)))  # the right samples, in pool order
+    assert torch.equal(labels, ref["cls"])
+    pool = PoolFeatures(keep, x)
+    for k, seed in ((1, 0), (2, 1)):
+        idx = kshot_indices(labels, k, seed)
+        assert torch.equal(pool[idx], ref["images"][idx].float().mean((2, 3)))
+    missing = next(i for i in range(len(labels)) if i not in set(keep.tolist()))
+    with pytest.raises(IndexError):
+        pool[torch.tensor([missing])]
+
+
+def test_whole_split_streamed_equals_the_split_in_memory(tmp_path, tiny):
+    model, _ = tiny
+    write_task(tmp_path, {"test": 5})
+    size = image_size(model)
+    old = encode_images(model, load_split(tmp_path / "test", size)["images"], batch_size=4)
+    new = stream_features(tmp_path / "test", None, lambda imgs: encode_images(model, imgs, 4), size, None, 4)
+    assert torch.equal(new, old)  # same batches, same bits
+
+
+def test_curve_equals_the_in_memory_curve(tmp_path, tiny):
+    """The numbers before streaming: every split decoded whole, embedded, then the k-shot rows picked (here a part
+    of the pool, embedded in other batches than before)."""
+    model, tok = tiny
+    write_task(tmp_path, {"train": 4, "val": 3, "test": 4})
+    f = FewshotParams(shots=[0, 1, 2], seeds=3, deltas=[0.0, 0.5], delta_bs=[0.0, 0.5], weight_decays=[0.0, 1e-3],
+                      steps=15)
+    size = image_size(model)
+    split = {s: load_split(tmp_path / s, size) for s in ("train", "val", "test")}
+    x = {s: encode_images(model, d["images"], 256) for s, d in split.items()}
+    W0 = build_classifier(text_encoder(model, tok, 256), CLASSES, ["a {c} square."])
+    old = run_fewshot(x["train"], split["train"]["cls"], x["val"], split["val"]["cls"], x["test"],
+                      split["test"]["cls"], W0, f)
+    assert fewshot_curve(model, tok, tmp_path, f) == old
+
+
+def test_shots_up_to_25():
+    assert FewshotParams(shots=[0, 1, 5, 10, 25]).shots == [0, 1, 5, 10, 25]
+    with pytest.raises(ValidationError, match="25"):
+        FewshotParams(shots=[1, 26])
+    with pytest.raises(ValidationError, match="0"):
+        FewshotParams(shots=[-1])
+
+
+def test_a_bad_sample_is_an_error_naming_shard_key_and_reason(tmp_path):
+    (tmp_path / "train").mkdir()
+    write_shard(tmp_path / "train" / "00000.tar", [{"__key__": "a", "png": png((200, 0, 0)), "cls": "0"},
+                                                   {"__key__": "b", "png": b"not an image", "cls": "1"}])
+    assert split_labels(tmp_path / "train").tolist() == [0, 1]  # labels read no image
+    with pytest.raises(ValueError, match=r"00000.tar sample 'b': bad_image"):
+        stream_features(tmp_path / "train", None, lambda imgs: imgs.float(), 8, None, 4)
+    stream_features(tmp_path / "train", torch.tensor([0]), lambda imgs: imgs.float(), 8, None, 4)  # b not kept
+    write_shard(tmp_path / "train" / "00001.tar", [{"__key__": "c", "png": png((0, 0, 200))}])
+    with pytest.raises(ValueError, match=r"00001.tar sample 'c': no cls"):
+        split_labels(tmp_path / "train")
