@@ -117,6 +117,15 @@ def test_torchvision_teacher_pretrained_here_and_an_explicit_config():
     assert pre.crop == 224 and pre.interpolation == "bilinear"
 
 
+def test_a_teacher_pt_of_this_stage_is_read_as_it_was_trained(tmp_path):
+    """Weights saved by this stage (a head over the split's LABELS) keep the pre-training's preprocessing."""
+    for arch in ("test_resnet", "torchvision:resnet18"):
+        model, pre = T.load_teacher(TeacherParams(arch=arch, image_size=40))
+        torch.save(model.state_dict(), tmp_path / "teacher.pt")
+        again, pre_again = T.load_teacher(TeacherParams(arch=arch, image_size=40, weights=str(tmp_path / "teacher.pt")))
+        assert pre_again == pre and pre.crop == 40 and T.predicts_labels(again)
+
+
 def test_auto_picks_the_weights_config_of_a_vits_size():
     assert torchvision_weights("vit_h_14", "auto", 518) == ViT_H_14_Weights.IMAGENET1K_SWAG_E2E_V1
     assert torchvision_weights("vit_h_14", "auto", 224) == ViT_H_14_Weights.IMAGENET1K_SWAG_LINEAR_V1

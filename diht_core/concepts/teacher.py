@@ -15,7 +15,7 @@ from ..data.shards import Faults, read_decoded, shard_paths
 from .labels import LABELS, label_vector
 from .preprocess import Preprocess
 from .soft_targets import SoftTargetCrossEntropy
-from .towers import build_teacher, load_teacher  # noqa: F401  (the teacher's names, re-exported)
+from .towers import build_teacher, load_teacher, predicts_labels  # noqa: F401  (re-exported)
 from .vocabulary import multi_hot, sqrt_resampling_weights
 
 
@@ -36,12 +36,6 @@ def load_teacher_split(directory: str | Path, pre: Preprocess, max_pixels: int) 
     if not images:
         raise ValueError(f"no usable sample in the teacher split {directory}: {faults.summary()}")
     return torch.stack(images), torch.from_numpy(np.stack(labels)), faults
-
-
-def predicts_labels(model) -> bool:
-    """Whether the teacher's head scores the split's LABELS (pre-trained here, or weights saved by this stage), not
-    the classes of weights of its own (ImageNet's)."""
-    return model.num_classes == len(LABELS)
 
 
 def fit_teacher(model, pre: Preprocess, t: TeacherParams, images: torch.Tensor, labels: torch.Tensor, seed: int):

@@ -18,8 +18,21 @@ from .labels import LABELS
 TORCHVISION, OPEN_CLIP = "torchvision:", "open_clip:"
 
 
-class OpenCLIPTower(nn.Module):
-    """An open_clip image tower with timm's feature/head interface and a multi-label head."""
+class Tower(nn.Module):
+    """timm's feature/head interface over a feature extractor ``body`` and a linear ``head``."""
+
+    def forward_features(self, x):
+        return self.body(x)
+
+    def forward_head(self, features, pre_logits: bool = False):
+        return features if pre_logits else self.head(features)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class OpenCLIPTower(Tower):
+    """An open_clip image tower with a multi-label head."""
 
     def __init__(self, name: str, num_classes: int):
         super().__init__()
@@ -29,14 +42,9 @@ class OpenCLIPTower(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes)
 
-    def forward_features(self, x):
-        return self.visual(x)
-
-    def forward_head(self, features, pre_logits: bool = False):
-        return features if pre_logits else self.head(features)
-
-    def forward(self, x):
-        return self.head(self.visual(x))
+    @property
+    def body(self):
+        return self.visual
 
     def load_state_dict(self, state, strict: bool = True, assign: bool = False):
         if not any(k.startswith("head.") for k in state):  # a plain open_clip checkpoint: take its visual.*
@@ -45,7 +53,7 @@ class OpenCLIPTower(nn.Module):
         return super().load_state_dict(state, strict=strict, assign=assign)
 
 
-class TorchvisionTower(nn.Module):
+class TorchvisionTower(Tower):
     """A torchvision classification model split at its classification head (its last ``nn.Linear``): ``body`` is
     the model with that layer replaced by Identity, so it outputs the penultimate features (a ViT's class token after
     the encoder, a ResNet's pooled features), ``head`` is the layer. State dicts stay in torchvision's own layout."""
@@ -66,15 +74,6 @@ class TorchvisionTower(nn.Module):
     def input_size(self) -> int | None:
         """The one image side the model takes (a ViT's), None when any size works."""
         return getattr(self.body, "image_size", None)
-
-    def forward_features(self, x):
-        return self.body(x)
-
-    def forward_head(self, features, pre_logits: bool = False):
-        return features if pre_logits else self.head(features)
-
-    def forward(self, x):
-        return self.head(self.body(x))
 
 
 def _to_torchvision_keys(module: TorchvisionTower, state: dict, prefix: str, local_metadata) -> None:
@@ -212,18 +211,28 @@ def input_size(model: nn.Module) -> int | None:
     return model.input_size if isinstance(model, TorchvisionTower) else None
 
 
+def predicts_labels(model: nn.Module) -> bool:
+    """Whether the teacher's head scores the split's LABELS (pre-trained here, or weights saved by this stage), not
+    the classes of weights of its own (ImageNet's)."""
+    return model.num_classes == len(LABELS)
+
+
 def teacher_preprocess(model: nn.Module, t: TeacherParams) -> P.Preprocess:
-    """The preprocessing this teacher is read with: a torchvision weights config when teacher.preprocess names
-    one; otherwise (auto) the weights' own (timm's data config, open_clip's preprocess config, the torchvision
-    weights config of ``torchvision_weights``) when teacher.weights is given, and the pre-training's
-    (``preprocess.pretrained_here``, at teacher.image_size) when the teacher is pre-trained here."""
-    if t.preprocess != "auto" or (t.weights is not None and isinstance(model, TorchvisionTower)):
-        if not isinstance(model, TorchvisionTower):
+    """The preprocessing this teacher is read with: the torchvision weights config teacher.preprocess names;
+    otherwise (auto) the pre-training's (``preprocess.pretrained_here``, at teacher.image_size) for a teacher
+    pre-trained here or weights saved by this stage (a timm or torchvision head over the split's LABELS), and the
+    weights' own for other weights: timm's data config, open_clip's preprocess config, the torchvision weights
+    config of ``torchvision_weights``."""
+    tv = isinstance(model, TorchvisionTower)
+    if t.preprocess != "auto":
+        if not tv:
             raise ValueError(f"teacher.preprocess: {t.preprocess!r} names a torchvision weights config, but "
                              f"teacher.arch {t.arch!r} is not torchvision:<name>")
         return P.from_torchvision(torchvision_weights(model.name, t.preprocess, model.input_size))
-    if t.weights is None:
+    if t.weights is None or (predicts_labels(model) and not isinstance(model, OpenCLIPTower)):
         return P.pretrained_here(t.image_size)
+    if tv:
+        return P.from_torchvision(torchvision_weights(model.name, "auto", model.input_size))
     if isinstance(model, OpenCLIPTower):
         return P.from_open_clip(model.visual, model.name)
     return P.from_timm(model)
