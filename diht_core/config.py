@@ -186,9 +186,10 @@ class ConceptParams(_Strict):
 
 
 class TeacherParams(_Strict):
-    arch: str = "resnet18"
+    arch: str = "resnet18"      # a timm model, open_clip:<config> or torchvision:<name>
     weights: str | None = None
-    image_size: int = Field(default=64, ge=16)
+    preprocess: str = "auto"    # auto: the weights' own; or a torchvision weights config (IMAGENET1K_SWAG_E2E_V1)
+    image_size: int = Field(default=64, ge=16)  # pre-trained here (preprocess auto): its input size
     pretrain_epochs: int = Field(default=3, ge=0)
     batch_size: int = Field(default=64, ge=1)
     lr: float = Field(default=2e-3, gt=0)

@@ -1,4 +1,5 @@
-"""Stage `teacher`: a frozen timm teacher, its cached features, and the two concept classifiers."""
+"""Stage `teacher`: a frozen teacher (timm, open_clip or torchvision), its cached features, and the two concept
+classifiers."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pandas as pd
 
 from diht_core.eval.encoders import encode_images
 from diht_core.concepts.features import cached_features, split_probe_accuracy
-from diht_core.concepts.teacher import features, fit_teacher, load_teacher_split, train_classifiers
+from diht_core.concepts.teacher import (features, fit_teacher, freeze, load_teacher, load_teacher_split,
+                                        predicts_labels, train_classifiers)
 from diht_core.data.files import atomic_torch_save
 from diht_core.data.shards import shard_paths
 from diht_core.models import create_model, image_size
@@ -23,13 +25,19 @@ def body(p, run) -> dict:
     out = data / "teacher"
     out.mkdir(parents=True, exist_ok=True)
     max_pixels = p.download.url_list.max_pixels  # the one pixel limit of every stage that reads images
-    images, labels, split_faults = load_teacher_split(data / "raw" / "teacher", t.image_size, max_pixels)
-    model, losses, heldout_map = fit_teacher(t, images, labels, p.seed)
+    model, pre = load_teacher(t)
+    print(f"[teacher] {t.arch}: preprocessing {pre.as_dict()}")
+    losses, heldout_map, split_faults = [], None, None
+    if t.weights is None or predicts_labels(model):  # the labelled split: to pre-train on, or to score the head
+        images, labels, split_faults = load_teacher_split(data / "raw" / "teacher", pre, max_pixels)
+        losses, heldout_map = fit_teacher(model, pre, t, images, labels, p.seed)
+    else:
+        freeze(model)
     atomic_torch_save(model.state_dict(), out / "teacher.pt")
 
     # teacher vs the student at step 0: the same linear probe on synthetic_shape features
     eval_dir = data / "eval" / "synthetic_shape"
-    teacher_acc = split_probe_accuracy(lambda x: features(model, x), eval_dir, t.image_size, max_pixels)
+    teacher_acc = split_probe_accuracy(lambda x: features(model, pre, x), eval_dir, pre.to_uint8, max_pixels)
     student, _, _ = create_model(p.train.model)
     student_acc = split_probe_accuracy(lambda x: encode_images(student, x), eval_dir, image_size(student),
                                        max_pixels)
@@ -49,13 +57,14 @@ def body(p, run) -> dict:
     return {
         "arch": t.arch,
         "pretrained_here": t.weights is None,
+        "preprocess": pre.as_dict(),
         "heldout_label_map": heldout_map,
         "shape_probe_acc_teacher": teacher_acc,
         "shape_probe_acc_student_step0": student_acc,
         "teacher_stronger_than_student": teacher_acc > student_acc,
         "classifiers": metrics_c,
-        "split_skipped_by_reason": split_faults.by_reason,
-        "split_truncated_shards": split_faults.truncated,
+        "split_skipped_by_reason": split_faults.by_reason if split_faults else None,  # None: the split was not read
+        "split_truncated_shards": split_faults.truncated if split_faults else None,
         "skipped_by_reason": faults.by_reason,
         "truncated_shards": faults.truncated,
     }

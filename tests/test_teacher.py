@@ -25,11 +25,12 @@ def test_classifier_learns_a_planted_concept():
 def test_teacher_is_frozen_and_features_are_stable():
     torch.manual_seed(0)
     model = T.freeze(T.build_teacher("test_resnet"))
+    pre = T.load_teacher(TeacherParams(arch="test_resnet", image_size=32))[1]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images = torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8)
-    f1 = T.features(model, images)
+    f1 = T.features(model, pre, images)
     assert not f1.requires_grad and all(not p.requires_grad for p in model.parameters())
-    assert torch.equal(f1, T.features(model, images))
+    assert torch.equal(f1, T.features(model, pre, images))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
@@ -53,16 +54,20 @@ def test_label_vector():
 
 
 def test_open_clip_tower_as_teacher(tmp_path):
+    from PIL import Image
+
     from diht_core.models import create_model
 
     torch.manual_seed(0)
-    clip, _, _ = create_model("diht-tiny-vit")
+    clip, preprocess, _ = create_model("diht-tiny-vit")
     torch.save(clip.state_dict(), tmp_path / "clip.pt")  # a plain open_clip checkpoint
-    teacher = T.freeze(T.build_teacher("open_clip:diht-tiny-vit", tmp_path / "clip.pt"))
-    images = torch.randint(0, 255, (3, 3, 48, 48), dtype=torch.uint8)
-    from diht_core.data.images import normalize_images
-
+    teacher, pre = T.load_teacher(TeacherParams(arch="open_clip:diht-tiny-vit", weights=str(tmp_path / "clip.pt")))
+    T.freeze(teacher)
+    rng = np.random.default_rng(0)
+    pils = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((60, 90), (48, 48), (80, 50))]
+    images = torch.stack([pre.to_uint8(im) for im in pils])
     with torch.no_grad():
-        expected = clip.encode_image(normalize_images(images))
-    assert torch.allclose(T.features(teacher, images), expected, atol=1e-5)
-    assert T.multilabel_scores(teacher, images).shape == (3, len(T.LABELS))
+        expected = clip.encode_image(torch.stack([preprocess(im) for im in pils]))  # open_clip's own preprocessing
+    assert pre.source == "open_clip:diht-tiny-vit" and pre.crop == 48
+    assert torch.allclose(T.features(teacher, pre, images), expected, atol=1e-5)
+    assert T.multilabel_scores(teacher, pre, images).shape == (3, len(T.LABELS))

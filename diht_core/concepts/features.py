@@ -9,6 +9,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from tqdm import tqdm
 
@@ -16,6 +17,7 @@ from ..config import TeacherParams
 from ..data.files import atomic_savez
 from ..data.shards import Faults, load_split, read_decoded
 from .teacher import features
+from .towers import teacher_preprocess
 
 
 def _load_cache(path: Path, digest: str):
@@ -32,18 +34,22 @@ def _load_cache(path: Path, digest: str):
 
 
 def cached_features(model, shards: list[Path], cache_dir: Path, teacher_file: Path, t: TeacherParams, max_pixels: int):
-    """Teacher features of every sample of these shards, one fp16 .npz per shard in cache_dir, reused while its
-    digest (teacher weights, arch, image size, max_pixels, shard content) matches; cache files of other shards are removed.
+    """Teacher features of every sample of these shards (read with the teacher's preprocessing,
+    ``teacher_preprocess``), one fp16 .npz per shard in cache_dir, reused while its digest (teacher weights, arch,
+    preprocessing, max_pixels, shard content) matches; cache files of other shards are removed.
     A sample with a fault is skipped and counted (the counts are cached with the features).
     Returns (keys, fp32 features [N, D] as stored in fp16, number of shards reused, Faults)."""
     cache_dir.mkdir(exist_ok=True)
-    teacher_digest = hashlib.sha256(teacher_file.read_bytes() + f"{t.arch}/{t.image_size}/{max_pixels}".encode())
+    pre = teacher_preprocess(model, t)
+    with teacher_file.open("rb") as f:  # streamed: a ViT-H/14 file is 2.5 GB
+        teacher_digest = hashlib.file_digest(f, "sha256")
+    teacher_digest.update(f"{t.arch}/{pre}/{max_pixels}".encode())
     keys, feats, faults = [], [], Faults()
     reused = 0
     for shard in tqdm(shards, desc="teacher features", mininterval=2.0):
         cache = cache_dir / f"{shard.stem}.npz"
         digest = teacher_digest.copy()
-        digest.update(shard.read_bytes())  # teacher weights, arch, size and the shard's content
+        digest.update(shard.read_bytes())  # teacher weights, arch, preprocessing and the shard's content
         digest = digest.hexdigest()[:24]
         cached = _load_cache(cache, digest)
         if cached is not None:
@@ -53,13 +59,13 @@ def cached_features(model, shards: list[Path], cache_dir: Path, teacher_file: Pa
             reused += 1
             continue
         ks, ims, shard_faults = [], [], Faults()
-        for s in read_decoded([shard], t.image_size, max_pixels):
+        for s in read_decoded([shard], pre.to_uint8, max_pixels):
             if shard_faults.skip(s):
                 continue
             ks.append(s["key"])
             ims.append(s["image"])
         faults.merge(shard_faults.by_reason, shard_faults.truncated)
-        f = features(model, torch.stack(ims)) if ims else torch.zeros(0, model.num_features)
+        f = features(model, pre, torch.stack(ims)) if ims else torch.zeros(0, model.num_features)
         atomic_savez(cache, keys=np.array(ks, dtype=str), features=f.numpy().astype(np.float16),
                      digest=np.array(digest),
                      faults=np.array(json.dumps([shard_faults.by_reason, shard_faults.truncated])))
@@ -77,9 +83,10 @@ def probe_accuracy(train_x, train_y, test_x, test_y) -> float:
     return float(clf.score(test_x, test_y))
 
 
-def split_probe_accuracy(encode: Callable[[torch.Tensor], torch.Tensor], directory: Path, size: int,
-                         max_pixels: int) -> float:
-    """The linear probe on the features ``encode`` gives of directory/train and directory/test (images at size)."""
+def split_probe_accuracy(encode: Callable[[torch.Tensor], torch.Tensor], directory: Path,
+                         size: int | Callable[[Image.Image], torch.Tensor], max_pixels: int) -> float:
+    """The linear probe on the features ``encode`` gives of directory/train and directory/test (uint8 images at
+    size, or as the function size makes them: ``load_split``)."""
     tr, te = load_split(directory / "train", size, max_pixels), load_split(directory / "test", size, max_pixels)
     return probe_accuracy(encode(tr["images"]).numpy(), tr["cls"].numpy(), encode(te["images"]).numpy(),
                           te["cls"].numpy())

@@ -5,37 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import average_precision_score
 from tqdm import tqdm
 
 from ..config import TeacherParams
-from ..data.images import normalize_images
-from ..data.scenes import COLOURS, RELATIONS, SHAPES, SIZES
 from ..data.shards import Faults, read_decoded, shard_paths
-from ..models import create_model, image_size
+from .labels import LABELS, label_vector
+from .preprocess import Preprocess
 from .soft_targets import SoftTargetCrossEntropy
+from .towers import build_teacher, load_teacher, predicts_labels  # noqa: F401  (re-exported)
 from .vocabulary import multi_hot, sqrt_resampling_weights
 
-LABELS = ([f"shape:{s}" for s in SHAPES] + [f"colour:{c}" for c in COLOURS] + [f"size:{s}" for s in SIZES]
-          + [f"relation:{r}" for r in RELATIONS] + [f"count:{k}" for k in (1, 2, 3)])
 
-
-def label_vector(labels: dict) -> np.ndarray:
-    """Multi-hot over LABELS from a teacher-split json's "labels"."""
-    on = ({f"shape:{s}" for s in labels["shapes"]} | {f"colour:{c}" for c in labels["colours"]}
-          | {f"size:{s}" for s in labels["sizes"]} | {f"count:{labels['count']}"}
-          | ({f"relation:{labels['relation']}"} if labels.get("relation") else set()))
-    return np.array([1.0 if name in on else 0.0 for name in LABELS], dtype=np.float32)
-
-
-def load_teacher_split(directory: str | Path, size: int, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor, Faults]:
-    """The labelled teacher split: uint8 images at ``size``, their [N, len(LABELS)] multi-hot labels, and the
-    samples skipped by reason (a fault, or a json without valid "labels": bad_json)."""
+def load_teacher_split(directory: str | Path, pre: Preprocess, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                        Faults]:
+    """The labelled teacher split: uint8 images as the teacher's preprocessing crops them, their [N, len(LABELS)]
+    multi-hot labels, and the samples skipped by reason (a fault, or a json without valid "labels": bad_json)."""
     images, labels, faults = [], [], Faults()
-    for s in read_decoded(shard_paths(directory), size, max_pixels):
+    for s in read_decoded(shard_paths(directory), pre.to_uint8, max_pixels):
         if faults.skip(s):
             continue
         try:
@@ -49,66 +38,23 @@ def load_teacher_split(directory: str | Path, size: int, max_pixels: int) -> tup
     return torch.stack(images), torch.from_numpy(np.stack(labels)), faults
 
 
-class OpenCLIPTower(torch.nn.Module):
-    """An open_clip image tower with timm's feature/head interface and a multi-label head."""
-
-    def __init__(self, name: str, num_classes: int):
-        super().__init__()
-        self.visual = create_model(name)[0].visual
-        self.num_features = self.visual.output_dim
-        self.head = torch.nn.Linear(self.num_features, num_classes)
-
-    def forward_features(self, x):
-        return self.visual(x)
-
-    def forward_head(self, features, pre_logits: bool = False):
-        return features if pre_logits else self.head(features)
-
-    def forward(self, x):
-        return self.head(self.visual(x))
-
-    def load_state_dict(self, state, strict: bool = True, assign: bool = False):
-        if not any(k.startswith("head.") for k in state):  # a plain open_clip checkpoint: take its visual.*
-            state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
-            return self.visual.load_state_dict(state, strict=strict)
-        return super().load_state_dict(state, strict=strict, assign=assign)
-
-
-def build_teacher(arch: str, weights: str | Path | None = None) -> torch.nn.Module:
-    """A timm model (``resnet18``) or an open_clip image tower (``open_clip:ViT-B-32``) with a multi-label
-    head; weights from a local file (never from a hub)."""
-    if arch.startswith("open_clip:"):
-        model = OpenCLIPTower(arch.split(":", 1)[1], len(LABELS))
-    else:
-        try:
-            model = timm.create_model(arch, pretrained=False, num_classes=len(LABELS))
-        except RuntimeError as err:
-            raise ValueError(f"teacher.arch: unknown timm model {arch!r}") from err
-    if weights is not None:
-        path = Path(weights)
-        if not path.exists():
-            raise FileNotFoundError(f"teacher.weights: {path} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
-    return model
-
-
-def fit_teacher(t: TeacherParams, images: torch.Tensor, labels: torch.Tensor, seed: int):
-    """Build the teacher, pre-train it on all but the first fifth of the split when it has no weights, freeze it.
-    Returns (model, pre-training loss per epoch, mean average precision of the labels on the held-out fifth).
+def fit_teacher(model, pre: Preprocess, t: TeacherParams, images: torch.Tensor, labels: torch.Tensor, seed: int):
+    """Pre-train the teacher on all but the first fifth of the split when it has no weights, freeze it.
+    Returns (pre-training loss per epoch, mean average precision of the labels on the held-out fifth, None when its
+    head does not predict them).
 
     The embedded default stands in for SWAG: a small timm model pre-trained (here, on a disjoint labelled
-    synthetic split) and then frozen. Any timm model works; weights come from a local path."""
+    synthetic split) and then frozen. Real teachers (SWAG's ViT-H/14: ``torchvision:vit_h_14``) come with weights
+    from a local path."""
     n_val = max(1, len(images) // 5)
-    model = build_teacher(t.arch, t.weights)
-    if isinstance(model, OpenCLIPTower) and image_size(model) != t.image_size:
-        raise ValueError(f"teacher.image_size={t.image_size} but {t.arch} takes {image_size(model)} px images")
     losses = []
     if t.weights is None:
-        losses = pretrain(model, images[n_val:], labels[n_val:], t, seed)
+        losses = pretrain(model, pre, images[n_val:], labels[n_val:], t, seed)
     freeze(model)
-    scores = torch.sigmoid(multilabel_scores(model, images[:n_val])).numpy()
-    return model, losses, mean_average_precision(scores, labels[:n_val].numpy())
+    if not predicts_labels(model):
+        return losses, None
+    scores = torch.sigmoid(multilabel_scores(model, pre, images[:n_val])).numpy()
+    return losses, mean_average_precision(scores, labels[:n_val].numpy())
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -118,9 +64,10 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def pretrain(model, images: torch.Tensor, targets: torch.Tensor, t: TeacherParams, seed: int) -> list[float]:
-    """Supervised multi-label pre-training (the SWAG stand-in) for t.pretrain_epochs at t.batch_size and t.lr.
-    Returns the loss per epoch."""
+def pretrain(model, pre: Preprocess, images: torch.Tensor, targets: torch.Tensor, t: TeacherParams,
+             seed: int) -> list[float]:
+    """Supervised multi-label pre-training (the SWAG stand-in) for t.pretrain_epochs at t.batch_size and t.lr, on
+    images normalised by ``pre``. Returns the loss per epoch."""
     epochs, batch_size, lr = t.pretrain_epochs, t.batch_size, t.lr
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
@@ -134,7 +81,7 @@ def pretrain(model, images: torch.Tensor, targets: torch.Tensor, t: TeacherParam
             total = 0.0
             for i in range(max(1, len(images) // batch_size)):
                 idx = perm[i * batch_size:(i + 1) * batch_size]
-                loss = F.binary_cross_entropy_with_logits(model(normalize_images(images[idx])), targets[idx])
+                loss = F.binary_cross_entropy_with_logits(model(pre.normalize(images[idx])), targets[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -147,18 +94,19 @@ def pretrain(model, images: torch.Tensor, targets: torch.Tensor, t: TeacherParam
 
 
 @torch.no_grad()
-def features(model, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Pooled pre-logit features of a frozen timm model."""
+def features(model, pre: Preprocess, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Penultimate features (the input of the classification head) of a frozen teacher on uint8 images preprocessed
+    by ``pre``."""
     out = []
     for i in range(0, len(images), batch_size):
-        x = normalize_images(images[i:i + batch_size])
+        x = pre.normalize(images[i:i + batch_size])
         out.append(model.forward_head(model.forward_features(x), pre_logits=True).float())
     return torch.cat(out) if out else torch.zeros(0)
 
 
 @torch.no_grad()
-def multilabel_scores(model, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    return torch.cat([model(normalize_images(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
+def multilabel_scores(model, pre: Preprocess, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    return torch.cat([model(pre.normalize(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
 
 
 def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:

@@ -9,8 +9,9 @@ import sys
 import tarfile
 import warnings
 import zlib
+from functools import partial
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import webdataset as wds
@@ -222,20 +223,23 @@ def read_samples(path: str | Path, max_pixels: int | None = None, need_caption: 
         yield parse_sample(raw, max_pixels, need_caption)
 
 
-def read_decoded(paths: Iterable[str | Path], image_size: int, max_pixels: int,
-                 need_caption: bool = False) -> Iterator[dict]:
+def read_decoded(paths: Iterable[str | Path], image_size: int | Callable[[Image.Image], torch.Tensor],
+                 max_pixels: int, need_caption: bool = False) -> Iterator[dict]:
     """The samples of these shards (as ``read_samples``); those without a fault with ``image``: uint8
-    [3, S, S] at ``image_size``. The caller skips and counts the faults (``Faults``), or fails."""
+    [3, S, S] at ``image_size`` (squashed to the square), or what ``image_size`` makes of the PIL image when it is a
+    function (a teacher's own resize and crop). The caller skips and counts the faults (``Faults``), or fails."""
+    to_uint8 = image_size if callable(image_size) else partial(image_to_uint8, size=image_size)
     for path in paths:
         for s in read_samples(path, max_pixels, need_caption):
             if s["fault"] is None:
-                s["image"] = image_to_uint8(s.pop("pil"), image_size)
+                s["image"] = to_uint8(s.pop("pil"))
             yield s
 
 
-def load_split(directory: str | Path, image_size: int, max_pixels: int | None = None) -> dict:
-    """A whole split of generated data in memory: images (uint8 at image_size), cls, txt and json of every sample.
-    Any fault is an error naming the shard, the key and the reason. max_pixels: None, PIL's own bomb limit only."""
+def load_split(directory: str | Path, image_size: int | Callable[[Image.Image], torch.Tensor],
+               max_pixels: int | None = None) -> dict:
+    """A whole split of generated data in memory: images (uint8 at image_size, as ``read_decoded``), cls, txt and
+    json of every sample. Any fault is an error naming the shard, the key and the reason. max_pixels: None, PIL's own bomb limit only."""
     paths = shard_paths(directory)
     if not paths:
         raise FileNotFoundError(f"no shards in {directory}")

@@ -28,7 +28,8 @@ def list_models() -> list[str]:
 
 def check_names(params) -> None:
     """The names the params give that can be checked without running: train.model and benchmark.model (open_clip
-    configs, ours included), teacher.arch (a timm model, or ``open_clip:<config>``); ParamsError naming the key."""
+    configs, ours included), teacher.arch (a timm model, ``open_clip:<config>`` or ``torchvision:<name>``) and
+    teacher.preprocess; ParamsError naming the key."""
     import timm
     from timm.models import parse_model_name
 
@@ -36,6 +37,8 @@ def check_names(params) -> None:
 
     known = set(list_models())
     arch = params.teacher.arch
+    if arch.startswith("torchvision:") or params.teacher.preprocess != "auto":
+        _check_torchvision_teacher(arch, params.teacher.preprocess)
     names = [("train.model", params.train.model), ("benchmark.model", params.benchmark.model)]
     if arch.startswith("open_clip:"):
         names.append(("teacher.arch", arch.split(":", 1)[1]))
@@ -44,7 +47,7 @@ def check_names(params) -> None:
             raise ParamsError(f"{key}: unknown model config {name!r}; known: ours "
                               f"{sorted(p.stem for p in CONFIG_DIR.glob('*.json'))} plus open_clip's "
                               "(open_clip.list_models())")
-    if arch.startswith("open_clip:"):
+    if arch.startswith(("open_clip:", "torchvision:")):
         return
     try:
         source, name = parse_model_name(arch)  # hf-hub:<repo> and local-dir:<path> are timm's sources
@@ -52,6 +55,27 @@ def check_names(params) -> None:
         raise ParamsError(f"teacher.arch: {err}") from None
     if source is None and not timm.is_model(name):
         raise ParamsError(f"teacher.arch: unknown timm model {arch!r} (timm.list_models(); or open_clip:<config>)")
+
+
+def _check_torchvision_teacher(arch: str, preprocess: str) -> None:
+    """teacher.arch ``torchvision:<name>``: a torchvision classification model; teacher.preprocess: auto, or one of
+    its weights configs (only a torchvision teacher has them)."""
+    import torchvision
+    from torchvision.models import get_model_weights
+
+    from ..config import ParamsError
+
+    if not arch.startswith("torchvision:"):
+        raise ParamsError(f"teacher.preprocess: {preprocess!r} names a torchvision weights config, but teacher.arch "
+                          f"{arch!r} is not torchvision:<name> (use auto)")
+    name = arch.split(":", 1)[1]
+    known = torchvision.models.list_models(module=torchvision.models)
+    if name not in known:
+        raise ParamsError(f"teacher.arch: unknown torchvision classification model {name!r}; known: {known}")
+    configs = list(get_model_weights(name).__members__)
+    if preprocess != "auto" and preprocess not in configs:
+        raise ParamsError(f"teacher.preprocess: {preprocess!r} is not a weights config of {arch}; known: auto, "
+                          f"{configs}")
 
 
 def verify_checkpoint(path: str | Path) -> None:
