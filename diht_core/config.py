@@ -209,16 +209,16 @@ class TrainParams(_Strict):
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.1, ge=0)
     warmup_steps: int = Field(default=50, ge=0)
-    loss: Literal["infonce", "hn-nce", "sigmoid"] = "infonce"
+    loss: Literal["infonce", "hn-nce", "sigmoid"] = "hn-nce"  # DiHT's; plain CLIP is infonce without distillation
     hn_alpha: float = 1.0     # HN-NCE: scales the positive term in the denominator, in (0, 1]
-    hn_beta: float = 0.0      # HN-NCE: hardness of the negative weights, >= 0 (0: InfoNCE)
+    hn_beta: float = 0.5      # HN-NCE: hardness of the negative weights, >= 0 (0: InfoNCE); CoVR's reuse, see params
     fff_it_threshold: float | None = Field(default=None, ge=-1, le=1)  # sigmoid: FFF mining, image-text cosine
     fff_tt_threshold: float | None = Field(default=None, ge=-1, le=1)  # text-text cosine
     fff_ii_threshold: float | None = Field(default=None, ge=-1, le=1)  # image-image cosine
     fff_mining_start: int = Field(default=0, ge=0)
     sigmoid_bias_init: float = -10.0      # SigLIP's, chosen for batches of ~32k; smaller batches may want less
-    lambda_obj: float = Field(default=0.0, ge=0)
-    lambda_attr: float = Field(default=0.0, ge=0)
+    lambda_obj: float = Field(default=0.5, ge=0)   # 0.5 is the paper's weight 1 on our scale (see params.yaml)
+    lambda_attr: float = Field(default=0.5, ge=0)
     checkpoint_every: int = Field(default=100, ge=1)
     log_every: int = Field(default=10, ge=1)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; fp16 uses a grad scaler on GPU
@@ -308,16 +308,16 @@ class AblationParams(_Strict):
     steps: int = Field(default=200, ge=1)          # samples seen = steps x batch_size, the same for every config
     batch_size: int = Field(default=128, ge=2)
     configs: dict[str, dict] = {                   # name -> overrides of `train`
-        "baseline": {"source": "raw", "loss": "infonce", "lambda_obj": 0, "lambda_attr": 0},  # no CAT, InfoNCE
+        "baseline": {"source": "raw", "loss": "infonce", "lambda_obj": 0, "lambda_attr": 0},  # plain CLIP, no CAT
         "cat": {"loss": "infonce", "lambda_obj": 0, "lambda_attr": 0},                        # + the CAT filter
-        "cat+distill": {"loss": "infonce", "lambda_obj": 0.1, "lambda_attr": 0.1},            # + distillation
-        "diht": {"loss": "hn-nce", "hn_beta": 0.25, "lambda_obj": 0.1, "lambda_attr": 0.1},   # + HN-NCE
+        "cat+distill": {"loss": "infonce", "lambda_obj": 0.5, "lambda_attr": 0.5},            # + distillation
+        "diht": {"loss": "hn-nce", "hn_beta": 0.5, "lambda_obj": 0.5, "lambda_attr": 0.5},    # + HN-NCE (the default)
         "fff": {"loss": "sigmoid", "sigmoid_bias_init": -5.0, "captions_per_image": 2, "fff_mining_start": 100,
                 "fff_tt_threshold": 0.95, "fff_ii_threshold": 0.98, "lambda_obj": 0, "lambda_attr": 0},
         "sigmoid-2caps": {"loss": "sigmoid", "sigmoid_bias_init": -5.0, "captions_per_image": 2, "lambda_obj": 0,
                           "lambda_attr": 0},
     }
-    beta_sweep: list[float] = [0.1, 0.5, 1.0]      # extra runs of `beta_sweep_of` with these hn_beta
+    beta_sweep: list[float] = [0.1, 0.25, 1.0]      # extra runs of `beta_sweep_of` with these hn_beta
     beta_sweep_of: str = "diht"
     baseline: str = "baseline"                     # the config the others are compared with
     quick: dict = {                                # overrides of the whole params for `--quick` (CI)

@@ -45,8 +45,8 @@ def test_aggregate_mean_std_and_welch_test():
 def test_grid_and_its_params_are_validated():
     p = validate_params(tiny_params())
     names = [n for n, _ in grid(p)]
-    assert names[:5] == ["baseline", "cat", "cat+distill", "diht", "fff"] and "diht beta=0.5" in names
-    assert dict(grid(p))["diht beta=0.5"]["hn_beta"] == 0.5 and dict(grid(p))["diht beta=0.5"]["loss"] == "hn-nce"
+    assert names[:5] == ["baseline", "cat", "cat+distill", "diht", "fff"] and "diht beta=0.25" in names
+    assert dict(grid(p))["diht beta=0.25"]["hn_beta"] == 0.25 and dict(grid(p))["diht beta=0.25"]["loss"] == "hn-nce"
     bad = tiny_params()
     bad["ablation"]["configs"]["fff"]["captions_per_image"] = 2
     bad["ablation"]["configs"]["fff"]["loss"] = "infonce"
