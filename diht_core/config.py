@@ -180,6 +180,33 @@ class CatFilterParams(_Strict):
     dask_address: str | None = None
 
 
+class RecaptionParams(_Strict):
+    """FFF's pseudo-captions: K captions per image from an image-to-text model (diht_core/models/captioners.py)."""
+    enabled: bool = False                   # false: the stage is a no-op and train reads the CAT shards
+    kind: Literal["blip2"] = "blip2"        # a captioner of CAPTIONERS (transformers' BLIP-2 for now)
+    model_path: str | None = None           # a local folder of save_pretrained weights and processor
+    num_captions: int = Field(default=5, ge=1, le=64)  # K generated captions per image (FFF: 5)
+    do_sample: bool = True                  # nucleus sampling (diverse captions); false: beam search, K beams
+    top_p: float = Field(default=0.9, gt=0, le=1)
+    temperature: float = Field(default=1.0, gt=0)
+    max_new_tokens: int = Field(default=30, ge=1)
+    min_new_tokens: int = Field(default=1, ge=0)
+    batch_size: int = Field(default=32, ge=1)   # images per generate call
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on cuda, fp32 on cpu
+    seed: int | None = Field(default=None, ge=0)  # sampling; null: the global seed
+
+    @model_validator(mode="after")
+    def _needs_a_model(self):
+        if self.enabled and not self.model_path:
+            raise ValueError("recaption.model_path: required when recaption.enabled is true (a local folder of "
+                             "an image-to-text model, e.g. Salesforce/blip2-opt-2.7b saved with save_pretrained)")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"recaption.min_new_tokens={self.min_new_tokens} exceeds "
+                             f"max_new_tokens={self.max_new_tokens}")
+        return self
+
+
 class ConceptParams(_Strict):
     min_count: int = Field(default=5, ge=1)
     max_size: int = Field(default=1000, ge=2)
@@ -352,6 +379,7 @@ class Params(_Strict):
     mlflow: MLflowParams = MLflowParams()
     download: DownloadParams = DownloadParams()
     cat_filter: CatFilterParams = CatFilterParams()
+    recaption: RecaptionParams = RecaptionParams()
     concepts: ConceptParams = ConceptParams()
     teacher: TeacherParams = TeacherParams()
     pseudo_labels: PseudoLabelParams = PseudoLabelParams()
@@ -476,6 +504,7 @@ def stage_params(params: Params, stage: str) -> dict:
     sections = {
         "download": ["seed", "download"],
         "cat_filter": ["cat_filter"],
+        "recaption": ["seed", "recaption"],
         "concepts": ["concepts"],
         "teacher": ["seed", "teacher"],
         "pseudo_labels": ["pseudo_labels"],

@@ -38,7 +38,7 @@ def deployment_parameters(name: str, params_path: str = "params.yaml") -> dict:
 @flow(name="diht", log_prints=True)
 def diht(params_path: str = "params.yaml", overrides: dict | None = None, workdir: str | None = None,
          stages: list[str] | None = None, ablation: bool = False, quick: bool = False) -> dict:
-    """download -> cat_filter -> concepts -> teacher -> pseudo_labels -> train -> benchmark -> fewshot.
+    """download -> cat_filter -> [recaption] -> concepts -> teacher -> pseudo_labels -> train -> benchmark -> fewshot.
 
     stages: run only these (in pipeline order), on the files the earlier stages left.
     ablation: run the ablation grid of params.yaml's `ablation` instead (the flow `ablation`; quick: its tiny CI
@@ -56,7 +56,8 @@ def diht(params_path: str = "params.yaml", overrides: dict | None = None, workdi
     unknown = sorted(set(stages or ()) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
-    run_stages = [s for s in STAGES if stages is None or s in stages]
+    run_stages = [s for s in STAGES if (stages is None or s in stages)
+                  and (s != "recaption" or params.recaption.enabled)]  # pseudo-captions only when enabled
     logger = get_run_logger()
     experiment_id = setup_mlflow(params)
     results = {}

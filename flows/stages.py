@@ -7,9 +7,10 @@ from tasks.concepts import concepts
 from tasks.download import download
 from tasks.fewshot import fewshot
 from tasks.pseudo_labels import pseudo_labels
+from tasks.recaption import recaption
 from tasks.teacher import teacher
 from tasks.train import train_task
 
-TASKS = {"download": download, "cat_filter": cat_filter, "concepts": concepts, "teacher": teacher,
+TASKS = {"download": download, "cat_filter": cat_filter, "recaption": recaption, "concepts": concepts, "teacher": teacher,
          "pseudo_labels": pseudo_labels, "train": train_task, "benchmark": benchmark, "fewshot": fewshot}
 assert tuple(TASKS) == STAGES

@@ -1,7 +1,7 @@
 """One Prefect task per stage. Each reads files, writes files, logs to MLflow, and is a CLI:
 ``python -m tasks.<stage> --params params.yaml``."""
 
-STAGES = ("download", "cat_filter", "concepts", "teacher", "pseudo_labels", "train", "benchmark", "fewshot")
+STAGES = ("download", "cat_filter", "recaption", "concepts", "teacher", "pseudo_labels", "train", "benchmark", "fewshot")
 
 # what a stage reads under paths.data -> the stage that writes it (a missing input names the stage to run first)
 INPUTS = {

@@ -138,8 +138,12 @@ def check_inputs(name: str, params: Params) -> None:
     """Raise MissingInput, naming the stage to run first, when an input of stage `name` is missing."""
     data = Path(params.paths.data)
     inputs = dict(INPUTS.get(name, {}))
-    if name == "train":
+    # the shards of train.source: read by recaption when it is enabled, else by train (which then reads recaption's)
+    reader = "recaption" if params.recaption.enabled else "train"
+    if name == reader:
         inputs.update({"raw/train": "download"} if params.train.source == "raw" else {"filtered": "cat_filter"})
+    if name == "train" and params.recaption.enabled:
+        inputs[f"recaptioned/{params.train.source}/complete.json"] = "recaption"
     if name == "fewshot" or (name == "benchmark" and any(t.startswith("synthetic_") for t in params.benchmark.tasks)):
         inputs["eval"] = "download"
     for rel, producer in inputs.items():

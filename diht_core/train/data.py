@@ -17,6 +17,7 @@ from ..config import Params, Paths, PseudoLabelParams, TrainParams
 from ..data.images import to_device
 from ..data.loader import make_loader
 from ..data.pseudo_labels import SparsePseudoLabels, load_all
+from ..data.recaption import input_dir, output_dir
 from ..data.shards import Faults, count_samples, read_decoded, shard_paths
 
 
@@ -174,9 +175,10 @@ class StreamingData:
             epoch, offset = epoch + 1, 0
 
 
-def shard_dir(paths: Paths, source: str) -> Path:
-    """The training shards: the CAT-filtered ones, or the raw ones (train.source: raw, no CAT filter)."""
-    return Path(paths.data) / ("raw/train" if source == "raw" else "filtered")
+def shard_dir(paths: Paths, source: str, recaptioned: bool = False) -> Path:
+    """The training shards: the CAT-filtered ones, or the raw ones (train.source: raw, no CAT filter); with FFF's
+    pseudo-captions in their json "captions" when recaptioned (recaption.enabled)."""
+    return (output_dir if recaptioned else input_dir)(paths.data, source)
 
 
 def streaming_data(cfg: TrainParams, missing: str, shards: Path, labels: Path | None, image_size: int, tokenizer,
@@ -206,7 +208,7 @@ def training_data(p: Params, image_size: int, tokenizer, sizes: dict | None):
     """The training set the params ask for, in memory or streamed; with pseudo-labels when ``sizes`` is given
     (distillation)."""
     labels = Path(p.paths.data) / "pseudo_labels"
-    shards = shard_dir(p.paths, p.train.source)
+    shards = shard_dir(p.paths, p.train.source, p.recaption.enabled)
     max_pixels = p.download.url_list.max_pixels  # the one pixel limit of every stage that reads images
     if p.train.loader == "webdataset":
         return streaming_data(p.resolved_train(), p.pseudo_labels.missing, shards, labels, image_size, tokenizer,
