@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, project_env
+from test_open_clip_dir import assert_open_clip_alone_gives_ours, write_images
 from tasks import STAGES
 
 pytestmark = pytest.mark.slow
@@ -52,6 +53,9 @@ def test_flow_then_dvc_repro_give_the_same_metrics(tiny_project):
     assert set(bench) == {"synthetic_shape", "synthetic_colour", "synthetic_count", "synthetic_retrieval",
                           "synthetic_vqa"}
     assert all("main" in r and "chance" in r for r in bench.values())
+    # the trained model loads with open_clip alone (open_clip's local-dir layout beside model.pt)
+    write_images(tiny_project)
+    assert_open_clip_alone_gives_ours(tiny_project, "models")
 
     # MLflow: one parent run and 8 nested stage runs, each with metrics
     import mlflow
