@@ -48,6 +48,10 @@ def code_version() -> str:
             h.update(f"{pkg}={version(pkg)}".encode())
         except PackageNotFoundError:
             h.update(f"{pkg}=none".encode())
+    try:  # rapidocr 3, where rapidocr-onnxruntime does not install (Python 3.13); absent elsewhere
+        h.update(f"rapidocr={version('rapidocr')}".encode())
+    except PackageNotFoundError:
+        pass
     return h.hexdigest()[:16]
 
 
