@@ -95,15 +95,6 @@ def serve(params_path: str = "params.yaml", overrides: dict | None = None) -> No
                     for name in DEPLOYMENTS])
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m flows.diht [--serve | --summary] [--params FILE] [--set KEY=VALUE ...] [--stages ...]`: the `diht`
-    command's run, serve and summary under their first flags (flows/cli.py)."""
-    from flows.cli import main as diht_main
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = next((c for c in ("serve", "summary") if f"--{c}" in argv), "run")
-    diht_main([command, *[a for a in argv if a != f"--{command}"]])
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the command line is `diht` (flows/cli.py), which imports this module
+    sys.exit("error: `python -m flows.diht` is now the `diht` command (or python -m flows.cli): "
+             "diht run | diht stage NAME | diht summary | diht serve; diht --help")

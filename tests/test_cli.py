@@ -122,5 +122,5 @@ def test_diht_run_picks_stages_and_takes_set(tiny_project):
     assert (tiny_project / "metrics" / "fewshot.json").exists()
     assert not (tiny_project / "metrics" / "train.json").exists()
     assert "diht run: benchmark, fewshot done" in proc.stdout and "synthetic_shape" in proc.stdout
-    proc = _cli(["-m", "flows.diht", "--summary"], tiny_project)  # the first flags still work (Makefile, docs)
+    proc = _cli(["-m", "flows.cli", "summary"], tiny_project)
     assert proc.returncode == 0 and "synthetic_shape" in proc.stdout, proc.stderr[-2000:]

@@ -44,7 +44,7 @@ def _run(cmd, project, timeout=600, env=None):
 
 def test_flow_then_dvc_repro_give_the_same_metrics(tiny_project):
     t0 = time.time()
-    _run([PY, "-m", "flows.diht", "--params", "params.yaml"], tiny_project)
+    _run([PY, "-m", "flows.cli", "run", "--params", "params.yaml"], tiny_project)
     assert time.time() - t0 < 180, "the tiny flow must run in under 3 minutes"
     flow_metrics = _metrics(tiny_project)
     for stage in STAGES:
@@ -106,7 +106,7 @@ def test_flow_then_dvc_repro_give_the_same_metrics(tiny_project):
 
 def test_invalid_params_fail_before_any_work(tiny_project):
     (tiny_project / "params.yaml").write_text("train:\n  steps: -1\n")
-    res = subprocess.run([PY, "-m", "flows.diht", "--params", "params.yaml"], cwd=tiny_project,
+    res = subprocess.run([PY, "-m", "flows.cli", "run", "--params", "params.yaml"], cwd=tiny_project,
                          env=project_env(tiny_project), capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert "train.steps" in res.stderr
@@ -152,7 +152,7 @@ def test_served_deployment_runs_the_pipeline(tiny_project):
     served = None
     try:
         _wait_health(f"http://127.0.0.1:{port}/api/health")
-        served = subprocess.Popen([PY, "-m", "flows.diht", "--serve", "--params", "params.yaml"], cwd=tiny_project,
+        served = subprocess.Popen([PY, "-m", "flows.cli", "serve", "--params", "params.yaml"], cwd=tiny_project,
                                   env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 90
         while True:  # the deployment exists once `serve` has registered it
