@@ -124,3 +124,15 @@ def test_diht_run_picks_stages_and_takes_set(tiny_project):
     assert "diht run: benchmark, fewshot done" in proc.stdout and "synthetic_shape" in proc.stdout
     proc = _cli(["-m", "flows.cli", "summary"], tiny_project)
     assert proc.returncode == 0 and "synthetic_shape" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_progress_bars_say_what_they_count(tmp_path, capsys):
+    from diht_core.cat.shards import filter_shards
+    from diht_core.data.synthetic import _write_split
+
+    samples = [{"__key__": f"{i:08d}", "txt": b"a red circle"} for i in range(3)]
+    assert _write_split(iter(samples), tmp_path / "raw" / "train", 2, "train", 3) == 3
+    assert filter_shards([], workers=1) == []
+    err = capsys.readouterr().err
+    assert "download: train samples" in err and "sample" in err.split("download: train samples")[1][:80]
+    assert "cat_filter shards" in err
