@@ -3,6 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
+DIHT := $(VENV)/bin/diht
 PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 STATE := $(CURDIR)/.state
@@ -27,11 +28,11 @@ install: $(VENV)/.installed
 
 demo: install
 	@mkdir -p $(STATE)/prefect
-	$(PY) -m flows.diht --params params.yaml
+	$(DIHT) run --params params.yaml
 	@dvc commit -f -q 2>/dev/null && echo "dvc: outputs recorded in dvc.lock (dvc repro has nothing to rerun)" || true
 	@echo
 	@echo "Results:  metrics/*.json   plots/   models/model.pt   data/"
-	@$(PY) -m flows.diht --summary --params params.yaml
+	@$(DIHT) summary --params params.yaml
 	@echo "MLflow:   make ui   (or: .venv/bin/mlflow ui --backend-store-uri sqlite:///.state/mlflow.db --host 127.0.0.1) then open http://127.0.0.1:$(MLFLOW_PORT)"
 
 test: install
@@ -60,11 +61,11 @@ echo "Prefect server on http://127.0.0.1:$(PREFECT_PORT) (log: .state/prefect-se
 echo "Run:  make run-full   (= PREFECT_API_URL=$(PREFECT_API) prefect deployment run diht/full)"
 endef
 
-# The deployments full, filter-only, eval-only served by one process (flows/diht.py --serve).
+# The deployments full, filter-only, eval-only, ablation served by one process (`diht serve`).
 # In another shell: make run-full
 serve: install
 	@$(PREFECT_SERVER); \
-	PREFECT_API_URL=$(PREFECT_API) $(PY) -m flows.diht --serve --params params.yaml
+	PREFECT_API_URL=$(PREFECT_API) $(DIHT) serve --params params.yaml
 
 # Or the same deployments from prefect.yaml, run by a worker of the process pool diht-local.
 worker: install

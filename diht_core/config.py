@@ -487,7 +487,7 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None)
     raw = read_yaml(path) or {}
     if overrides:
         raw = deep_merge(raw, overrides)
-    params = validate_params(raw, str(path))
+    params = validate_params(raw, f"{path} with overrides" if overrides else str(path))
     params._source = (str(path), dict(overrides or {}))
     return params
 
@@ -526,3 +526,30 @@ def _flatten(v, prefix, out):
             _flatten(x, f"{prefix}.{k}", out)
     else:
         out[prefix] = v
+
+
+def parse_sets(items: list[str] | tuple[str, ...] = ()) -> dict:
+    """Nested overrides from the command line's `--set KEY=VALUE`s (`train.steps=20`, `benchmark.tasks=[a, b]`):
+    each VALUE is read as YAML, as params.yaml is; the schema validates the result (load_params). ParamsError naming
+    the item when it is not KEY=VALUE or sets a key twice."""
+    out: dict = {}
+    given: list[str] = []
+    for item in items:
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not all(key.split(".")):
+            raise ParamsError(f"--set {item}: expected KEY=VALUE with a dotted KEY, e.g. --set train.steps=20")
+        clash = next((k for k in given if k == key or k.startswith(key + ".") or key.startswith(k + ".")), None)
+        if clash is not None:
+            raise ParamsError(f"--set {item}: {key} is set twice (as {clash}); give each key once")
+        given.append(key)
+        try:
+            parsed = yaml.load(value, Loader=_Loader)
+        except yaml.YAMLError as err:
+            raise ParamsError(f"--set {item}: not a YAML value ({getattr(err, 'problem', None) or err})") from None
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = parsed
+    return out

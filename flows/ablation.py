@@ -7,18 +7,18 @@ import argparse
 import inspect
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from diht_core.config import ParamsError, deep_merge, load_params
+from diht_core.config import deep_merge, load_params
 from diht_core.data.files import atomic_write_text
 from diht_core.eval import ablation as A
 from diht_core.models import check_names
 from flows.stages import TASKS
+from tasks._cli import add_params_args, overrides_or_exit, params_or_exit
 from tasks._stage import set_env, setup_mlflow
 
 
@@ -86,9 +86,11 @@ def main(argv=None) -> None:
     """The Prefect flow `ablation`: every config x seed of params.yaml's `ablation` trains at the same budget of
     samples seen and runs the benchmark (the grid and its statistics: diht_core/eval/ablation.py).
 
-        python -m flows.ablation [--quick]          # ephemeral Prefect, local MLflow (what `make ablation` runs)
-        prefect deployment run diht/ablation        # the deployment `ablation` of the flow `diht` (a sub-flow run)
-        python -m flows.ablation --dvc-queue        # the same grid as DVC experiments (dvc exp run --queue -S ...)
+        python -m flows.ablation [--quick]    # ephemeral Prefect, local MLflow (what `make ablation` runs)
+        prefect deployment run diht/ablation  # the deployment `ablation` of the flow `diht` (a sub-flow run)
+        python -m flows.ablation --dvc-queue  # the same grid as DVC experiments (dvc exp run --queue -S ...)
+
+    --set KEY=VALUE overrides a param of the file for every run (with --dvc-queue: DVC's -S KEY=VALUE).
 
     Upstream stages (download .. pseudo_labels) run once, in ablation/<full|quick>/; each run writes
     ablation/<mode>/runs/<config>/seed<k>/{models,metrics,plots}. A killed grid resumes: finished runs (same
@@ -97,28 +99,24 @@ def main(argv=None) -> None:
     """
     parser = argparse.ArgumentParser(prog="python -m flows.ablation", description=inspect.cleandoc(main.__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
+    add_params_args(parser)
     parser.add_argument("--quick", action="store_true", help="tiny data and training (CI): the grid in minutes")
     parser.add_argument("--dvc-queue", action="store_true",
                         help="queue the grid as DVC experiments instead (dvc exp run --queue -S ...)")
     args = parser.parse_args(argv)
     set_env()
-    try:
-        params = load_params(args.params)
-        check_names(params)
-        if args.quick:
-            check_names(load_params(args.params, params.ablation.quick))
-    except ParamsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    params = params_or_exit(args)
+    if args.quick:
+        params_or_exit(args, params.ablation.quick)
     if args.dvc_queue:
         for cmd in A.dvc_queue_commands(params):
+            cmd += [x for item in args.sets for x in ("-S", item)]  # --set is DVC's -S
             print(" ".join(cmd))
             subprocess.run(cmd, check=True)
         print("queued; run them with `dvc queue start -j 1` (or `dvc exp run --run-all`), compare with "
               "`dvc exp show --only-changed`")
         return
-    print(ablation(params_path=args.params, quick=args.quick)["table"])
+    print(ablation(params_path=args.params, overrides=overrides_or_exit(args), quick=args.quick)["table"])
 
 
 if __name__ == "__main__":

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import inspect
 import json
 import os
 import sys
@@ -12,12 +10,12 @@ from pathlib import Path
 import mlflow
 from prefect import flow, get_run_logger
 
-from diht_core.config import ParamsError, load_params
+from diht_core.config import Params, load_params
 from diht_core.models import check_names
 from flows.ablation import ablation as ablation_flow
 from flows.stages import TASKS
 from tasks import STAGES
-from tasks._stage import mlflow_names, set_env, setup_mlflow, tracking_uri
+from tasks._stage import check_run_inputs, mlflow_names, set_env, setup_mlflow, tracking_uri
 
 
 DEPLOYMENTS = {  # name -> the stages it runs (served by --serve; declared for workers in prefect.yaml)
@@ -58,6 +56,7 @@ def diht(params_path: str = "params.yaml", overrides: dict | None = None, workdi
         raise ValueError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
     run_stages = [s for s in STAGES if (stages is None or s in stages)
                   and (s != "recaption" or params.recaption.enabled)]  # pseudo-captions only when enabled
+    check_run_inputs(run_stages, params)  # an input no stage of this run writes: stop before any work
     logger = get_run_logger()
     experiment_id = setup_mlflow(params)
     results = {}
@@ -81,49 +80,22 @@ def diht(params_path: str = "params.yaml", overrides: dict | None = None, workdi
     return out
 
 
-def summary(params_path: str = "params.yaml") -> str:
+def summary(params: Params) -> str:
     """A markdown table of the benchmark's main metrics against chance, from metrics/benchmark.json."""
     from diht_core.eval.report import markdown_table
 
-    params = load_params(params_path)
     return markdown_table(json.loads((Path(params.paths.metrics) / "benchmark.json").read_text())["tasks"])
 
 
-def main(argv=None) -> None:
-    """The Prefect flow `diht`: every stage, in order, under one MLflow parent run.
+def serve(params_path: str = "params.yaml", overrides: dict | None = None) -> None:
+    """Serve the deployments of DEPLOYMENTS from this process, run in this folder (needs a Prefect server)."""
+    from prefect import serve as prefect_serve
 
-        python -m flows.diht             # ephemeral mode, no server (what `make demo` runs)
-        python -m flows.diht --serve     # serve the deployments full, filter-only, eval-only, ablation (`make serve`)
-        prefect --no-prompt deploy --all # or: the same deployments from prefect.yaml, for a worker (`make worker`)
-        prefect deployment run diht/full # run one through the server
-
-    Without --serve or --summary it runs the flow once, in this process, and prints its result as JSON.
-    """
-    parser = argparse.ArgumentParser(prog="python -m flows.diht", description=inspect.cleandoc(main.__doc__),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--serve", action="store_true", help="serve the deployments full, filter-only and eval-only (needs a Prefect server)")
-    parser.add_argument("--summary", action="store_true", help="print the benchmark table of the last run")
-    args = parser.parse_args(argv)
-    set_env()
-    try:
-        check_names(load_params(args.params))
-    except ParamsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    if args.summary:
-        print(summary(args.params))
-        return
-    if args.serve:
-        from prefect import serve
-
-        serve(*[diht.to_deployment(name, parameters={**deployment_parameters(name, args.params),
-                                                     "workdir": os.getcwd()})
-                for name in DEPLOYMENTS])
-        return
-    out = diht(params_path=args.params)
-    print(json.dumps(out, indent=1))
+    fixed = {"workdir": os.getcwd(), **({"overrides": overrides} if overrides else {})}
+    prefect_serve(*[diht.to_deployment(name, parameters={**deployment_parameters(name, params_path), **fixed})
+                    for name in DEPLOYMENTS])
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the command line is `diht` (flows/cli.py), which imports this module
+    sys.exit("error: `python -m flows.diht` is now the `diht` command (or python -m flows.cli): "
+             "diht run | diht stage NAME | diht summary | diht serve; diht --help")

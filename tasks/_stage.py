@@ -7,17 +7,18 @@ import json
 import math
 import os
 import random
-import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from diht_core.config import Params, ParamsError, load_params, stage_params
+from diht_core.config import Params, stage_params
 from diht_core.data.files import atomic_write_text
 from diht_core.data.lock import DataFolderBusy, data_lock
 
 from . import INPUTS
+from ._cli import add_params_args, fail, params_or_exit
 
 PARENT_ENV = "DIHT_MLFLOW_PARENT_RUN_ID"
 BUSY_EXIT = 75  # EX_TEMPFAIL: try again later
@@ -134,8 +135,8 @@ class MissingInput(FileNotFoundError):
     """A stage's input is not there: an earlier stage has not run."""
 
 
-def check_inputs(name: str, params: Params) -> None:
-    """Raise MissingInput, naming the stage to run first, when an input of stage `name` is missing."""
+def missing_inputs(name: str, params: Params) -> dict[Path, str]:
+    """The inputs of stage `name` that are not there -> the stage that writes each."""
     data = Path(params.paths.data)
     inputs = dict(INPUTS.get(name, {}))
     # the shards of train.source: read by recaption when it is enabled, else by train (which then reads recaption's)
@@ -146,10 +147,25 @@ def check_inputs(name: str, params: Params) -> None:
         inputs[f"recaptioned/{params.train.source}/complete.json"] = "recaption"
     if name == "fewshot" or (name == "benchmark" and any(t.startswith("synthetic_") for t in params.benchmark.tasks)):
         inputs["eval"] = "download"
-    for rel, producer in inputs.items():
-        if not (data / rel).exists():
-            raise MissingInput(f"stage {name}: its input {data / rel} is missing; run the {producer} stage first "
-                               f"(python -m tasks.{producer})")
+    paths = {data / rel: producer for rel, producer in inputs.items()}
+    if name in ("benchmark", "fewshot") and params.benchmark.checkpoint is None:  # they score the trained model
+        paths[Path(params.paths.models) / "model.pt"] = "train"
+    return {path: producer for path, producer in paths.items() if not path.exists()}
+
+
+def check_inputs(name: str, params: Params, earlier: tuple[str, ...] = ()) -> None:
+    """Raise MissingInput, naming the stage to run first, when an input of stage `name` is missing (and is not
+    written by one of the `earlier` stages of the same run)."""
+    for path, producer in missing_inputs(name, params).items():
+        if producer not in earlier:
+            raise MissingInput(f"stage {name}: its input {path} is missing; run the {producer} stage first "
+                               f"(diht stage {producer}, or python -m tasks.{producer})")
+
+
+def check_run_inputs(stages: list[str], params: Params) -> None:
+    """Before a run of `stages` (in pipeline order): MissingInput for the first input that none of them writes."""
+    for i, name in enumerate(stages):
+        check_inputs(name, params, tuple(stages[:i]))
 
 
 def run_stage(name: str, body: Callable[[Params, StageRun], dict], params: Params,
@@ -181,30 +197,35 @@ def _run_stage(name: str, body: Callable[[Params, StageRun], dict], params: Para
     return metrics
 
 
-def cli(name: str, body: Callable[[Params, StageRun], dict]) -> None:
-    """`python -m tasks.<stage> --params params.yaml`; exit code 2: bad params, BUSY_EXIT: the data folder is in use
-    by another run, NO_INPUT_EXIT: an input is missing (the message names the stage to run first)."""
+def cli(name: str, body: Callable[[Params, StageRun], dict], argv: list[str] | None = None) -> None:
+    """`python -m tasks.<stage> [--params FILE] [--set KEY=VALUE ...]`; exit code 2: bad params, BUSY_EXIT: the
+    data folder is in use by another run, NO_INPUT_EXIT: an input is missing (the message names the stage to run
+    first)."""
     parser = argparse.ArgumentParser(prog=f"python -m tasks.{name}", description=f"Run the {name} stage.")
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args()
-    set_env()
-    from diht_core.models import check_names  # open_clip and timm: only once the CLI runs
+    add_params_args(parser)
+    stage_cli(name, body, parser.parse_args(argv))
 
-    try:
-        params = load_params(args.params)
-        check_names(params)
-    except ParamsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    try:
+
+def stage_cli(name: str, body: Callable[[Params, StageRun], dict], args: argparse.Namespace) -> None:
+    """Run stage `name` from parsed --params/--set (`python -m tasks.<stage>`, `diht stage <stage>`); print its
+    metrics."""
+    set_env()
+    params = params_or_exit(args)
+    with exit_codes():
         metrics = run_stage(name, body, params)
-    except DataFolderBusy as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(BUSY_EXIT)
-    except MissingInput as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(NO_INPUT_EXIT)
     print(json.dumps(_flat_metrics(metrics), indent=1)[:2000])
+
+
+@contextmanager
+def exit_codes():
+    """A stage that cannot start ends the command in one line: BUSY_EXIT (the data folder is in use by another run),
+    NO_INPUT_EXIT (an input is missing)."""
+    try:
+        yield
+    except DataFolderBusy as err:
+        fail(err, BUSY_EXIT)
+    except MissingInput as err:
+        fail(err, NO_INPUT_EXIT)
 
 
 def make_task(name: str, body: Callable[[Params, StageRun], dict]):

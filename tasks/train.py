@@ -9,11 +9,12 @@ import os
 import time
 from pathlib import Path
 
-from diht_core.config import load_params
+from diht_core.config import deep_merge, load_params
 from diht_core.data.files import atomic_write_text
 from diht_core.train.distributed import launched_by_torchrun
 from diht_core.train.run import fit, launch_torchrun
 
+from ._cli import add_params_args, overrides_or_exit
 from ._registry import register_trained_model
 from ._stage import STATE_DIR, cli, make_task, mlflow_names, run_stage, seed_everything, set_env
 
@@ -49,18 +50,18 @@ train_task = make_task("train", body)
 
 
 def main() -> None:
-    """`python -m tasks.train --params params.yaml`, also under torchrun (every rank runs it; rank 0 owns the
-    MLflow run and the outputs). `--overrides` and `--result` are how `train.launcher: torchrun` passes the
+    """`python -m tasks.train [--params FILE] [--set KEY=VALUE ...]`, also under torchrun (every rank runs it; rank 0
+    owns the MLflow run and the outputs). `--overrides` and `--result` are how `train.launcher: torchrun` passes the
     stage's params on and gets rank 0's metrics back."""
     if not launched_by_torchrun():
         return cli("train", body)
     parser = argparse.ArgumentParser(prog="python -m tasks.train")
-    parser.add_argument("--params", default="params.yaml")
+    add_params_args(parser)
     parser.add_argument("--overrides", default="{}", help="JSON of nested overrides of the params file")
     parser.add_argument("--result", default=None)
     args = parser.parse_args()
     set_env()
-    p = load_params(args.params, json.loads(args.overrides))
+    p = load_params(args.params, deep_merge(overrides_or_exit(args), json.loads(args.overrides)))
     seed_everything(p.seed)
     rank = int(os.environ["RANK"])
     if args.result is None and rank == 0:  # torchrun launched by hand (multi-node): rank 0 runs the stage

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, project_env
+from test_open_clip_dir import assert_open_clip_alone_gives_ours, write_images
 from tasks import STAGES
 
 pytestmark = pytest.mark.slow
@@ -46,7 +47,7 @@ def _run(cmd, project, timeout=600, env=None):
 
 def test_flow_then_dvc_repro_give_the_same_metrics(tiny_project):
     t0 = time.time()
-    _run([PY, "-m", "flows.diht", "--params", "params.yaml"], tiny_project)
+    _run([PY, "-m", "flows.cli", "run", "--params", "params.yaml"], tiny_project)
     assert time.time() - t0 < 180, "the tiny flow must run in under 3 minutes"
     flow_metrics = _metrics(tiny_project)
     assert not (tiny_project / "metrics" / "recaption.json").exists()
@@ -56,6 +57,9 @@ def test_flow_then_dvc_repro_give_the_same_metrics(tiny_project):
     assert set(bench) == {"synthetic_shape", "synthetic_colour", "synthetic_count", "synthetic_retrieval",
                           "synthetic_vqa"}
     assert all("main" in r and "chance" in r for r in bench.values())
+    # the trained model loads with open_clip alone (open_clip's local-dir layout beside model.pt)
+    write_images(tiny_project)
+    assert_open_clip_alone_gives_ours(tiny_project, "models")
 
     # MLflow: one parent run and 8 nested stage runs, each with metrics
     import mlflow
@@ -107,7 +111,7 @@ def test_flow_then_dvc_repro_give_the_same_metrics(tiny_project):
 
 def test_invalid_params_fail_before_any_work(tiny_project):
     (tiny_project / "params.yaml").write_text("train:\n  steps: -1\n")
-    res = subprocess.run([PY, "-m", "flows.diht", "--params", "params.yaml"], cwd=tiny_project,
+    res = subprocess.run([PY, "-m", "flows.cli", "run", "--params", "params.yaml"], cwd=tiny_project,
                          env=project_env(tiny_project), capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert "train.steps" in res.stderr
@@ -153,7 +157,7 @@ def test_served_deployment_runs_the_pipeline(tiny_project):
     served = None
     try:
         _wait_health(f"http://127.0.0.1:{port}/api/health")
-        served = subprocess.Popen([PY, "-m", "flows.diht", "--serve", "--params", "params.yaml"], cwd=tiny_project,
+        served = subprocess.Popen([PY, "-m", "flows.cli", "serve", "--params", "params.yaml"], cwd=tiny_project,
                                   env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 90
         while True:  # the deployment exists once `serve` has registered it

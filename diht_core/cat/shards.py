@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from ..config import CatFilterParams
 from ..data.files import atomic_path
@@ -47,6 +48,10 @@ def code_version() -> str:
             h.update(f"{pkg}={version(pkg)}".encode())
         except PackageNotFoundError:
             h.update(f"{pkg}=none".encode())
+    try:  # rapidocr 3, where rapidocr-onnxruntime does not install (Python 3.13); absent elsewhere
+        h.update(f"rapidocr={version('rapidocr')}".encode())
+    except PackageNotFoundError:
+        pass
     return h.hexdigest()[:16]
 
 
@@ -163,11 +168,13 @@ def filter_job(job: tuple) -> dict:
 
 
 def filter_shards(jobs: list[tuple], workers: int) -> list[dict]:
-    """filter_shard over the jobs on a pool of `workers` processes (in this process when one is enough)."""
+    """filter_shard over the jobs on a pool of `workers` processes (in this process when one is enough), with a
+    progress bar of shards filtered."""
+    bar = dict(total=len(jobs), desc="cat_filter shards", unit="shard", mininterval=1.0)
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as ex:
-            return list(ex.map(filter_job, jobs))
-    return [filter_job(j) for j in jobs]
+            return list(tqdm(ex.map(filter_job, jobs), **bar))
+    return [filter_job(j) for j in tqdm(jobs, **bar)]
 
 
 def merge_decisions(parquets: list[Path], out: Path) -> pd.DataFrame:

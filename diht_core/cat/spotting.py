@@ -21,18 +21,32 @@ class TextSpotter(Protocol):
 
 
 class RapidOCRSpotter:
-    """RapidOCR on onnxruntime; its models ship in the wheel. Recognition runs only on detected boxes."""
+    """RapidOCR on onnxruntime; its models ship in the wheel. Recognition runs only on detected boxes.
+
+    Python 3.11 and 3.12 install rapidocr-onnxruntime 1.4 (PP-OCRv4), which does not install on 3.13; there
+    rapidocr 3 (PP-OCRv6, the same engine under its new name and API) is installed instead (pyproject.toml)."""
 
     name = "rapidocr"
 
     def __init__(self, limit_side_len: int = 960):
-        from rapidocr_onnxruntime import RapidOCR
-
         # limit_type "max": large images are scaled down, small ones are not blown up to 736 px
-        self.engine = RapidOCR(use_cls=False, det_limit_side_len=limit_side_len, det_limit_type="max")
+        try:
+            from rapidocr_onnxruntime import RapidOCR
+        except ImportError:
+            from rapidocr import RapidOCR
+
+            self.engine = RapidOCR(params={"Global.use_cls": False, "Global.log_level": "error",
+                                           "Det.limit_side_len": limit_side_len, "Det.limit_type": "max"})
+            self.v3 = True
+        else:
+            self.engine = RapidOCR(use_cls=False, det_limit_side_len=limit_side_len, det_limit_type="max")
+            self.v3 = False
 
     def __call__(self, image: Image.Image) -> list[tuple[str, float]]:
         arr = np.asarray(image.convert("RGB"))[:, :, ::-1]  # BGR, as OpenCV
+        if self.v3:
+            out = self.engine(arr, use_cls=False)
+            return [(str(text), float(score)) for text, score in zip(out.txts or (), out.scores or ())]
         result, _ = self.engine(arr, use_cls=False)
         if not result:
             return []

@@ -171,7 +171,8 @@ def _vqa_split(d: DownloadParams, seed: int):
 def _write_split(samples, directory: Path, shard_size: int, desc: str, total: int) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     buf, shard, n = [], 0, 0
-    for s in tqdm(samples, total=total, desc=desc, leave=False, mininterval=1.0):
+    bar = dict(total=total, desc=f"download: {desc} samples", unit="sample", leave=False, mininterval=1.0)
+    for s in tqdm(samples, **bar):
         buf.append(s)
         n += 1
         if len(buf) == shard_size:

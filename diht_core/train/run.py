@@ -18,6 +18,7 @@ import torch
 from ..config import Params
 from ..data.files import atomic_path, atomic_torch_save
 from ..models import ConceptHeads, create_model, image_size
+from ..models.open_clip_dir import write_open_clip_dir
 from ..plots import pyplot, save_figure
 from .checkpoint import clear_checkpoints, refuse_nan
 from .data import training_data, vocab_sizes
@@ -27,7 +28,8 @@ from .loop import train
 
 def fit(p: Params, checkpoint_dir: Path, log_fn: Callable[[int, dict], None] | None = None) -> dict:
     """Train as the params say (on every rank under torchrun); rank 0 writes models/model.pt (a plain open_clip
-    state dict), models/heads.pt and the loss curve, and returns the stage's metrics ({} on other ranks)."""
+    state dict), the same model in open_clip's local-dir layout beside it, models/heads.pt and the loss curve, and
+    returns the stage's metrics ({} on other ranks)."""
     cfg = p.resolved_train()
     info = init_distributed(cfg.device)
     # the sigmoid loss starts where open_clip's SigLIP does: scale ln(10), bias -10 (train.sigmoid_bias_init)
@@ -50,6 +52,7 @@ def fit(p: Params, checkpoint_dir: Path, log_fn: Callable[[int, dict], None] | N
     models = Path(p.paths.models)
     atomic_torch_save(state, models / "model.pt")  # the outputs first, then the checkpoints go
     atomic_torch_save(head_state, models / "heads.pt")
+    write_open_clip_dir(state, cfg.model, models)  # open_clip.create_model_and_transforms('local-dir:models')
     plots = Path(p.paths.plots)
     hist = pd.DataFrame(summary["history"])
     with atomic_path(plots / "train_loss.csv") as tmp:
