@@ -172,7 +172,8 @@ class CatFilterParams(_Strict):
     require_action: bool = True
     text_spotting: bool = True
     spotter: Literal["rapidocr", "doctr"] = "rapidocr"
-    min_confidence: float = Field(default=0.8, ge=0, le=1)
+    min_confidence: float | None = Field(default=None, ge=0, le=1)  # None: the spotter's calibrated threshold
+    spotter_min_side: int | None = Field(default=None, ge=32)  # rapidocr: upscale smaller images to it; None: as is
     min_chars: int = Field(default=5, ge=1)
     parse_batch_size: int = Field(default=256, ge=1)
     workers: int = Field(default=2, ge=1)

@@ -23,7 +23,7 @@ from .parser import parse_captions
 
 # the cat_filter params that decide the decisions (not workers, task_runner, dask_address)
 DECISION_FIELDS = ("min_complexity", "require_action", "text_spotting", "spotter", "min_confidence", "min_chars",
-                   "parse_batch_size")
+                   "spotter_min_side", "parse_batch_size")
 
 
 def config_digest(cfg: CatFilterParams) -> str:
@@ -101,7 +101,7 @@ def filter_shard(in_path: str | Path, out_tar: str | Path, out_parquet: str | Pa
     if cfg.text_spotting:
         from .spotting import get_spotter
 
-        spotter = get_spotter(cfg.spotter)
+        spotter = get_spotter(cfg.spotter, min_side=cfg.spotter_min_side)
     rows, kept = [], []
     for r, s, cap, pc in zip(raw, samples, captions, parsed):
         spotted: list = []
