@@ -46,9 +46,7 @@ def _run(cmd, project, timeout=600, env=None):
 
 
 def test_flow_then_dvc_repro_give_the_same_metrics(tiny_project):
-    t0 = time.time()
     _run([PY, "-m", "flows.cli", "run", "--params", "params.yaml"], tiny_project)
-    assert time.time() - t0 < 180, "the tiny flow must run in under 3 minutes"
     flow_metrics = _metrics(tiny_project)
     assert not (tiny_project / "metrics" / "recaption.json").exists()
     for stage in FLOW_STAGES:
