@@ -11,8 +11,9 @@ import sys
 import threading
 import traceback
 
-PRELOAD = ("torch", "open_clip", "timm", "mlflow", "prefect", "pandas", "pyarrow.parquet", "webdataset",
-           "diht_core.models", "tasks._stage")
+PRELOAD = ("torch", "open_clip", "timm", "mlflow", "prefect", "pandas", "pyarrow.parquet", "webdataset", "spacy",
+           "rapidocr_onnxruntime", "sklearn.linear_model", "scipy.stats", "matplotlib", "diht_core.models",
+           "tasks._stage")
 
 
 def _child(req: dict) -> None:
@@ -44,6 +45,8 @@ def main() -> None:
     reply = {"ready": True, "threads": threading.active_count()}  # forking is safe with one thread only
     print(json.dumps(reply), flush=True)
     for line in sys.stdin:
+        if not line.strip():
+            continue
         req = json.loads(line)
         if "run" in req:
             pid = os.fork()
