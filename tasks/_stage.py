@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 
 from diht_core.config import Params, stage_params
-from diht_core.data.files import atomic_write_text
+from diht_core.data.files import atomic_write_text, remove_stale_temporaries
 from diht_core.data.lock import DataFolderBusy, data_lock
 
 from . import INPUTS
@@ -172,9 +172,11 @@ def run_stage(name: str, body: Callable[[Params, StageRun], dict], params: Param
               parent_run_id: str | None = None) -> dict:
     """Run one stage inside its MLflow run (nested under the pipeline run when there is one), holding the lock of
     paths.data (diht_core/data/lock.py): a second run of any stage on the same data folder stops at once. A missing
-    input stops it before any work (MissingInput)."""
+    input stops it before any work (MissingInput). What a killed run's atomic writes left is removed first."""
     with data_lock(params.paths.data, name):
         check_inputs(name, params)
+        remove_stale_temporaries(*(getattr(params.paths, k) for k in ("data", "models", "metrics", "plots")),
+                                 STATE_DIR / "checkpoints")
         return _run_stage(name, body, params, parent_run_id)
 
 

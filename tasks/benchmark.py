@@ -19,6 +19,9 @@ def body(p, run) -> dict:
     for name, r in results.items():
         if "skipped" in r:
             print(f"[benchmark] {name}: skipped: {r['skipped']}")
+        if r.get("skipped_samples") or r.get("truncated_shards"):
+            print(f"[benchmark] {name}: {r['skipped_samples']} bad samples skipped {r['skipped_by_reason']}, "
+                  f"truncated shards {sorted(r['truncated_shards'])}")
     per_task = Path(p.paths.metrics) / "benchmark"
     per_task.mkdir(parents=True, exist_ok=True)
     model_name, checkpoint = evaluated(p.benchmark, p.train, p.paths)

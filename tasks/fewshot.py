@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from diht_core.data.files import atomic_write_text
 from diht_core.eval.fewshot import fewshot_curve
 from diht_core.eval.report import fewshot_curve_png
 from diht_core.models.trained import load_trained
@@ -21,7 +22,7 @@ def body(p, run) -> dict:
     curve = pd.DataFrame(res["curve"])
     plots = Path(p.paths.plots)
     plots.mkdir(parents=True, exist_ok=True)
-    curve.to_csv(plots / "fewshot_curve.csv", index=False)
+    atomic_write_text(plots / "fewshot_curve.csv", curve.to_csv(index=False))
     fewshot_curve_png(curve, res["zero_shot"], plots / "fewshot_curve.png")
     run.log_artifact(plots / "fewshot_curve.png", "plots")
     for row in res["curve"]:

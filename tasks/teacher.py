@@ -13,7 +13,7 @@ from diht_core.concepts.features import cached_features, split_probe_accuracy
 from diht_core.concepts.teacher import (features, fit_teacher, freeze, load_teacher, load_teacher_split,
                                         predicts_labels, train_classifiers)
 from diht_core.data.files import atomic_torch_save
-from diht_core.data.shards import shard_paths
+from diht_core.data.shards import Faults, shard_paths
 from diht_core.models import create_model, image_size
 
 from ._stage import cli, make_task
@@ -37,10 +37,12 @@ def body(p, run) -> dict:
 
     # teacher vs the student at step 0: the same linear probe on synthetic_shape features
     eval_dir = data / "eval" / "synthetic_shape"
-    teacher_acc = split_probe_accuracy(lambda x: features(model, pre, x), eval_dir, pre.to_uint8, max_pixels)
+    probe_faults = Faults()  # bad samples of the probe's data, counted once (the student reads the same)
+    teacher_acc = split_probe_accuracy(lambda x: features(model, pre, x), eval_dir, pre.to_uint8, max_pixels,
+                                       probe_faults)
     student, _, _ = create_model(p.train.model)
     student_acc = split_probe_accuracy(lambda x: encode_images(student, x), eval_dir, image_size(student),
-                                       max_pixels)
+                                       max_pixels, Faults())
 
     # features of the filtered training set, cached per shard in fp16
     shards = shard_paths(data / "filtered")
@@ -54,7 +56,9 @@ def body(p, run) -> dict:
     atomic_torch_save(classifiers, out / "classifiers.pt")
     for i, l in enumerate(losses):
         run.log_step(i + 1, {"pretrain_loss": l})
+    probe = {"probe_skipped_by_reason": probe_faults.by_reason, "probe_truncated_shards": probe_faults.truncated}
     return {
+        **({k: v for k, v in probe.items() if v}),  # only when the probe's data had a fault
         "arch": t.arch,
         "pretrained_here": t.weights is None,
         "preprocess": pre.as_dict(),

@@ -198,3 +198,41 @@ def test_teacher_features_count_faults_by_reason(tmp_path):
     again = cached_features(model, shards, tmp_path / "cache", teacher_file, t, MAX_PIXELS)
     assert again[0] == keys and again[2] == 2  # the counts come back with the cache
     assert again[3].by_reason == faults.by_reason and again[3].truncated == faults.truncated
+
+
+def test_benchmark_counts_bad_samples_per_task_and_scores_the_rest(tmp_path):
+    """A synthetic classification split holding bad json, a truncated JPEG, a 144-megapixel PNG header and a cut
+    shard: the task runs on the good samples and reports each skipped one under its reason."""
+    from diht_core.eval.runner import run_task
+
+    rng = np.random.default_rng(0)
+    task = tmp_path / "eval" / "synthetic_shape"
+    (task / "test").mkdir(parents=True)
+    (task / "classnames.txt").write_text("circle\nsquare\n")
+    (task / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\n")
+    jpg = _jpg(rng)
+    good = [{"__key__": f"g{i}", "jpg": _jpg(rng), "cls": str(i % 2)} for i in range(4)]
+    bad = [{"__key__": "b0", "jpg": jpg, "cls": "0", "json": b"{not json"},
+           {"__key__": "b1", "jpg": jpg[: len(jpg) // 2], "cls": "1"},
+           {"__key__": "b2", "png": _big_png_header(), "cls": "0"},
+           {"__key__": "b3", "cls": "1"}]
+    write_shard(task / "test" / "0.tar", good[:2] + bad)
+    write_shard(task / "test" / "1.tar", good[2:])
+    with tarfile.open(task / "test" / "1.tar") as tar:
+        cut = tar.getmembers()[2].offset  # the second sample's header
+    (task / "test" / "1.tar").write_bytes((task / "test" / "1.tar").read_bytes()[:cut])
+    model, preprocess, tok = create_model("diht-tiny-vit")
+    r = run_task("synthetic_shape", model, preprocess, tok, tmp_path, max_pixels=MAX_PIXELS)
+    assert r["skipped_samples"] == 4
+    assert r["skipped_by_reason"] == {"bad_json": 1, "bad_image": 2, "too_many_pixels": 1}
+    assert r["truncated_shards"]["1.tar"]["read"] == 1
+    clean = tmp_path / "clean"
+    (clean / "eval" / "synthetic_shape" / "test").mkdir(parents=True)
+    for f in ("classnames.txt", "zeroshot_classification_templates.txt"):
+        (clean / "eval" / "synthetic_shape" / f).write_bytes((task / f).read_bytes())
+    write_shard(clean / "eval" / "synthetic_shape" / "test" / "0.tar", good[:3])
+    ok = run_task("synthetic_shape", model, preprocess, tok, clean, max_pixels=MAX_PIXELS)
+    assert "skipped_samples" not in ok  # a clean task's metrics are as they always were
+    # scored on g0, g1, g2: the metrics of a split holding only them
+    assert {k: v for k, v in r.items() if not k.startswith(("skipped", "truncated"))} == pytest.approx(
+        ok, rel=0, abs=0, nan_ok=True)

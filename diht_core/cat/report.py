@@ -28,7 +28,8 @@ def cat_metrics(df: pd.DataFrame) -> dict:
 def write_report(df: pd.DataFrame, funnel: dict, shards: list[Path], plots: Path) -> list[Path]:
     """cat_funnel.csv, cat_funnel.png and cat_dropped_examples.html under plots; their paths."""
     plots.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame([{"step": k, "count": v} for k, v in funnel.items()]).to_csv(plots / "cat_funnel.csv", index=False)
+    csv = pd.DataFrame([{"step": k, "count": v} for k, v in funnel.items()]).to_csv(index=False)
+    atomic_write_text(plots / "cat_funnel.csv", csv)
     funnel_png(funnel, plots / "cat_funnel.png")
     examples_html(df, shards, plots / "cat_dropped_examples.html")
     return [plots / f for f in ("cat_funnel.csv", "cat_funnel.png", "cat_dropped_examples.html")]

@@ -180,5 +180,6 @@ def filter_shards(jobs: list[tuple], workers: int) -> list[dict]:
 def merge_decisions(parquets: list[Path], out: Path) -> pd.DataFrame:
     """The shards' decisions as one table, written to out."""
     df = pd.concat([pd.read_parquet(f) for f in parquets], ignore_index=True)
-    df.to_parquet(out, index=False)
+    with atomic_path(out) as tmp:
+        df.to_parquet(tmp, index=False)
     return df

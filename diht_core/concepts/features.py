@@ -84,9 +84,12 @@ def probe_accuracy(train_x, train_y, test_x, test_y) -> float:
 
 
 def split_probe_accuracy(encode: Callable[[torch.Tensor], torch.Tensor], directory: Path,
-                         size: int | Callable[[Image.Image], torch.Tensor], max_pixels: int) -> float:
+                         size: int | Callable[[Image.Image], torch.Tensor], max_pixels: int,
+                         faults: Faults | None = None) -> float:
     """The linear probe on the features ``encode`` gives of directory/train and directory/test (uint8 images at
-    size, or as the function size makes them: ``load_split``)."""
-    tr, te = load_split(directory / "train", size, max_pixels), load_split(directory / "test", size, max_pixels)
+    size, or as the function size makes them: ``load_split``); bad samples are skipped and counted in ``faults``
+    (without it, an error)."""
+    tr = load_split(directory / "train", size, max_pixels, faults)
+    te = load_split(directory / "test", size, max_pixels, faults)
     return probe_accuracy(encode(tr["images"]).numpy(), tr["cls"].numpy(), encode(te["images"]).numpy(),
                           te["cls"].numpy())

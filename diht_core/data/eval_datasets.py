@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from .shards import decode_image, load_split, shard_paths
+from .shards import Faults, decode_image, load_split, shard_paths
 
 IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
 IMG_FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff")
@@ -433,17 +433,18 @@ def load_cc_validation(tsv_path: str | Path, shard_dir: str | Path, rows: int, b
 
 
 def load_synthetic(root: str | Path, kind: str, image_size: int, split: str = "test",
-                   max_pixels: int | None = None) -> dict:
+                   max_pixels: int | None = None, faults: Faults | None = None) -> dict:
     """A split of a synthetic task in the loaders' form; images: uint8 [N, 3, image_size, image_size].
 
     The tasks of ``diht_core.data.synthetic`` use the wds layout; the split is read whole, with the images
     decoded up front at the model's image size.
 
     VQA adds ``answers`` (the candidates of each question). Captions are the ``txt`` lines as written.
-    A bad sample (see data/shards.py FAULTS; max_pixels checked in the header) is an error naming shard and key.
+    A bad sample (see data/shards.py FAULTS; max_pixels checked in the header) or a truncated shard is skipped and
+    counted in ``faults``; without ``faults`` it is an error naming shard and key.
     """
     root = Path(root)
-    data = load_split(root / split, image_size, max_pixels)
+    data = load_split(root / split, image_size, max_pixels, faults)
     if kind == "classification":
         return {"images": data["images"], "labels": data["cls"], "classnames": _read_lines(root / "classnames.txt"),
                 "templates": _read_lines(root / "zeroshot_classification_templates.txt")}

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+_TEMPORARY = re.compile(r"^\..+\.(\d+)-[0-9a-f]{8}\.tmp$")  # atomic_path's names: .<name>.<pid>-<id>.tmp
 
 
 @contextmanager
@@ -30,6 +33,33 @@ def atomic_path(path: str | Path, suffix: str = ".tmp", keep_name: bool = False)
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(*roots: str | Path) -> list[Path]:
+    """Remove what atomic_path left under these folders when its writer died (kill -9: no ``finally`` ran): the
+    temporary files and folders whose writer's pid is no longer alive on this host. Returns the removed paths."""
+    removed = []
+    for root in roots:
+        for path in sorted(Path(root).rglob(".*.tmp")) if Path(root).is_dir() else []:
+            m = _TEMPORARY.match(path.name)
+            if m is None or _alive(int(m.group(1))) or not path.exists():
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

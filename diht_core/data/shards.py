@@ -237,9 +237,11 @@ def read_decoded(paths: Iterable[str | Path], image_size: int | Callable[[Image.
 
 
 def load_split(directory: str | Path, image_size: int | Callable[[Image.Image], torch.Tensor],
-               max_pixels: int | None = None) -> dict:
+               max_pixels: int | None = None, faults: Faults | None = None) -> dict:
     """A whole split of generated data in memory: images (uint8 at image_size, as ``read_decoded``), cls, txt and
-    json of every sample. Any fault is an error naming the shard, the key and the reason. max_pixels: None, PIL's own bomb limit only."""
+    json of every sample. A bad sample or a truncated shard is skipped and counted in ``faults`` (an error when no
+    sample is left); without ``faults`` any fault is an error naming the shard, the key and the reason.
+    max_pixels: None, PIL's own bomb limit only."""
     paths = shard_paths(directory)
     if not paths:
         raise FileNotFoundError(f"no shards in {directory}")
@@ -247,12 +249,17 @@ def load_split(directory: str | Path, image_size: int | Callable[[Image.Image], 
     limit = max_pixels if max_pixels is not None else (Image.MAX_IMAGE_PIXELS or sys.maxsize)
     for s in read_decoded(paths, image_size, limit):
         if s["fault"] is not None:
+            if faults is not None:
+                faults.skip(s)
+                continue
             what = "is truncated" if s["key"] is None else f"sample {s['key']!r}: {s['fault']}"
             raise ValueError(f"{s['shard']} {what} ({s['error']})")
         images.append(s["image"])
         cls.append(s.get("cls", -1))
         txt.append(s.get("txt", ""))
         meta.append(s.get("json", {}))
+    if not images:
+        raise ValueError(f"no usable sample in {directory}: {faults.summary() if faults else 'no samples'}")
     return {"images": torch.stack(images), "cls": torch.tensor(cls), "txt": txt, "json": meta}
 
 

@@ -9,6 +9,7 @@ import torch
 
 from ..config import BenchmarkParams
 from ..data.eval_datasets import DatasetNotFound, load_synthetic
+from ..data.shards import Faults
 from ..models import image_size
 from .encoders import encode_images, encode_pil, encode_statements, text_encoder
 from .registry import TaskSpec, get_task, resolve
@@ -22,16 +23,18 @@ def run_task(name: str, model, preprocess, tokenizer, data_root: str | Path, syn
     """Metrics of one task with "main" (its main metric) and "chance" added; {"skipped": reason} without data.
 
     Real tasks read ``<data_root>/<spec.default_path>`` through the model's preprocess; synthetic ones
-    ``<synthetic_root>/eval/<task>`` (the download stage's; default: data_root), decoded at the model's image size
-    (a sample over max_pixels, from its header, or otherwise bad is an error naming its shard and key).
+    ``<synthetic_root>/eval/<task>`` (the download stage's; default: data_root), decoded at the model's image size;
+    their bad samples (over max_pixels in the header, bad json, undecodable) and truncated shards are skipped and
+    reported ("skipped_samples", "skipped_by_reason", "truncated_shards", only when there are any).
     """
     spec = get_task(name)
+    faults = Faults()
     if spec.synthetic:
         task_dir = spec.path(data_root if synthetic_root is None else synthetic_root)
         if not task_dir.exists():
             return {"skipped": f"data not found at {task_dir}"}
         model.eval()
-        data = load_synthetic(task_dir, spec.kind, image_size(model), max_pixels=max_pixels)
+        data = load_synthetic(task_dir, spec.kind, image_size(model), max_pixels=max_pixels, faults=faults)
         img = encode_images(model, data["images"], batch_size)
     else:
         try:
@@ -43,6 +46,9 @@ def run_task(name: str, model, preprocess, tokenizer, data_root: str | Path, syn
     metrics, chance = score(spec, img, text_encoder(model, tokenizer, batch_size), data)
     metrics = {k: v for k, v in metrics.items() if not isinstance(v, list)}  # "blocks": {block: its metrics}
     counts = {k: int(data[k]) for k in ("missing", "total") if k in data}  # e.g. CC captions of dead URLs
+    if faults.skipped or faults.truncated:
+        counts.update(skipped_samples=faults.skipped, skipped_by_reason=faults.by_reason,
+                      truncated_shards=faults.truncated)
     return {**metrics, **counts, "main": float(metrics[spec.main_metric]), "chance": float(chance)}
 
 
