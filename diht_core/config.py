@@ -223,6 +223,18 @@ class TeacherParams(_Strict):
     lr: float = Field(default=2e-3, gt=0)
     classifier_epochs: int = Field(default=60, ge=1)
     classifier_lr: float = Field(default=0.05, gt=0)
+    # teacher inference (the training set's features here, the pseudo-labels in stage pseudo_labels)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # of the feature extraction; auto: a rank's GPU, else the CPU
+    feature_batch_size: int = Field(default=256, ge=1)  # images per teacher forward pass
+    launcher: Literal["none", "torchrun"] = "none"   # torchrun: nproc_per_node ranks, shard i on rank i % world
+    nproc_per_node: int | Literal["auto"] = "auto"   # auto: one rank per GPU, else one per CPU core
+
+    @field_validator("nproc_per_node")
+    @classmethod
+    def _positive(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError("must be >= 1 or auto")
+        return v
 
 
 class PseudoLabelParams(_Strict):

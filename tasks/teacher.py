@@ -1,5 +1,5 @@
-"""Stage `teacher`: a frozen teacher (timm, open_clip or torchvision), its cached features, and the two concept
-classifiers."""
+"""Stage `teacher`: a frozen teacher (timm, open_clip or torchvision), its cached features (in this process or on
+torchrun ranks: `teacher.launcher`), and the two concept classifiers (in this process, on every shard's features)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,16 @@ from pathlib import Path
 import pandas as pd
 
 from diht_core.eval.encoders import encode_images
-from diht_core.concepts.features import cached_features, split_probe_accuracy
+from diht_core.concepts.features import cached_features, extract_rank_share, split_probe_accuracy
 from diht_core.concepts.teacher import (features, fit_teacher, freeze, load_teacher, load_teacher_split,
                                         predicts_labels, train_classifiers)
 from diht_core.data.files import atomic_torch_save
 from diht_core.data.shards import Faults, shard_paths
+from diht_core.launch import launch_torchrun, launched_by_torchrun, local_world_size, pick_device
 from diht_core.models import create_model, image_size
 
-from ._stage import cli, make_task
+from ._ranks import rank_args, write_result
+from ._stage import STATE_DIR, cli, make_task
 
 
 def body(p, run) -> dict:
@@ -44,10 +46,18 @@ def body(p, run) -> dict:
     student_acc = split_probe_accuracy(lambda x: encode_images(student, x), eval_dir, image_size(student),
                                        max_pixels, Faults())
 
-    # features of the filtered training set, cached per shard in fp16
+    # features of the filtered training set, cached per shard in fp16: on torchrun ranks (teacher.launcher), then
+    # read back here, or in this process on teacher.device
     shards = shard_paths(data / "filtered")
+    if t.launcher == "torchrun":
+        ranks = local_world_size(t.nproc_per_node, t.device)
+        counts = launch_torchrun(p, "tasks.teacher", ranks, STATE_DIR / "torchrun", {})
+        print(f"[teacher] features on {ranks} torchrun ranks: {counts['extracted']} shards extracted, "
+              f"{counts['reused']} reused from the cache")
+    model.to(pick_device(t.device, 0, "teacher.device"))
     keys, feats, reused, faults = cached_features(model, shards, out / "features", out / "teacher.pt", t, max_pixels)
-    print(f"[teacher] features: {len(shards) - reused} shards extracted, {reused} reused from the cache")
+    if t.launcher == "none":
+        print(f"[teacher] features: {len(shards) - reused} shards extracted, {reused} reused from the cache")
 
     # the two concept classifiers on frozen teacher features
     vocab = json.loads((data / "concepts" / "vocab.json").read_text())
@@ -74,7 +84,16 @@ def body(p, run) -> dict:
     }
 
 
+def extract_on_rank() -> None:
+    """A torchrun rank of `teacher.launcher: torchrun`: the features of its share of the shards."""
+    p, result = rank_args("teacher")
+    data = Path(p.paths.data)
+    out = data / "teacher"
+    write_result(result, extract_rank_share(p.teacher, shard_paths(data / "filtered"), out / "features",
+                                            out / "teacher.pt", p.download.url_list.max_pixels))
+
+
 teacher = make_task("teacher", body)
 
 if __name__ == "__main__":
-    cli("teacher", body)
+    extract_on_rank() if launched_by_torchrun() else cli("teacher", body)

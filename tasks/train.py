@@ -3,20 +3,16 @@ in this process or on torchrun ranks (`train.launcher`)."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import time
 from pathlib import Path
 
-from diht_core.config import deep_merge, load_params
-from diht_core.data.files import atomic_write_text
-from diht_core.train.distributed import launched_by_torchrun
-from diht_core.train.run import fit, launch_torchrun
+from diht_core.launch import launch_torchrun, launched_by_torchrun
+from diht_core.train.run import fit
 
-from ._cli import add_params_args, overrides_or_exit
+from ._ranks import rank_args, write_result
 from ._registry import register_trained_model
-from ._stage import STATE_DIR, cli, make_task, mlflow_names, run_stage, seed_everything, set_env
+from ._stage import STATE_DIR, cli, make_task, mlflow_names, run_stage
 
 RUN_ENV = "DIHT_MLFLOW_RUN_ID"  # the stage's MLflow run, which rank 0 of a torchrun launch logs into
 CHECKPOINTS = STATE_DIR / "checkpoints" / "train"
@@ -25,7 +21,7 @@ CHECKPOINTS = STATE_DIR / "checkpoints" / "train"
 def body(p, run) -> dict:
     if p.train.launcher == "torchrun" and not launched_by_torchrun():
         env = {RUN_ENV: run.mlflow.active_run().info.run_id, "MLFLOW_TRACKING_URI": run.mlflow.get_tracking_uri()}
-        metrics = launch_torchrun(p, STATE_DIR / "torchrun", env)
+        metrics = launch_torchrun(p, "tasks.train", p.train.nproc_per_node, STATE_DIR / "torchrun", env)
     else:
         metrics = fit(p, CHECKPOINTS, run.log_step)
     if metrics:
@@ -55,22 +51,13 @@ def main() -> None:
     stage's params on and gets rank 0's metrics back."""
     if not launched_by_torchrun():
         return cli("train", body)
-    parser = argparse.ArgumentParser(prog="python -m tasks.train")
-    add_params_args(parser)
-    parser.add_argument("--overrides", default="{}", help="JSON of nested overrides of the params file")
-    parser.add_argument("--result", default=None)
-    args = parser.parse_args()
-    set_env()
-    p = load_params(args.params, deep_merge(overrides_or_exit(args), json.loads(args.overrides)))
-    seed_everything(p.seed)
+    p, result = rank_args("train")
     rank = int(os.environ["RANK"])
-    if args.result is None and rank == 0:  # torchrun launched by hand (multi-node): rank 0 runs the stage
+    if result is None and rank == 0:  # torchrun launched by hand (multi-node): rank 0 runs the stage
         run_stage("train", body, p)
         return
     log_fn = _mlflow_logger(os.environ[RUN_ENV]) if rank == 0 and os.environ.get(RUN_ENV) else None
-    metrics = fit(p, CHECKPOINTS, log_fn)
-    if rank == 0 and args.result:
-        atomic_write_text(args.result, json.dumps(metrics, indent=2))
+    write_result(result, fit(p, CHECKPOINTS, log_fn))
 
 
 if __name__ == "__main__":

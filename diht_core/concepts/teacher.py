@@ -11,6 +11,7 @@ from sklearn.metrics import average_precision_score
 from tqdm import tqdm
 
 from ..config import TeacherParams
+from ..data.images import to_device
 from ..data.shards import Faults, read_decoded, shard_paths
 from .labels import LABELS, label_vector
 from .preprocess import Preprocess
@@ -57,6 +58,19 @@ def fit_teacher(model, pre: Preprocess, t: TeacherParams, images: torch.Tensor, 
     return losses, mean_average_precision(scores, labels[:n_val].numpy())
 
 
+def load_frozen_teacher(t: TeacherParams, teacher_file: Path) -> tuple[torch.nn.Module, Preprocess]:
+    """The teacher the stage froze into teacher_file (teacher.pt), as another process (a torchrun rank) loads it:
+    built as ``load_teacher`` builds it, with teacher_file's weights when it was pre-trained here (teacher.weights
+    null; with weights the file holds them as they are), frozen."""
+    if not teacher_file.exists():
+        raise FileNotFoundError(f"stage teacher: {teacher_file} is missing; the stage writes it before the "
+                                "features (python -m tasks.teacher)")
+    model, pre = load_teacher(t)
+    if t.weights is None:
+        model.load_state_dict(torch.load(teacher_file, map_location="cpu", weights_only=True))
+    return freeze(model), pre
+
+
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
     model.eval()
     for p in model.parameters():
@@ -94,13 +108,15 @@ def pretrain(model, pre: Preprocess, images: torch.Tensor, targets: torch.Tensor
 
 
 @torch.no_grad()
-def features(model, pre: Preprocess, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def features(model, pre: Preprocess, images: torch.Tensor,
+             batch_size: int = TeacherParams().feature_batch_size) -> torch.Tensor:
     """Penultimate features (the input of the classification head) of a frozen teacher on uint8 images preprocessed
-    by ``pre``."""
+    by ``pre``, computed on the model's device, returned on the CPU."""
+    device = next(model.parameters()).device
     out = []
     for i in range(0, len(images), batch_size):
-        x = pre.normalize(images[i:i + batch_size])
-        out.append(model.forward_head(model.forward_features(x), pre_logits=True).float())
+        x = pre.normalize(to_device(images[i:i + batch_size], device))
+        out.append(model.forward_head(model.forward_features(x), pre_logits=True).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 

@@ -1,5 +1,5 @@
 """The pseudo-label file format: per shard an .npz of top-k teacher concepts (index int32, probability fp16,
-renormalised) for each sample key; read sparse (``SparsePseudoLabels``) or dense (``load_all``)."""
+renormalised) for each sample key, and the digest of its inputs; read sparse (``SparsePseudoLabels``) or dense (``load_all``)."""
 
 from __future__ import annotations
 
@@ -25,8 +25,10 @@ def densify(idx: np.ndarray, vals: np.ndarray, size: int) -> torch.Tensor:
     return out
 
 
-def save_shard(path: str | Path, keys: list[str], obj: tuple, attr: tuple) -> None:
-    atomic_savez(path, keys=np.array(keys), obj_idx=obj[0], obj_p=obj[1], attr_idx=attr[0], attr_p=attr[1])
+def save_shard(path: str | Path, keys: list[str], obj: tuple, attr: tuple, digest: str | None = None) -> None:
+    """One shard's file, atomically; ``digest``: of the inputs it was made from, which a resumed run checks."""
+    extra = {"digest": np.array(digest)} if digest is not None else {}
+    atomic_savez(path, keys=np.array(keys), obj_idx=obj[0], obj_p=obj[1], attr_idx=attr[0], attr_p=attr[1], **extra)
 
 
 class SparsePseudoLabels:

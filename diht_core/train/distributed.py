@@ -1,55 +1,12 @@
-"""torchrun plumbing: the process group (NCCL on GPU, gloo on CPU), DDP or FSDP wrapping, full state dicts."""
+"""torchrun plumbing of training: DDP or FSDP wrapping, gradient and state-dict collectives (the process group and
+the launch are diht_core/launch.py's, re-exported here)."""
 
 from __future__ import annotations
-
-import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from ..config import TrainParams
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def launched_by_torchrun() -> bool:
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-
-
-def pick_device(device: str = TrainParams().device, local_rank: int = 0) -> torch.device:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device: cuda, but torch sees no CUDA device")
-    if device == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank)
-
-
-def init_distributed(device: str = TrainParams().device) -> DistInfo:
-    """Join torchrun's process group when launched by it (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set); otherwise a
-    single process. NCCL on GPU, gloo on CPU."""
-    if not launched_by_torchrun():
-        return DistInfo(device=pick_device(device))
-    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    dev = pick_device(device, local)
-    if dev.type == "cuda" and local >= torch.cuda.device_count():
-        raise RuntimeError(f"local rank {local} but only {torch.cuda.device_count()} CUDA devices: "
-                           "lower train.nproc_per_node (or --nproc-per-node)")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return DistInfo(rank, world, local, dev)
+from ..launch import DistInfo, barrier, destroy, init_distributed, launched_by_torchrun, pick_device  # noqa: F401
 
 
 def scalar_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -155,16 +112,6 @@ def broadcast_object(obj, info: DistInfo):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def barrier(info: DistInfo) -> None:
-    if info.world_size > 1:
-        dist.barrier()
-
-
-def destroy(info: DistInfo) -> None:
-    if launched_by_torchrun() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def full_model_state(model, strategy: str, info: DistInfo) -> dict:

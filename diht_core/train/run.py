@@ -1,14 +1,9 @@
 """One training run from the params: build the model, heads and data, train, save the outputs (rank 0); or the
-same on torchrun ranks, launched from here."""
+same on torchrun ranks (launched by diht_core/launch.py)."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
-import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -77,27 +72,6 @@ def fit(p: Params, checkpoint_dir: Path, log_fn: Callable[[int, dict], None] | N
         "final_loss": summary["final_loss"],
         "final_logit_scale": float(state["logit_scale"].exp()),
     }
-
-
-def launch_torchrun(p: Params, workdir: Path, env: dict) -> dict:
-    """`torchrun --standalone --nproc-per-node N -m tasks.train --params <the same file> --overrides <the same>`:
-    every rank validates the same params; rank 0 hands its metrics back through a file."""
-    if p.source is None:
-        raise ValueError("launcher: torchrun needs params loaded from a file (load_params)")
-    path, overrides = p.source
-    workdir.mkdir(parents=True, exist_ok=True)
-    result = workdir / f"result-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"  # this launch's own
-    project = str(Path(__file__).resolve().parents[2])  # where tasks/ and diht_core/ are
-    env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join(filter(None, [project, os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={p.train.nproc_per_node}",
-           "-m", "tasks.train", "--params", str(path), "--overrides", json.dumps(overrides), "--result", str(result)]
-    proc = subprocess.run(cmd, env=env)
-    if proc.returncode != 0 or not result.exists():
-        raise RuntimeError(f"torchrun training failed (exit code {proc.returncode}; the ranks' errors are above); "
-                           f"command: {' '.join(cmd)}")
-    metrics = json.loads(result.read_text())
-    result.unlink()
-    return metrics
 
 
 def loss_plot(hist: pd.DataFrame, path: Path) -> None:

@@ -1,0 +1,141 @@
+"""Teacher inference on torchrun ranks (teacher.launcher): shard i on rank i % world, each shard's file resumable,
+the feature and pseudo-label files byte for byte those of one process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_params
+from diht_core.concepts.features import cached_features, extract_features
+from diht_core.concepts.pseudo_labels import label_shards, remove_stale
+from diht_core.concepts.teacher import build_teacher, load_frozen_teacher
+from diht_core.config import TeacherParams, load_params
+from diht_core.launch import DistInfo, launch_torchrun, local_world_size, rank_share
+
+MAX_PIXELS = tiny_params()["download"]["url_list"]["max_pixels"]  # what the stage passes
+TEACHER = {"arch": "test_resnet", "image_size": 32, "device": "cpu", "feature_batch_size": 4,
+           "launcher": "torchrun", "nproc_per_node": 2}
+
+
+def _data(root: Path, n_shards: int = 5, per_shard: int = 6) -> Path:
+    """Filtered shards (one sample with a broken image), a teacher.pt pre-trained here (random test_resnet) and
+    classifiers.pt: what the features and the pseudo-labels read."""
+    from diht_core.data.scenes import render, sample_scene
+    from diht_core.data.shards import encode_jpg, write_shard
+
+    rng = np.random.default_rng(0)
+    for s in range(n_shards):
+        samples = [{"__key__": f"{s}{i:04d}", "jpg": encode_jpg(render(sample_scene(rng), 48, rng)), "txt": "a cap"}
+                   for i in range(per_shard)]
+        if s == 1:
+            samples[2]["jpg"] = b"not a jpeg"
+        write_shard(root / "filtered" / f"{s:05d}.tar", samples)
+    torch.manual_seed(0)
+    teacher = build_teacher("test_resnet")
+    (root / "teacher").mkdir(parents=True)
+    torch.save(teacher.state_dict(), root / "teacher" / "teacher.pt")
+    classifiers = {}
+    for kind, n in (("objects", 7), ("attributes", 5)):
+        lin = torch.nn.Linear(teacher.num_features, n)
+        classifiers[kind] = {"state_dict": lin.state_dict(), "names": [f"{kind}{i}" for i in range(n)]}
+    torch.save(classifiers, root / "teacher" / "classifiers.pt")
+    return root
+
+
+def _one_process(data: Path, t: TeacherParams) -> None:
+    from diht_core.concepts.teacher import load_classifiers
+
+    model, _ = load_frozen_teacher(t, data / "teacher" / "teacher.pt")
+    shards = sorted((data / "filtered").glob("*.tar"))
+    cached_features(model, shards, data / "teacher" / "features", data / "teacher" / "teacher.pt", t, MAX_PIXELS)
+    heads, _ = load_classifiers(data / "teacher" / "classifiers.pt")
+    features = sorted((data / "teacher" / "features").glob("*.npz"))
+    label_shards(heads, features, data / "pseudo_labels", 3, data / "teacher" / "classifiers.pt")
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("*.npz"))}
+
+
+def test_shards_go_to_rank_i_mod_world():
+    items = list(range(7))
+    shares = [rank_share(items, DistInfo(rank=r, world_size=3)) for r in range(3)]
+    assert shares == [[0, 3, 6], [1, 4], [2, 5]]
+    assert rank_share(items, DistInfo()) == items
+    assert local_world_size(3, "auto") == 3
+    assert local_world_size("auto", "cpu") == len(os.sched_getaffinity(0))
+
+
+def test_params_of_teacher_inference():
+    from diht_core.config import ParamsError, validate_params
+
+    assert validate_params({"teacher": {"nproc_per_node": 4}}).teacher.nproc_per_node == 4
+    for bad in ({"nproc_per_node": 0}, {"launcher": "dask"}, {"device": "gpu"}, {"feature_batch_size": 0}):
+        with pytest.raises(ParamsError, match="teacher"):
+            validate_params({"teacher": bad})
+
+
+def test_feature_and_label_files_resume_shard_by_shard(tmp_path):
+    """A shard whose file is there and valid is skipped; a missing, stale or truncated one is redone, and the
+    files end byte for byte as an uninterrupted run's."""
+    t = TeacherParams(**{**TEACHER, "launcher": "none"})
+    data = _data(tmp_path / "a", n_shards=3, per_shard=3)
+    _one_process(data, t)
+    feats, labels = data / "teacher" / "features", data / "pseudo_labels"
+    whole_f, whole_l = _files(feats), _files(labels)
+    (feats / "00001.npz").unlink()
+    (feats / "00002.npz").write_bytes(whole_f["00002.npz"][:100])  # killed mid-write without the atomic rename
+    (labels / "00000.npz").unlink()
+    model, pre = load_frozen_teacher(t, data / "teacher" / "teacher.pt")
+    shards = sorted((data / "filtered").glob("*.tar"))
+    counts = extract_features(model, pre, shards, feats, data / "teacher" / "teacher.pt", t, MAX_PIXELS)
+    assert counts == {"extracted": 2, "reused": 1} and _files(feats) == whole_f
+    from diht_core.concepts.teacher import load_classifiers
+
+    heads, _ = load_classifiers(data / "teacher" / "classifiers.pt")
+    clf = data / "teacher" / "classifiers.pt"
+    assert label_shards(heads, sorted(feats.glob("*.npz")), labels, 3, clf) == {"written": 1, "reused": 2}
+    assert _files(labels) == whole_l
+    assert label_shards(heads, sorted(feats.glob("*.npz")), labels, 4, clf) == {"written": 3, "reused": 0}
+    (feats / "00002.npz").unlink()
+    remove_stale(feats, labels)
+    assert sorted(_files(labels)) == ["00000.npz", "00001.npz"]
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_write_the_files_of_one_process(tmp_path):
+    """teacher.launcher: torchrun on 2 CPU ranks (gloo): the features and pseudo-labels of 5 shards (3 on rank 0, 2
+    on rank 1; one valid cache and one stale cache already there) are byte for byte the files of one process on
+    as many threads as a rank (torchrun's OMP_NUM_THREADS=1)."""
+    one = _data(tmp_path / "one")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what torchrun gives each CPU rank: CPU kernels may round differently on 2 threads
+    try:
+        _one_process(one, TeacherParams(**{**TEACHER, "launcher": "none"}))
+    finally:
+        torch.set_num_threads(threads)
+    two = tmp_path / "two"
+    shutil.copytree(one / "filtered", two / "filtered")
+    shutil.copytree(one / "teacher", two / "teacher", ignore=shutil.ignore_patterns("features"))
+    (two / "teacher" / "features").mkdir()
+    shutil.copy(one / "teacher" / "features" / "00003.npz", two / "teacher" / "features")  # done before a kill
+    shutil.copy(one / "teacher" / "features" / "00001.npz", two / "teacher" / "features" / "00000.npz")  # stale
+    params = tiny_params()
+    params["paths"] = {k: str(tmp_path / k) for k in ("models", "metrics", "plots")} | {"data": str(two)}
+    params["teacher"].update(TEACHER)
+    params["pseudo_labels"]["top_k"] = 3
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    p = load_params(tmp_path / "params.yaml")
+    counts = launch_torchrun(p, "tasks.teacher", 2, tmp_path / "runs", {})
+    assert counts == {"extracted": 4, "reused": 1}
+    assert _files(two / "teacher" / "features") == _files(one / "teacher" / "features")
+    counts = launch_torchrun(p, "tasks.pseudo_labels", 2, tmp_path / "runs", {})
+    assert counts == {"written": 5, "reused": 0}
+    assert _files(two / "pseudo_labels") == _files(one / "pseudo_labels")
