@@ -43,9 +43,11 @@ def _outputs(out) -> dict:
 
 def test_split_parts_are_runs_of_whole_shards():
     todo = list(range(10))
-    assert split_parts(todo, 2) == [[0], [1], [2, 3], [4], [5], [6, 7], [8], [9]]
-    assert split_parts(todo[:3], 2) == [[0], [1], [2]] and split_parts([], 4) == []
-    assert sum(split_parts(list(range(1000)), 3), []) == list(range(1000))
+    assert split_parts(todo, 2) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]  # at least 4 shards a part, where it can
+    assert split_parts(todo[:3], 2) == [[0], [1, 2]] and split_parts(todo[:1], 2) == [[0]] and split_parts([], 4) == []
+    assert [len(p) for p in split_parts(list(range(20)), 2)] == [5, 5, 5, 5]
+    parts = split_parts(list(range(1000)), 3)  # up to 4 parts per worker
+    assert len(parts) == 12 and sum(parts, []) == list(range(1000))
 
 
 @pytest.mark.slow
@@ -113,7 +115,7 @@ def _check_every_url_once(out, urls: pd.DataFrame) -> None:
 
 def test_process_pool_worker_killed_mid_part_then_rerun(server, tmp_path):
     urls, out = _slow_list(server, 48), tmp_path / "out"
-    cfg = _cfg(threads=2, shard_size=8, task_runner="process", processes=2)  # 6 parts of one shard
+    cfg = _cfg(threads=2, shard_size=8, task_runner="process", processes=2)  # 2 parts of 3 shards
     killed: list = []
     watcher = _kill_a_worker_mid_run(out, killed)
     with pytest.raises(RuntimeError, match="a worker process died.*run the download again"):

@@ -215,10 +215,12 @@ def _run(todo: list, out_dir: Path, cfg: UrlListParams, progress: bool, total: i
 
 
 def split_parts(todo: list, workers: int) -> list[list]:
-    """The shards to fetch, as runs of consecutive whole shards: up to 4 parts per worker (so a slow or lost
-    worker holds back a quarter of its share at most), each part's shards overlapping their slow tails on its
-    thread pool. Which worker writes a shard changes nothing in it: names, keys and digests come from the list."""
-    n = min(len(todo), 4 * workers)
+    """The shards to fetch, as runs of consecutive whole shards: `workers` times 1 to 4 parts, each of at least 4
+    shards where the list has enough. A part's shards overlap their slow tails (URLs that run into the timeout)
+    on its thread pool, so only a part's last shard waits for its tail; several parts per worker let a worker
+    that is done early take over, and bound what a lost worker holds up. Which worker writes a shard changes
+    nothing in it: names, keys and digests come from the list."""
+    n = min(len(todo), workers * min(4, max(1, len(todo) // (4 * workers))))
     bounds = [round(i * len(todo) / n) for i in range(n + 1)] if n else []
     return [todo[a:b] for a, b in zip(bounds, bounds[1:])]
 
