@@ -44,7 +44,7 @@ def _outputs(out) -> dict:
 def test_split_parts_are_runs_of_whole_shards():
     todo = list(range(10))
     assert split_parts(todo, 2) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]  # at least 4 shards a part, where it can
-    assert split_parts(todo[:3], 2) == [[0], [1, 2]] and split_parts(todo[:1], 2) == [[0]] and split_parts([], 4) == []
+    assert split_parts(todo[:3], 2) == [[0, 1], [2]] and split_parts(todo[:1], 2) == [[0]] and split_parts([], 4) == []
     assert [len(p) for p in split_parts(list(range(20)), 2)] == [5, 5, 5, 5]
     parts = split_parts(list(range(1000)), 3)  # up to 4 parts per worker
     assert len(parts) == 12 and sum(parts, []) == list(range(1000))
