@@ -1,20 +1,23 @@
-"""URL-list download: ours vs img2dataset on the same loopback list, same threads, timeout and resizing.
+"""URL-list download: ours vs img2dataset on the same loopback list, same processes x threads, timeout, shards and
+resizing, with and without decompression bombs, side by side in one run.
 
-    .venv/bin/python bench/download.py [--urls 2000] [--threads 64] [--timeout 2] \
-        [--img2dataset .state/img2dataset-venv/bin/img2dataset]
+    .venv/bin/python bench/download.py [--urls 4000] [--processes 2] [--threads 32] [--timeout 2] \
+        [--bomb-fractions 0.002,0] [--img2dataset .state/img2dataset-venv/bin/img2dataset]
 
 The server (diht_core/data/loopback.py) runs in its own process and serves a mix of good images,
 dead links (404, refused), slow responses, non-images, corrupt files, redirects, loops, huge bodies and
 decompression bombs. img2dataset pins packages this project does not (webdataset 0.2, pandas 2), so it
 lives in its own virtualenv: `python3.11 -m venv .state/img2dataset-venv && .state/img2dataset-venv/bin/pip
-install img2dataset`. Each tool runs once in a fresh process, one after the other; the server's images
-are warmed first so neither pays for their rendering.
+install img2dataset`. Each tool runs once per list in a fresh process, one after the other; the server's images
+are warmed first so neither pays for their rendering. Ours runs `task_runner: process` (`processes` workers, each
+with `threads`), img2dataset `--distributor=multiprocessing` with `processes_count` and `thread_count`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -39,8 +42,9 @@ OURS = """
 import json, sys, pandas as pd
 from diht_core.config import UrlListParams
 from diht_core.data.url_download import download_url_list
-lst, out, threads, timeout, size, mode = sys.argv[1:]
-cfg = UrlListParams(timeout=float(timeout), threads=int(threads), resize_mode=mode, image_size=int(size),
+lst, out, processes, threads, shard_size, timeout, size, mode = sys.argv[1:]
+cfg = UrlListParams(timeout=float(timeout), task_runner="process", processes=int(processes), threads=int(threads),
+                    shard_size=int(shard_size), resize_mode=mode, image_size=int(size),
                     allow_private=True)  # the loopback server's redirects stay on 127.0.0.1
 print(json.dumps(download_url_list(pd.read_parquet(lst), out, cfg, progress=False)))
 """
@@ -74,14 +78,16 @@ def start_server() -> tuple[subprocess.Popen, str]:
 
 
 def warm(urls: pd.DataFrame) -> None:
-    for url in urls[urls.expected == "ok"].url.unique():
-        urllib.request.urlopen(url, timeout=30).read()
+    """Render the good images and the bomb once (the server caches them), so that neither tool waits for it."""
+    for url in urls[urls.expected.isin(["ok", "decompression_bomb"])].url.unique():
+        urllib.request.urlopen(url, timeout=60).read()
 
 
 def run_ours(lst: Path, out: Path, a) -> dict:
     t = time.perf_counter()
-    res = subprocess.run([sys.executable, "-c", OURS, str(lst), str(out), str(a.threads), str(a.timeout),
-                          str(a.image_size), a.resize_mode], cwd=ROOT, capture_output=True, text=True, check=True)
+    res = subprocess.run([sys.executable, "-c", OURS, str(lst), str(out), str(a.processes), str(a.threads),
+                          str(a.shard_size), str(a.timeout), str(a.image_size), a.resize_mode], cwd=ROOT,
+                         capture_output=True, text=True, check=True)
     wall = time.perf_counter() - t
     stats = json.loads(res.stdout.strip().splitlines()[-1])
     return {"wall": wall, "seconds": stats["seconds"], "ok": stats["successes"], "reasons": stats["reasons"]}
@@ -90,8 +96,8 @@ def run_ours(lst: Path, out: Path, a) -> dict:
 def run_img2dataset(lst: Path, out: Path, a) -> dict:
     cmd = [a.img2dataset, f"--url_list={lst}", "--input_format=parquet", "--url_col=url", "--caption_col=caption",
            f"--output_folder={out}", "--output_format=webdataset", f"--thread_count={a.threads}",
-           "--processes_count=1", f"--timeout={a.timeout}", "--retries=0", f"--image_size={a.image_size}",
-           f"--resize_mode={a.resize_mode}", "--number_sample_per_shard=10000", "--enable_wandb=False",
+           f"--processes_count={a.processes}", f"--timeout={a.timeout}", "--retries=0", f"--image_size={a.image_size}",
+           f"--resize_mode={a.resize_mode}", f"--number_sample_per_shard={a.shard_size}", "--enable_wandb=False",
            "--distributor=multiprocessing", f"--max_image_area={a.max_pixels}"]
     t = time.perf_counter()
     subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -99,10 +105,12 @@ def run_img2dataset(lst: Path, out: Path, a) -> dict:
     stats = [json.loads(p.read_text()) for p in out.glob("*_stats.json")]
     rows = pd.concat([pd.read_parquet(p) for p in out.glob("*.parquet")])
     reasons = Counter(i2d_reason(m) for m in rows.error_message)
-    return {"wall": wall, "seconds": sum(s["duration"] for s in stats), "ok": reasons["ok"], "reasons": dict(reasons)}
+    seconds = max(s["end_time"] for s in stats) - min(s["start_time"] for s in stats)  # its shards run in parallel
+    return {"wall": wall, "seconds": seconds, "ok": reasons["ok"], "reasons": dict(reasons)}
 
 
-def table(results: dict, expected: Counter) -> str:
+def table(results: dict, expected: dict[str, Counter]) -> str:
+    """Markdown: one column per tool and list; expected: each list's expected reasons (" / " between lists)."""
     tools = list(results)
     lines = ["| | " + " | ".join(tools) + " | expected |", "|---" * (len(tools) + 2) + "|"]
 
@@ -111,44 +119,67 @@ def table(results: dict, expected: Counter) -> str:
 
     row("wall time, s (process start to exit)", [f"{r['wall']:.1f}" for r in results.values()])
     row("download time, s (the tool's own timer)", [f"{r['seconds']:.1f}" for r in results.values()])
-    row("images/s (ok / download time)", [f"{r['ok'] / r['seconds']:.0f}" for r in results.values()])
-    reasons = sorted(set(expected) | {k for r in results.values() for k in r["reasons"]}, key=lambda k: (k != "ok", k))
+    row("**images/s** (ok / download time)", [f"**{r['ok'] / r['seconds']:.0f}**" for r in results.values()])
+    row("images/s (ok / wall time)", [f"{r['ok'] / r['wall']:.0f}" for r in results.values()])
+    known = {k for c in expected.values() for k in c}
+    reasons = sorted(known | {k for r in results.values() for k in r["reasons"]}, key=lambda k: (k != "ok", k))
     for k in reasons:
-        row(k, [str(r["reasons"].get(k, 0)) for r in results.values()], str(expected.get(k, 0)))
+        row(k, [str(r["reasons"].get(k, 0)) for r in results.values()],
+            " / ".join(dict.fromkeys(str(c.get(k, 0)) for c in expected.values())))
     return "\n".join(lines)
+
+
+def run_list(base: str, a, bombs: float) -> tuple[dict, Counter]:
+    """Both tools on one mixed list with `bombs` as the share of decompression bombs."""
+    mix = {**MIX, "bomb": bombs, "good_jpg": MIX["good_jpg"] + MIX["bomb"] - bombs}
+    urls = mixed_url_list(base, a.urls, mix, slow_ms=a.slow_ms)
+    warm(urls)
+    with tempfile.TemporaryDirectory() as tmp:
+        lst = Path(tmp) / "list.parquet"
+        urls[["url", "caption"]].to_parquet(lst)
+        results = {"ours": run_ours(lst, Path(tmp) / "ours", a)}
+        if Path(a.img2dataset).exists():
+            results["img2dataset"] = run_img2dataset(lst, Path(tmp) / "img2dataset", a)
+        else:
+            print(f"(img2dataset not found at {a.img2dataset}: skipped)")
+    return results, Counter(urls.expected)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--urls", type=int, default=2000)
-    ap.add_argument("--threads", type=int, default=64)
+    ap.add_argument("--urls", type=int, default=4000)
+    ap.add_argument("--processes", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=32)
+    ap.add_argument("--shard-size", type=int, default=500, help="URLs per shard, both tools")
     ap.add_argument("--timeout", type=float, default=2.0)
     ap.add_argument("--slow-ms", type=int, default=3000)
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--resize-mode", default="border")
     ap.add_argument("--max-pixels", type=int, default=89_478_485)
-    ap.add_argument("--bomb-fraction", type=float, default=MIX["bomb"], help="share of decompression bombs")
+    ap.add_argument("--bomb-fractions", default=f"{MIX['bomb']},0",
+                    help="shares of decompression bombs, one list (and one pair of columns) each")
     ap.add_argument("--img2dataset", default=str(ROOT / ".state" / "img2dataset-venv" / "bin" / "img2dataset"))
     a = ap.parse_args()
     server, base = start_server()
+    results, expected = {}, {}
     try:
-        mix = {**MIX, "bomb": a.bomb_fraction, "good_jpg": MIX["good_jpg"] + MIX["bomb"] - a.bomb_fraction}
-        urls = mixed_url_list(base, a.urls, mix, slow_ms=a.slow_ms)
-        warm(urls)
-        with tempfile.TemporaryDirectory() as tmp:
-            lst = Path(tmp) / "list.parquet"
-            urls[["url", "caption"]].to_parquet(lst)
-            results = {"ours": run_ours(lst, Path(tmp) / "ours", a)}
-            if Path(a.img2dataset).exists():
-                results["img2dataset"] = run_img2dataset(lst, Path(tmp) / "img2dataset", a)
-            else:
-                print(f"(img2dataset not found at {a.img2dataset}: skipped)")
+        for bombs in [float(f) for f in a.bomb_fractions.split(",")]:
+            label = "" if bombs else ", no bombs"
+            res, expected[label] = run_list(base, a, bombs)
+            results.update({f"{tool}{label}": r for tool, r in res.items()})
     finally:
         server.terminate()
         server.wait()
-    print(f"{a.urls} URLs, {a.threads} threads, timeout {a.timeout} s, {a.resize_mode} {a.image_size} px, "
-          f"one process each\n")
-    print(table(results, Counter(urls.expected)))
+    load = os.getloadavg()
+    print(f"{a.urls} URLs, {a.processes} processes x {a.threads} threads each, {a.shard_size} URLs a shard, timeout "
+          f"{a.timeout} s, {a.resize_mode} {a.image_size} px; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} "
+          f"on {os.cpu_count()} cores\n")
+    print(table(results, expected))
+    for label in expected:
+        ours, theirs = results.get(f"ours{label}"), results.get(f"img2dataset{label}")
+        if theirs:
+            print(f"\nours / img2dataset{label}: {ours['ok'] / ours['seconds'] / (theirs['ok'] / theirs['seconds']):.2f}x"
+                  f" images/s, {ours['ok']} vs {theirs['ok']} successes")
 
 
 if __name__ == "__main__":

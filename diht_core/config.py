@@ -115,6 +115,12 @@ class UrlListParams(_Strict):
     # from 127.0.0.1 works; true: follow redirects into private addresses too (an intranet mirror; the tests'
     # loopback redirects). Other schemes are never followed.
     allow_private: bool = False
+    # How the list's parts (runs of whole shards) are fetched: thread: one thread pool in this process (today's);
+    # process: a pool of `processes` processes, each with its `threads`; dask: Prefect's DaskTaskRunner, a local
+    # cluster of `processes` workers or the scheduler at dask_address (out_dir on a filesystem every worker sees).
+    task_runner: Literal["thread", "process", "dask"] = "thread"
+    processes: int = Field(default=2, ge=1, le=1024)  # process, dask: img2dataset's processes_count
+    dask_address: str | None = None
 
     @model_validator(mode="after")
     def _format_known(self):

@@ -8,6 +8,7 @@ from diht_core.cat.report import cat_metrics, write_report
 from diht_core.cat.shards import filter_job, filter_shards, merge_decisions, shard_jobs, shard_truncation
 from diht_core.data.shards import shard_paths
 
+from ._dask import map_with_dask
 from ._stage import cli, make_task
 
 
@@ -16,20 +17,7 @@ def map_shards_with_dask(jobs: list, workers: int, address: str | None) -> list[
 
     address=None starts a local cluster of `workers` processes; a scheduler address filters on a cluster.
     """
-    from prefect import flow, task
-    from prefect.cache_policies import NO_CACHE
-    from prefect_dask import DaskTaskRunner
-
-    runner = DaskTaskRunner(address=address) if address else DaskTaskRunner(
-        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                        "dashboard_address": None})
-    shard_task = task(filter_job, name="cat_filter_shard", cache_policy=NO_CACHE)
-
-    @flow(name="cat_filter_shards", task_runner=runner)
-    def shards_flow(jobs):
-        return [f.result() for f in shard_task.map(jobs)]
-
-    return shards_flow(jobs)
+    return map_with_dask(filter_job, jobs, workers, address, "cat_filter_shard")
 
 
 def body(p, run) -> dict:

@@ -188,6 +188,8 @@ def test_url_list_formats(tmp_path):
     ({"download": {"url_list": {"resize_mode": "squash"}}}, "download.url_list.resize_mode"),
     ({"download": {"url_list": {"threads": 0}}}, "download.url_list.threads"),
     ({"download": {"url_list": {"max_byte": 10}}}, "download.url_list.max_byte"),
+    ({"download": {"url_list": {"task_runner": "ray"}}}, "download.url_list.task_runner"),
+    ({"download": {"url_list": {"processes": 0}}}, "download.url_list.processes"),
 ])
 def test_url_list_params_are_validated(raw, key):
     with pytest.raises(ParamsError) as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 from PIL import Image
@@ -10,6 +11,9 @@ from PIL import Image
 from ..config import UrlListParams
 
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
+
+
+_ADDRESS = re.compile(r" <[^<>]* at 0x[0-9a-f]+>")  # PIL names the BytesIO it read: "<_io.BytesIO object at 0x7f..>"
 
 
 class ImageError(Exception):
@@ -39,7 +43,8 @@ def load_image(data: bytes, max_pixels: int) -> Image.Image:
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             raise ImageError("decompression_bomb", str(err)) from None
         except Exception as err:  # PIL raises many types for corrupt data
-            raise ImageError("decode_error", f"{type(err).__name__}: {err}") from None
+            message = _ADDRESS.sub("", f"{type(err).__name__}: {err}")  # the same message on every run
+            raise ImageError("decode_error", message) from None
     return to_rgb(img)
 
 

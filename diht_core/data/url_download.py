@@ -6,7 +6,9 @@ import hashlib
 import json
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+import multiprocessing as mp
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, as_completed, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pandas as pd
@@ -115,7 +117,7 @@ def _clean(out_dir: Path, names: set[str]) -> None:
 
 
 def download_url_list(urls: pd.DataFrame, out_dir: str | Path, cfg: UrlListParams = UrlListParams(),
-                      progress: bool = True, image_filter=None) -> dict:
+                      progress: bool = True, image_filter=None, map_parts=None) -> dict:
     """Download every row of urls (columns url, caption) into shards under out_dir; return the stats.
 
     cfg: the `download.url_list` params (fetching, threads, shard size, resizing and encoding). A row whose
@@ -129,7 +131,13 @@ def download_url_list(urls: pd.DataFrame, out_dir: str | Path, cfg: UrlListParam
 
     A shard is finished when its parquet exists and carries the digest of its input rows and of the
     settings that shape the images; the tar is renamed into place before the parquet, both atomically.
-    A rerun (after kill -9, say) skips finished shards and redoes the others from scratch."""
+    A rerun (after kill -9, say) skips finished shards and redoes the others from scratch.
+
+    cfg.task_runner: thread fetches every shard on one thread pool here; process and dask split the unfinished
+    shards into parts (split_parts) and run each part (download_part) on a worker process with its own pool of
+    cfg.threads. dask needs map_parts(fn, parts) -> results: the caller's engine (tasks/download.py maps the
+    parts with Prefect's DaskTaskRunner; diht_core imports no Prefect). Shard names, keys, and the shards'
+    bytes are the same whichever runner and worker wrote them."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n = len(urls)
@@ -139,7 +147,13 @@ def download_url_list(urls: pd.DataFrame, out_dir: str | Path, cfg: UrlListParam
     todo = [(name, start, rows, shard_digest(rows, start, cfg, image_filter)) for name, start, rows in shards]
     todo = [t for t in todo if not shard_done(out_dir, t[0], t[3])]
     t0 = time.monotonic()
-    fetched = _run(todo, out_dir, cfg, progress, total=sum(len(t[2]) for t in todo), image_filter=image_filter)
+    total = sum(len(t[2]) for t in todo)
+    if cfg.task_runner == "thread":
+        fetched = _run(todo, out_dir, cfg, progress, total=total, image_filter=image_filter)
+    else:
+        parts = [(out_dir, part, cfg, image_filter) for part in split_parts(todo, cfg.processes)]
+        fetched = _run_parts(parts, cfg, progress, total, map_parts)
+        _clean(out_dir, {name for name, _, _ in shards})  # the tmp files of a worker lost mid-shard
     seconds = time.monotonic() - t0
     stats = shard_stats(out_dir, [name for name, _, _ in shards])
     stats.update(shards=len(shards), resumed_shards=len(shards) - len(todo), seconds=round(seconds, 3),
@@ -200,6 +214,59 @@ def _run(todo: list, out_dir: Path, cfg: UrlListParams, progress: bool, total: i
     return done
 
 
+def split_parts(todo: list, workers: int) -> list[list]:
+    """The shards to fetch, as runs of consecutive whole shards: `workers` times 1 to 4 parts, each of at least 4
+    shards where the list has enough. A part's shards overlap their slow tails (URLs that run into the timeout)
+    on its thread pool, so only a part's last shard waits for its tail; several parts per worker let a worker
+    that is done early take over, and bound what a lost worker holds up. Which worker writes a shard changes
+    nothing in it: names, keys and digests come from the list."""
+    n = min(len(todo), workers * min(4, max(1, len(todo) // (4 * workers))))
+    bounds = [round(i * len(todo) / n) for i in range(n + 1)] if n else []
+    return [todo[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def download_part(part: tuple) -> dict:
+    """Fetch one part, (out_dir, shards, cfg, image_filter), on this worker's thread pool; {"urls", "ok"} fetched.
+    A shard already finished (by an earlier attempt of this part, on a worker since lost) is not fetched again."""
+    out_dir, shards, cfg, image_filter = part
+    todo = [t for t in shards if not shard_done(out_dir, t[0], t[3])]
+    return _run(todo, out_dir, cfg, progress=False, total=0, image_filter=image_filter)
+
+
+def _run_parts(parts: list, cfg: UrlListParams, progress: bool, total: int, map_parts) -> dict:
+    """download_part over the parts: on a pool of cfg.processes processes, or through map_parts (dask)."""
+    if not parts:
+        return {"urls": 0, "ok": 0}
+    if cfg.task_runner == "dask":
+        if map_parts is None:
+            raise ValueError("download.url_list.task_runner: dask maps the parts through Prefect's DaskTaskRunner; "
+                             "run it from the download stage (tasks/download.py), or pass map_parts")
+        results = map_parts(download_part, parts)
+    else:
+        results = []
+        bar = tqdm(total=total, unit="url", desc="download", disable=not progress, mininterval=1.0)
+        with ProcessPoolExecutor(min(cfg.processes, len(parts)), mp_context=_forkserver()) as ex:
+            futures = {ex.submit(download_part, p): sum(len(t[2]) for t in p[1]) for p in parts}
+            try:
+                for f in as_completed(futures):
+                    results.append(f.result())
+                    bar.update(futures[f])
+            except BrokenProcessPool as err:
+                raise RuntimeError(
+                    f"download: a worker process died ({err}); the shards it finished are kept, the others are "
+                    "not: run the download again to resume (download.url_list.task_runner: process)") from None
+        bar.close()
+    return {k: sum(r[k] for r in results) for k in ("urls", "ok")}
+
+
+def _forkserver():
+    """Workers forked from a clean single-threaded server that imported this module once (torch comes with
+    webdataset: seconds per import), not each spawned afresh, nor forked from a parent that runs threads."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
 def _drops(rows: pd.DataFrame):
     """(reason, message) of each row that pre-cleaning dropped, None for the others."""
     if "drop_reason" not in rows.columns:
@@ -224,10 +291,11 @@ def shard_stats(out_dir: Path, names: list[str]) -> dict:
             "success_rate": ok / count if count else 0.0, "reasons": dict(sorted(reasons.items()))}
 
 
-def download_source(d: DownloadParams, seed: int, root: str | Path) -> dict:
+def download_source(d: DownloadParams, seed: int, root: str | Path, map_parts=None) -> dict:
     """root/raw/train from the URL list (finished shards of an earlier run are kept); the teacher split and
     the evaluation tasks are still the synthetic ones, so every later stage runs unchanged. Returns the
-    download stage's metrics; the list's own stats are in root/raw/train/_stats.json."""
+    download stage's metrics; the list's own stats are in root/raw/train/_stats.json. map_parts: the engine of
+    `task_runner: dask` (download_url_list)."""
     u, c = d.url_list, d.preclean
     if not Path(u.path).is_file():
         raise FileNotFoundError(f"download.url_list.path: no such file {u.path}")
@@ -246,7 +314,7 @@ def download_source(d: DownloadParams, seed: int, root: str | Path) -> dict:
         from .image_filter import ImageFilter  # torch and open_clip: only when classifiers are asked for
 
         image_filter = ImageFilter.from_params(c)
-    stats = download_url_list(urls, root / "raw" / "train", u, image_filter=image_filter)
+    stats = download_url_list(urls, root / "raw" / "train", u, image_filter=image_filter, map_parts=map_parts)
     clear_synthetic(root, train=False)
     counts = generate(d, seed, root, train=False)
     metrics = {
