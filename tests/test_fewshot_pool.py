@@ -169,5 +169,8 @@ def test_bad_samples_are_counted_never_picked_and_the_curve_is_the_clean_one(tmp
     assert faults.by_reason == reasons and faults.truncated["00001.tar"]["read"] == 1
     f = FewshotParams(shots=[0, 1, 2], seeds=2, deltas=[0.0, 0.5], delta_bs=[0.0], weight_decays=[0.0], steps=5)
     res = fewshot_curve(model, tok, dirty, f, batch_size=4, max_pixels=MAX_PIXELS)
-    assert set(res.pop("skipped")) == {"train", "val", "test"}
+    skipped = res.pop("skipped")
+    assert set(skipped) == {"train", "val", "test"}
+    assert all(s["skipped_by_reason"] == reasons and s["skipped_samples"] == 7 for s in skipped.values())
+    assert all(s["truncated_shards"]["00001.tar"]["read"] == 1 for s in skipped.values())
     assert res == fewshot_curve(model, tok, clean, f, batch_size=4, max_pixels=MAX_PIXELS)
