@@ -27,9 +27,12 @@ def body(p, run) -> dict:
     run.log_artifact(plots / "fewshot_curve.png", "plots")
     for row in res["curve"]:
         run.log_step(int(row["k"]), {"pgd_acc": row["pgd_mean"], "scratch_acc": row["scratch_mean"]})
+    for split, counts in res.get("skipped", {}).items():
+        print(f"[fewshot] {f.task}/{split}: {counts['skipped_samples']} bad samples skipped "
+              f"{counts['skipped_by_reason']}, truncated shards {sorted(counts['truncated_shards'])}")
     return {"task": f.task, "zero_shot_acc": res["zero_shot"],
             "kshot": {f"k{int(r['k'])}": {"pgd": r["pgd_mean"], "scratch": r["scratch_mean"]} for r in res["curve"]},
-            "curve": res["curve"]}
+            "curve": res["curve"], **({"skipped": res["skipped"]} if "skipped" in res else {})}
 
 
 fewshot = make_task("fewshot", body)

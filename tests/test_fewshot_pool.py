@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tarfile
 
 import pytest
 import torch
@@ -10,15 +11,22 @@ from PIL import Image
 from pydantic import ValidationError
 
 from diht_core.config import FewshotParams
-from diht_core.data.shards import load_split, write_shard
+from diht_core.data.shards import Faults, iter_shard, load_split, write_shard
 from diht_core.eval import fewshot_pool
 from diht_core.eval.encoders import encode_images, text_encoder
 from diht_core.eval.fewshot import fewshot_curve, run_fewshot
 from diht_core.eval.fewshot_pool import PoolFeatures, kshot_indices, needed_indices, split_labels, stream_features
 from diht_core.eval.zeroshot import build_classifier
 from diht_core.models import create_model, image_size
+from test_bad_data import _big_png_header as big_png_header
 
 CLASSES = ["red", "green", "blue"]
+MAX_PIXELS = 89_478_485  # download.url_list.max_pixels
+
+
+def read_samples_raw(shard) -> list[dict]:
+    """The samples of a shard as written (key and members)."""
+    return [{k: v for k, v in s.items() if k != "__url__"} for s in iter_shard(shard)]
 
 
 def png(rgb) -> bytes:
@@ -53,7 +61,8 @@ def tiny():
 
 def test_only_the_kshot_samples_are_decoded_a_batch_at_a_time(tmp_path, monkeypatch):
     write_task(tmp_path, {"train": 20})  # a pool of 60 in 9 shards
-    labels = split_labels(tmp_path / "train")
+    labels, positions = split_labels(tmp_path / "train")
+    assert torch.equal(positions, torch.arange(len(labels)))  # no bad sample: the pool is the split
     keep = needed_indices(labels, [0, 1, 2], seeds=2)
     assert 3 <= len(keep) <= 12 < len(labels)
     decoded, held = [], []
@@ -108,14 +117,60 @@ def test_shots_up_to_25():
         FewshotParams(shots=[-1])
 
 
+def _bad_samples() -> list[dict]:
+    """One sample of each fault the label pass must catch, none of which may ever be picked."""
+    jpg = io.BytesIO()
+    Image.fromarray(torch.randint(0, 255, (64, 64, 3), dtype=torch.uint8).numpy()).save(jpg, format="JPEG")
+    return [{"__key__": "bad_json", "png": png((200, 0, 0)), "cls": "0", "json": b"{not json"},
+            {"__key__": "word_cls", "png": png((200, 0, 0)), "cls": "x"},
+            {"__key__": "float_cls", "png": png((0, 200, 0)), "cls": "1.5"},
+            {"__key__": "no_cls", "png": png((0, 0, 200))},
+            {"__key__": "cut_jpeg", "jpg": jpg.getvalue()[:len(jpg.getvalue()) * 3 // 4], "cls": "0"},
+            {"__key__": "big_png", "png": big_png_header(), "cls": "1"},
+            {"__key__": "no_image", "cls": "2"}]
+
+
 def test_a_bad_sample_is_an_error_naming_shard_key_and_reason(tmp_path):
     (tmp_path / "train").mkdir()
     write_shard(tmp_path / "train" / "00000.tar", [{"__key__": "a", "png": png((200, 0, 0)), "cls": "0"},
                                                    {"__key__": "b", "png": b"not an image", "cls": "1"}])
-    assert split_labels(tmp_path / "train").tolist() == [0, 1]  # labels read no image
+    with pytest.raises(ValueError, match=r"00000.tar sample 'b': bad_image"):
+        split_labels(tmp_path / "train")
     with pytest.raises(ValueError, match=r"00000.tar sample 'b': bad_image"):
         stream_features(tmp_path / "train", None, lambda imgs: imgs.float(), 8, None, 4)
     stream_features(tmp_path / "train", torch.tensor([0]), lambda imgs: imgs.float(), 8, None, 4)  # b not kept
-    write_shard(tmp_path / "train" / "00001.tar", [{"__key__": "c", "png": png((0, 0, 200))}])
-    with pytest.raises(ValueError, match=r"00001.tar sample 'c': no cls"):
+    write_shard(tmp_path / "train" / "00000.tar", [{"__key__": "c", "png": png((0, 0, 200)), "cls": "x"}])
+    with pytest.raises(ValueError, match=r"00000.tar sample 'c': bad_label"):
         split_labels(tmp_path / "train")
+
+
+def test_bad_samples_are_counted_never_picked_and_the_curve_is_the_clean_one(tmp_path, tiny):
+    """Every split holds bad samples (bad json, a cls that is no integer or missing, a cut JPEG, a 144-megapixel PNG
+    header, no image) and train a shard cut at a header boundary: the label pass counts them, never puts them in the
+    pool, and the curve equals that of the same task holding only its good samples."""
+    model, tok = tiny
+    clean, dirty = tmp_path / "clean", tmp_path / "dirty"
+    write_task(clean, {"train": 4, "val": 2, "test": 3})
+    for split in ("train", "val", "test"):
+        good = [s for shard in sorted((clean / split).glob("*.tar")) for s in read_samples_raw(shard)]
+        (dirty / split).mkdir(parents=True)
+        write_shard(dirty / split / "00000.tar", good[:3] + _bad_samples() + good[3:-1])
+        write_shard(dirty / split / "00001.tar", good[-1:] + [{"__key__": "lost", "png": png((1, 2, 3)), "cls": "0"}])
+        with tarfile.open(dirty / split / "00001.tar") as tar:
+            cut = tar.getmembers()[2].offset  # the header of the second sample: it is lost
+        (dirty / split / "00001.tar").write_bytes((dirty / split / "00001.tar").read_bytes()[:cut])
+    for f in ("classnames.txt", "zeroshot_classification_templates.txt"):
+        (dirty / f).write_bytes((clean / f).read_bytes())
+    faults = Faults()
+    labels, positions = split_labels(dirty / "train", MAX_PIXELS, faults)
+    assert torch.equal(labels, split_labels(clean / "train")[0])
+    assert positions.tolist() == [0, 1, 2, *range(10, len(labels) + 7)]  # the 7 bad ones (3..9) are not in the pool
+    reasons = {"bad_json": 1, "bad_label": 3, "bad_image": 2, "too_many_pixels": 1}
+    assert faults.by_reason == reasons and faults.truncated["00001.tar"]["read"] == 1
+    f = FewshotParams(shots=[0, 1, 2], seeds=2, deltas=[0.0, 0.5], delta_bs=[0.0], weight_decays=[0.0], steps=5)
+    res = fewshot_curve(model, tok, dirty, f, batch_size=4, max_pixels=MAX_PIXELS)
+    skipped = res.pop("skipped")
+    assert set(skipped) == {"train", "val", "test"}
+    assert all(s["skipped_by_reason"] == reasons and s["skipped_samples"] == 7 for s in skipped.values())
+    assert all(s["truncated_shards"]["00001.tar"]["read"] == 1 for s in skipped.values())
+    assert res == fewshot_curve(model, tok, clean, f, batch_size=4, max_pixels=MAX_PIXELS)

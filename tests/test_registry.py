@@ -14,6 +14,7 @@ from PIL import Image
 from diht_core.data.eval_datasets import (DEFAULT_TEMPLATES, DatasetNotFound, LazyImages, load_cc_validation,
                                           load_imagefolder, load_karpathy_json, load_wds_classification,
                                           load_wds_retrieval, load_wds_vqa)
+from diht_core.data.shards import Faults
 from diht_core.eval.registry import (TaskSpec, check_available, default_tasks, diht_tasks, get_task, list_tasks,
                                      register_task, resolve)
 
@@ -217,9 +218,15 @@ def test_load_karpathy_json(tmp_path):
     (tmp_path / "data" / "coco").symlink_to(root, target_is_directory=True)
     spec, data = resolve("coco_t2i", tmp_path / "data")
     assert spec.wrap_captions(data["captions"])[0] == "a photo of a red thing."
-    (root / "val2014" / "im1.jpg").unlink()
-    with pytest.raises(DatasetNotFound, match="im1.jpg"):
+    (root / "val2014" / "im1.jpg").unlink()  # a missing image: a bad sample, or an error naming it without faults
+    with pytest.raises(ValueError, match="im1.jpg': bad_image"):
         load_karpathy_json(root / "coco_test.json", root)
+    faults = Faults()
+    d = load_karpathy_json(root / "coco_test.json", root, faults=faults)
+    assert d["captions"] == ["a red thing", "something red"] and faults.by_reason == {"bad_image": 1}
+    (root / "val2014" / "im0.jpg").unlink()  # no image at all: the dataset is absent
+    with pytest.raises(DatasetNotFound, match="none of the 2 images"):
+        load_karpathy_json(root / "coco_test.json", root, faults=Faults())
 
 
 def test_load_cc_validation(tmp_path):

@@ -140,9 +140,9 @@ def split_probe_accuracy(encode: Callable[[torch.Tensor], torch.Tensor], directo
                          size: int | Callable[[Image.Image], torch.Tensor], max_pixels: int,
                          faults: Faults | None = None) -> float:
     """The linear probe on the features ``encode`` gives of directory/train and directory/test (uint8 images at
-    size, or as the function size makes them: ``load_split``); bad samples are skipped and counted in ``faults``
-    (without it, an error)."""
-    tr = load_split(directory / "train", size, max_pixels, faults)
-    te = load_split(directory / "test", size, max_pixels, faults)
+    size, or as the function size makes them: ``load_split``); bad samples (a cls that is missing or no integer too)
+    are skipped and counted in ``faults`` (without it, an error)."""
+    tr = load_split(directory / "train", size, max_pixels, faults, need_label=True)
+    te = load_split(directory / "test", size, max_pixels, faults, need_label=True)
     return probe_accuracy(encode(tr["images"]).numpy(), tr["cls"].numpy(), encode(te["images"]).numpy(),
                           te["cls"].numpy())

@@ -5,19 +5,18 @@ from __future__ import annotations
 from abc import abstractmethod
 
 import json
-import re
-import tarfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pandas as pd
 import torch
 from PIL import Image
 
-from .shards import Faults, decode_image, load_split, shard_paths
+from .shards import (BAD_LABEL, Faults, SampleFault, as_integer, check_image, decode_image, image_ext, iter_shard,
+                     load_split, no_sample_left, parse_sample, pixel_limit, sample_captions, shard_paths,
+                     skip_or_fail)
 
-IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
 IMG_FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff")
 
 # The 7 prompts the CLIP authors selected for ImageNet (OpenAI's prompt-engineering notebook),
@@ -47,6 +46,9 @@ class DatasetNotFound(FileNotFoundError):
     """The data of a task is not where it is expected; the message names the path and layout.
 
     Every loader raises it when its data is absent; data that is present but malformed raises ``ValueError``.
+    A bad sample (data/shards.py FAULTS, or BAD_LABEL) or a truncated shard is skipped and counted in the loader's
+    ``faults`` (its images checked at index time, as data/shards.py check_image does, so that every image kept
+    decodes later); without ``faults`` it is a ValueError naming shard (or folder), key and reason.
     """
 
 
@@ -111,47 +113,41 @@ def _read_member(path: Path, offset: int, size: int) -> bytes:
         return f.read(size)
 
 
-_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset: key up to the first dot of the basename
-
-
-def index_shard(path: str | Path) -> dict[str, dict[str, tuple[int, int]]]:
-    """key -> {ext: (data offset, size)} of one tar shard, in order; reads headers only."""
-    path = Path(path)
-    out: dict[str, dict[str, tuple[int, int]]] = {}
-    try:
-        with tarfile.open(path, "r:") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                match = _KEY_EXT.match(m.name)
-                if match is None:
-                    continue
-                key, ext = match.group(1), match.group(2).lower()
-                out.setdefault(key, {})[ext] = (m.offset_data, m.size)
-    except tarfile.TarError as err:
-        raise ValueError(f"unreadable tar shard {path}: {err}") from err
-    return out
-
-
-def _iter_samples(shards: list[Path]):
-    """(shard, key, {ext: (offset, size)}) over the samples of the shards, in order."""
+def _wds_samples(shards: list[Path], max_pixels: int | None, **need) -> Iterator[dict]:
+    """Every sample of the shards, parsed (data/shards.py parse_sample; its image checked, not kept) with ``image``:
+    (shard, data offset, size) of its image member when it has one; truncation records included."""
+    limit = pixel_limit(max_pixels)
     for shard in shards:
-        for key, members in index_shard(shard).items():
-            yield shard, key, members
+        for raw in iter_shard(shard, offsets=True):
+            s = parse_sample(raw, limit, check_only=True, **need)
+            if image_ext(raw) is not None:
+                s["image"] = (shard, *raw["__offsets__"][image_ext(raw)])
+            yield s
 
 
-def _image_member(shard: Path, key: str, members: dict) -> tuple[Path, int, int]:
-    for ext in IMAGE_EXTS:
-        if ext in members:
-            return (shard, *members[ext])
-    raise ValueError(f"sample {key!r} in {shard} has no image (expected one of {', '.join(IMAGE_EXTS)}); "
-                     f"it has: {', '.join(sorted(members))}")
+def _good_samples(shards: list[Path], max_pixels: int | None, faults: Faults | None, **need) -> Iterator[dict]:
+    """The samples of the shards without a fault (``_wds_samples``); the others counted in ``faults`` or failed."""
+    for s in _wds_samples(shards, max_pixels, **need):
+        if not skip_or_fail(s, faults):
+            yield s
 
 
-def _member_text(shard: Path, key: str, members: dict, ext: str) -> str:
-    if ext not in members:
-        raise ValueError(f"sample {key!r} in {shard} has no .{ext}; it has: {', '.join(sorted(members))}")
-    return _read_member(shard, *members[ext]).decode("utf-8", errors="replace")
+def _fault(s: dict, reason: str, error: str) -> dict:
+    """The sample with a fault found by its loader."""
+    return {**s, "fault": reason, "error": error}
+
+
+def _file_sample(path: Path, max_pixels: int | None) -> dict:
+    """One image file as a parsed sample (key: its name, shard: its folder), its image checked (check_image): fault
+    None, bad_image (unreadable, missing or undecodable) or too_many_pixels."""
+    s = {"key": path.name, "shard": str(path.parent), "fault": None}
+    try:
+        check_image(path.read_bytes(), pixel_limit(max_pixels))
+    except OSError as err:
+        return _fault(s, "bad_image", f"{type(err).__name__}: {err}")
+    except SampleFault as err:
+        return _fault(s, err.reason, err.message)
+    return s
 
 
 def _numeric_first(p: Path):
@@ -195,12 +191,13 @@ def _read_lines(path: Path) -> list[str]:
 # Templates use CLIP_benchmark's {c} placeholder.
 
 
-def load_wds_classification(root: str | Path, split: str = "test") -> dict:
+def load_wds_classification(root: str | Path, split: str = "test", max_pixels: int | None = None,
+                            faults: Faults | None = None) -> dict:
     """A CLIP_benchmark wds classification split: images, labels, classnames, templates.
 
     Layout (CLIP_benchmark ``wds/``): ``<root>/<split>/{0..n-1}.tar`` + ``<root>/<split>/nshards.txt``,
     ``<root>/classnames.txt``, ``<root>/zeroshot_classification_templates.txt``; a sample holds an image
-    (``webp``/``png``/``jpg``) and ``cls``.
+    (``webp``/``png``/``jpg``) and ``cls``. A cls that is missing, no integer or outside the classes is BAD_LABEL.
     """
     root = Path(root)
     shards = wds_shards(root, split)
@@ -215,80 +212,91 @@ def load_wds_classification(root: str | Path, split: str = "test") -> dict:
         warnings.warn(f"no {t_file}; using the default OpenAI-style templates", stacklevel=2)
         templates = list(DEFAULT_TEMPLATES)
     entries, labels, keys = [], [], []
-    for shard, key, members in _iter_samples(shards):
-        entries.append(_image_member(shard, key, members))
-        text = _member_text(shard, key, members, "cls").strip()
-        try:
-            labels.append(int(text))
-        except ValueError as err:
-            raise ValueError(f"sample {key!r} in {shard}: .cls must be an integer, got {text!r}") from err
-        keys.append(key)
-    labels_t = torch.tensor(labels, dtype=torch.long)
-    if len(labels_t) and not (0 <= int(labels_t.min()) and int(labels_t.max()) < len(classnames)):
-        raise ValueError(f"labels of {root}/{split} span [{int(labels_t.min())}, {int(labels_t.max())}] "
-                         f"but classnames.txt has {len(classnames)} classes")
-    return {"images": TarImages(entries), "labels": labels_t, "classnames": classnames,
+    for s in _good_samples(shards, max_pixels, faults, need_label=True):
+        if not 0 <= s["cls"] < len(classnames) and skip_or_fail(
+                _fault(s, BAD_LABEL, f"label {s['cls']} outside the {len(classnames)} classes of {cn_file}"), faults):
+            continue
+        entries.append(s["image"])
+        labels.append(s["cls"])
+        keys.append(s["key"])
+    no_sample_left(entries, root / split, faults)
+    return {"images": TarImages(entries), "labels": torch.tensor(labels, dtype=torch.long), "classnames": classnames,
             "templates": templates, "keys": keys}
 
 
-def load_wds_retrieval(root: str | Path, split: str = "test") -> dict:
+def load_wds_retrieval(root: str | Path, split: str = "test", max_pixels: int | None = None,
+                       faults: Faults | None = None) -> dict:
     """A CLIP_benchmark wds retrieval split: images, captions (txt, one per line), text_to_image.
 
     Layout: ``<root>/<split>/{0..n-1}.tar`` + ``<root>/<split>/nshards.txt``; a sample holds an image
-    (``webp``/``png``/``jpg``) and ``txt`` with one caption per line.
+    (``webp``/``png``/``jpg``) and ``txt`` with one caption per line (or a json "captions" list). A sample dropped
+    for a fault takes its captions with it.
     """
     root = Path(root)
     shards = wds_shards(root, split, WDS_RETRIEVAL_LAYOUT)
     entries, captions, t2i, keys = [], [], [], []
-    for shard, key, members in _iter_samples(shards):
-        lines = [c.strip() for c in _member_text(shard, key, members, "txt").splitlines() if c.strip()]
+    for s in _good_samples(shards, max_pixels, faults, need_caption=True):
+        lines = [line.strip() for c in s["captions"] for line in c.splitlines() if line.strip()]
         captions.extend(lines)
         t2i.extend([len(entries)] * len(lines))
-        entries.append(_image_member(shard, key, members))
-        keys.append(key)
+        entries.append(s["image"])
+        keys.append(s["key"])
+    no_sample_left(entries, root / split, faults)
     return {"images": TarImages(entries), "captions": captions,
             "text_to_image": torch.tensor(t2i, dtype=torch.long), "keys": keys}
 
 
-def load_wds_vqa(root: str | Path, split: str = "test") -> dict:
+def load_wds_vqa(root: str | Path, split: str = "test", max_pixels: int | None = None,
+                 faults: Faults | None = None) -> dict:
     """Zero-shot VQA as answer selection, wds layout like synthetic_vqa.
 
     Each sample: an image and a ``json`` with ``question``, ``answers`` (candidates), ``label``
     (index of the correct candidate) and optionally ``statements`` (one per candidate; else
-    rendered with ``VQA_STATEMENT_TEMPLATE``) and ``qtype``.
+    rendered with ``VQA_STATEMENT_TEMPLATE``) and ``qtype``. A json without these is ``bad_json``, a label
+    outside the answers BAD_LABEL.
     """
     root = Path(root)
     shards = wds_shards(root, split, WDS_VQA_LAYOUT)
     out = {"questions": [], "answers": [], "statements": [], "labels": [], "qtypes": [], "keys": []}
     entries = []
-    for shard, key, members in _iter_samples(shards):
+    for s in _good_samples(shards, max_pixels, faults):
         try:
-            q = json.loads(_member_text(shard, key, members, "json"))
-            answers = list(q["answers"])
-            label = int(q["label"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"sample {key!r} in {shard}: json needs question, answers, label ({err})") from err
-        if not 0 <= label < len(answers):
-            raise ValueError(f"sample {key!r} in {shard}: label {label} outside its {len(answers)} answers")
-        question = q.get("question", "")
-        statements = q.get("statements") or [VQA_STATEMENT_TEMPLATE.format(question=question, answer=a)
-                                             for a in answers]
-        if len(statements) != len(answers):
-            raise ValueError(f"sample {key!r} in {shard}: {len(statements)} statements for {len(answers)} answers")
-        entries.append(_image_member(shard, key, members))
-        out["questions"].append(question)
-        out["answers"].append(answers)
-        out["statements"].append(list(statements))
-        out["labels"].append(label)
-        out["qtypes"].append(str(q.get("qtype", "all")))
-        out["keys"].append(key)
+            q = _vqa_question(s.get("json"))
+        except SampleFault as err:
+            skip_or_fail(_fault(s, err.reason, err.message), faults)
+            continue
+        entries.append(s["image"])
+        for field, value in q.items():
+            out[field].append(value)
+        out["keys"].append(s["key"])
+    no_sample_left(entries, root / split, faults)
     out["labels"] = torch.tensor(out["labels"], dtype=torch.long)
     return {"images": TarImages(entries), **out}
 
 
-def load_imagefolder(root: str | Path, classnames: list[str] | None = None,
-                     templates: list[str] | None = None) -> dict:
-    """torchvision ImageFolder (<root>/<class>/*.jpg): classes are the sorted folder names."""
+def _vqa_question(q: dict | None) -> dict:
+    """One VQA sample's entry of each of questions, answers, statements (one per answer), labels and qtypes, from its
+    json; SampleFault ("bad_json" | BAD_LABEL) when they are missing or do not fit together."""
+    if q is None:
+        raise SampleFault("bad_json", "no json member (question, answers, label)")
+    answers, question = q.get("answers"), q.get("question", "")
+    if not (isinstance(answers, list) and answers):
+        raise SampleFault("bad_json", "json needs a non-empty list of answers")
+    label = as_integer(q.get("label"))
+    if label is None or not 0 <= label < len(answers):
+        raise SampleFault(BAD_LABEL, f"label {q.get('label')!r} is no index into its {len(answers)} answers")
+    statements = q.get("statements") or [VQA_STATEMENT_TEMPLATE.format(question=question, answer=a) for a in answers]
+    if not (isinstance(statements, list) and len(statements) == len(answers)
+            and all(isinstance(st, str) for st in statements)):
+        raise SampleFault("bad_json", f"json statements are not {len(answers)} strings, one per answer")
+    return {"questions": question, "answers": answers, "statements": list(statements), "labels": label,
+            "qtypes": str(q.get("qtype", "all"))}
+
+
+def load_imagefolder(root: str | Path, classnames: list[str] | None = None, templates: list[str] | None = None,
+                     max_pixels: int | None = None, faults: Faults | None = None) -> dict:
+    """torchvision ImageFolder (<root>/<class>/*.jpg): classes are the sorted folder names; an image file that does
+    not decode (bad_image) or is too large (too_many_pixels) is skipped and counted."""
     root = Path(root)
     layout = "torchvision ImageFolder layout: <root>/<class>/*.jpg (one folder per class)"
     if not root.is_dir():
@@ -300,22 +308,29 @@ def load_imagefolder(root: str | Path, classnames: list[str] | None = None,
         classnames = [d.name.replace("_", " ") for d in folders]
     elif len(classnames) != len(folders):
         raise ValueError(f"{len(classnames)} classnames given for {len(folders)} class folders in {root}")
-    paths, labels = [], []
-    for label, d in enumerate(folders):
-        files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMG_FILE_SUFFIXES)
-        paths.extend(files)
-        labels.extend([label] * len(files))
-    if not paths:
+    files = [(label, f) for label, d in enumerate(folders)
+             for f in sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMG_FILE_SUFFIXES)]
+    if not files:
         raise DatasetNotFound(f"no images ({', '.join(IMG_FILE_SUFFIXES)}) in the class folders of {root}; "
                               f"expected {layout}")
+    paths, labels = [], []
+    for label, f in files:
+        if not skip_or_fail(_file_sample(f, max_pixels), faults):
+            paths.append(f)
+            labels.append(label)
+    no_sample_left(paths, root, faults)
     return {"images": FileImages(paths), "labels": torch.tensor(labels, dtype=torch.long),
             "classnames": list(classnames), "templates": list(templates or DEFAULT_TEMPLATES)}
 
 
-def load_karpathy_json(json_path: str | Path, image_root: str | Path) -> dict:
+def load_karpathy_json(json_path: str | Path, image_root: str | Path, max_pixels: int | None = None,
+                       faults: Faults | None = None) -> dict:
     """ALBEF-style retrieval test json (a list of {"image": relative path, "caption": [..]}).
 
     The Karpathy-split files ``coco_test.json``, ``flickr30k_test.json``; paths are relative to ``image_root``.
+    An entry that is not such an object (bad_json), without a caption (missing_caption, empty_caption) or whose image
+    is missing or bad (bad_image, too_many_pixels) is skipped with its captions and counted; DatasetNotFound when
+    no named image is there at all.
     """
     json_path, image_root = Path(json_path), Path(image_root)
     layout = ('ALBEF Karpathy-split json: a list of {"image": <path relative to image root>, '
@@ -328,23 +343,38 @@ def load_karpathy_json(json_path: str | Path, image_root: str | Path) -> dict:
         raise ValueError(f"{json_path} is not valid json: {err}") from err
     if not isinstance(items, list):
         raise ValueError(f"{json_path}: expected a list of entries; {layout}")
-    paths, captions, t2i = [], [], []
+    paths, captions, t2i, missing = [], [], [], []
     for i, item in enumerate(items):
-        try:
-            rel, caps = item["image"], item["caption"]
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"{json_path} entry {i} lacks 'image'/'caption': {item!r:.200}") from err
-        caps = [caps] if isinstance(caps, str) else list(caps)
-        caps = [c.strip() for c in caps if c.strip()]
-        captions.extend(caps)
-        t2i.extend([len(paths)] * len(caps))
-        paths.append(image_root / rel)
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise DatasetNotFound(f"{len(missing)} of the {len(paths)} images named by {json_path} are missing "
-                              f"under {image_root} (e.g. {missing[0]})")
+        s = _karpathy_entry(item, image_root, max_pixels, {"key": f"entry {i}", "shard": str(json_path)})
+        if s["fault"] == "bad_image" and not (image_root / s["key"]).is_file():
+            missing.append(image_root / s["key"])
+        if skip_or_fail(s, faults):
+            continue
+        captions.extend(s["captions"])
+        t2i.extend([len(paths)] * len(s["captions"]))
+        paths.append(image_root / s["key"])
+    if not paths and missing:
+        raise DatasetNotFound(f"none of the {len(missing)} images named by {json_path} is under {image_root} "
+                              f"(e.g. {missing[0]})")
+    no_sample_left(paths, json_path, faults)
     return {"images": FileImages(paths), "captions": captions,
             "text_to_image": torch.tensor(t2i, dtype=torch.long), "image_paths": paths}
+
+
+def _karpathy_entry(item, image_root: Path, max_pixels: int | None, where: dict) -> dict:
+    """An entry of a Karpathy json as a parsed sample (key: its image path; captions stripped), checked in
+    parse_sample's order: the entry, its captions, its image (``_file_sample``)."""
+    if not isinstance(item, dict) or not isinstance(item.get("image"), str):
+        return _fault({**where, "fault": None}, "bad_json", f"not an object with an 'image' path: {item!r:.200}")
+    s = {"key": item["image"], "shard": where["shard"], "fault": None}
+    caption = item.get("caption")
+    captions = [caption] if isinstance(caption, str) else caption
+    try:
+        s["captions"] = [c.strip() for c in sample_captions({"json": {"captions": captions}})]
+    except SampleFault as err:
+        return _fault(s, err.reason, err.message)
+    image = _file_sample(image_root / item["image"], max_pixels)
+    return _fault(s, image["fault"], image["error"]) if image["fault"] else s
 
 
 def _cc_rows(tsv_path: Path, rows: int) -> list[tuple[str, str]]:
@@ -371,7 +401,29 @@ def _attempted_urls(shard_dir: Path) -> set[str] | None:
     return {str(u).strip() for p in parquets for u in pd.read_parquet(p, columns=["url"]).url}
 
 
-def load_cc_validation(tsv_path: str | Path, shard_dir: str | Path, rows: int, block_size: int) -> dict:
+def _cc_images(shards: list[Path], max_pixels: int | None, faults: Faults | None) -> tuple[dict, dict]:
+    """(url -> image of its first good sample, url -> fault of its first bad sample) of downloaded img2dataset shards.
+
+    A record of a failed download (json status other than success) is no sample: its URL stays dead. A sample with
+    a fault, or whose json names no url, is counted in ``faults``."""
+    by_url, bad_url = {}, {}
+    for s in _wds_samples(shards, max_pixels):
+        meta = s.get("json") or {}
+        if s["fault"] != "bad_json" and meta.get("status", "success") != "success":
+            continue
+        url = str(meta.get("url") or "").strip()
+        if s["fault"] is None and not url:
+            s = _fault(s, "bad_json", "no json url to join the TSV rows on")
+        if skip_or_fail(s, faults):
+            if url:
+                bad_url.setdefault(url, s["fault"])
+            continue
+        by_url.setdefault(url, s["image"])
+    return by_url, bad_url
+
+
+def load_cc_validation(tsv_path: str | Path, shard_dir: str | Path, rows: int, block_size: int,
+                       max_pixels: int | None = None, faults: Faults | None = None) -> dict:
     """Conceptual Captions validation as the DiHT GCC study evaluates it: the first ``rows`` rows of the TSV in blocks
     of ``block_size`` rows (block b: rows b*block_size .. (b+1)*block_size - 1), each block its own gallery.
 
@@ -380,10 +432,12 @@ def load_cc_validation(tsv_path: str | Path, shard_dir: str | Path, rows: int, b
     parquets are there, a row the download never tried is ``not_downloaded`` instead. A block is ``full`` when the
     file has all its rows, the download tried all of them and at least one image is present; any other block is
     partial (reported apart, never averaged as a full one). A URL listed twice in a block: one image, two captions.
+    A downloaded sample with a fault is skipped and counted in ``faults``; the rows of its URL (when its json names
+    one) are dead rows of their blocks, also counted by reason in the block's ``dead_by_reason``.
 
     Returns images (block after block), captions, text_to_image, urls, ``blocks`` (per block: block, first_row,
-    rows_in_file, images [start, end) into images, captions, dead, not_downloaded, full), ``missing`` (dead
-    rows) and ``total`` (rows read).
+    rows_in_file, images [start, end) into images, captions, dead, not_downloaded, full and, when some of its dead
+    rows are bad samples, dead_by_reason), ``missing`` (dead rows) and ``total`` (rows read).
     """
     tsv_path, shard_dir = Path(tsv_path), Path(shard_dir)
     if not tsv_path.exists():
@@ -394,14 +448,7 @@ def load_cc_validation(tsv_path: str | Path, shard_dir: str | Path, rows: int, b
     if not shards:
         raise DatasetNotFound(f"no downloaded webdataset shards (*.tar) in {shard_dir}; expected img2dataset "
                               "output (image + .json holding the url) for the URLs of " + str(tsv_path))
-    by_url: dict[str, tuple[Path, int, int]] = {}
-    for shard, key, members in _iter_samples(shards):
-        if "json" not in members or not any(e in members for e in IMAGE_EXTS):
-            continue
-        meta = json.loads(_member_text(shard, key, members, "json"))
-        if meta.get("status", "success") != "success" or not meta.get("url"):
-            continue
-        by_url.setdefault(str(meta["url"]).strip(), _image_member(shard, key, members))
+    by_url, bad_url = _cc_images(shards, max_pixels, faults)
     attempted = _attempted_urls(shard_dir)
     entries, captions, t2i, urls, blocks = [], [], [], [], []
     for b, first in enumerate(range(0, rows, block_size)):
@@ -412,6 +459,9 @@ def load_cc_validation(tsv_path: str | Path, shard_dir: str | Path, rows: int, b
         for caption, url in block_rows:
             if url not in by_url:
                 block["not_downloaded" if attempted is not None and url not in attempted else "dead"] += 1
+                if url in bad_url:
+                    reasons = block.setdefault("dead_by_reason", {})
+                    reasons[bad_url[url]] = reasons.get(bad_url[url], 0) + 1
                 continue
             if url not in image_of_url:
                 image_of_url[url] = len(entries)
@@ -424,9 +474,10 @@ def load_cc_validation(tsv_path: str | Path, shard_dir: str | Path, rows: int, b
         block["full"] = (block["rows_in_file"] == block_size and block["not_downloaded"] == 0
                          and len(entries) > block["images"][0])
         blocks.append(block)
-    if not entries:
+    if not entries and not bad_url:
         raise DatasetNotFound(f"none of the first {len(table)} URLs of {tsv_path} has a downloaded image in "
                               f"{shard_dir}")
+    no_sample_left(entries, f"the first {len(table)} rows of {tsv_path}", faults)
     return {"images": TarImages(entries), "captions": captions,
             "text_to_image": torch.tensor(t2i, dtype=torch.long), "urls": urls, "blocks": blocks,
             "missing": sum(b["dead"] for b in blocks), "total": len(table)}
@@ -440,11 +491,11 @@ def load_synthetic(root: str | Path, kind: str, image_size: int, split: str = "t
     decoded up front at the model's image size.
 
     VQA adds ``answers`` (the candidates of each question). Captions are the ``txt`` lines as written.
-    A bad sample (see data/shards.py FAULTS; max_pixels checked in the header) or a truncated shard is skipped and
-    counted in ``faults``; without ``faults`` it is an error naming shard and key.
+    A bad sample (see data/shards.py FAULTS; max_pixels checked in the header; classification: BAD_LABEL) or a
+    truncated shard is skipped and counted in ``faults``; without ``faults`` it is an error naming shard and key.
     """
     root = Path(root)
-    data = load_split(root / split, image_size, max_pixels, faults)
+    data = load_split(root / split, image_size, max_pixels, faults, need_label=kind == "classification")
     if kind == "classification":
         return {"images": data["images"], "labels": data["cls"], "classnames": _read_lines(root / "classnames.txt"),
                 "templates": _read_lines(root / "zeroshot_classification_templates.txt")}

@@ -47,7 +47,13 @@ def write_shard(path: str | Path, samples: list[dict]) -> None:
 
 # What makes one sample unusable, checked in this order: its json, its caption, its image (the header size first)
 FAULTS = ("bad_json", "missing_caption", "empty_caption", "bad_image", "too_many_pixels")
-IMAGE_EXTS = ("jpg", "png", "webp")
+BAD_LABEL = "bad_label"  # a missing or non-integer cls, a fault only where a label is needed (need_label)
+IMAGE_EXTS = ("jpg", "png", "webp", "jpeg")  # the first one a sample has is its image
+
+
+def image_ext(raw: dict) -> str | None:
+    """The member of a raw sample that holds its image (see IMAGE_EXTS), None without one."""
+    return next((ext for ext in IMAGE_EXTS if ext in raw), None)
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped as webdataset skips them
 _BLOCK = tarfile.BLOCKSIZE
 
@@ -60,29 +66,30 @@ class SampleFault(ValueError):
         self.reason, self.message = reason, message
 
 
-def _members(path: Path) -> Iterator[tuple[str | None, bytes | str]]:
-    """(name, bytes) of the regular members of a tar, in order; a last (None, error) when the tar stops before its
-    end-of-archive block (cut, even at a header boundary, or a corrupt header: the rest of it is lost)."""
+def _members(path: Path) -> Iterator[tuple[str | None, bytes | str, int]]:
+    """(name, bytes, data offset) of the regular members of a tar, in order; a last (None, error, -1) when the tar
+    stops before its end-of-archive block (cut, even at a header boundary, or a corrupt header: the rest is lost)."""
     with open(path, "rb") as f:
         try:
             with tarfile.open(fileobj=f, mode="r:*") as tar:
                 for m in tar:
                     if m.isreg() and not _META.match(m.name):
-                        yield m.name, tar.extractfile(m).read()
+                        yield m.name, tar.extractfile(m).read(), m.offset_data
                 tar.fileobj.seek(tar.offset)
                 if tar.fileobj.read(_BLOCK) != bytes(_BLOCK):
                     raise tarfile.ReadError(f"no end-of-archive block at byte {tar.offset}")
         except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
-            yield None, f"{type(err).__name__}: {err}"
+            yield None, f"{type(err).__name__}: {err}", -1
 
 
-def iter_shard(path: str | Path) -> Iterator[dict]:
-    """Raw samples of one shard (webdataset's grouping: ``__key__``, ``__url__``, ext -> bytes), in order.
+def iter_shard(path: str | Path, offsets: bool = False) -> Iterator[dict]:
+    """Raw samples of one shard (webdataset's grouping: ``__key__``, ``__url__``, ext -> bytes), in order; with
+    ``offsets``, also ``__offsets__``: ext -> (data offset, size) in the tar (for reading a member again later).
 
     A truncated shard ends with a record {"__key__": None, "__url__", "__truncated__": {"read": samples before the
     cut, "error"}} instead of raising; the sample being read at the cut is yielded as far as it was read."""
     current, read = None, 0
-    for name, data in _members(Path(path)):
+    for name, data, offset in _members(Path(path)):
         if name is None:
             if current is not None:
                 yield current
@@ -96,16 +103,37 @@ def iter_shard(path: str | Path) -> Iterator[dict]:
             read += 1
             yield current
             current = None
-        current = current or {"__key__": key, "__url__": str(path)}
-        current.setdefault(ext.lower(), data)  # a duplicate member: the first one counts
+        current = current or {"__key__": key, "__url__": str(path), **({"__offsets__": {}} if offsets else {})}
+        if ext.lower() not in current:  # a duplicate member: the first one counts
+            current[ext.lower()] = data
+            if offsets:
+                current["__offsets__"][ext.lower()] = (offset, len(data))
     if current is not None:
         yield current
+
+
+def pixel_limit(max_pixels: int | None) -> int:
+    """The pixel limit to apply: max_pixels, or PIL's own decompression-bomb limit when it is None."""
+    return max_pixels if max_pixels is not None else (Image.MAX_IMAGE_PIXELS or sys.maxsize)
 
 
 def open_image(data: bytes | None, max_pixels: int | None) -> Image.Image:
     """RGB image of these bytes. SampleFault("too_many_pixels") when the header's width x height exceeds max_pixels
     (before any pixel is decoded; None: PIL's own limit only), SampleFault("bad_image") when it is missing or does
     not decode."""
+    return _decoded(_header(data, max_pixels)).convert("RGB")
+
+
+def check_image(data: bytes | None, max_pixels: int | None) -> None:
+    """Raise the SampleFault open_image would, decoding as little as the format allows (a JPEG at 1/8 scale: every
+    byte is still entropy-decoded, so a cut or corrupt one fails as in full) and keeping nothing."""
+    img = _header(data, max_pixels)
+    img.draft("RGB", (1, 1))  # JPEG only; a no-op for the other formats
+    _decoded(img)
+
+
+def _header(data: bytes | None, max_pixels: int | None) -> Image.Image:
+    """The image of these bytes with only its header read, its size checked against max_pixels."""
     if data is None:
         raise SampleFault("bad_image", "no image member (jpg, png or webp)")
     try:
@@ -119,11 +147,15 @@ def open_image(data: bytes | None, max_pixels: int | None) -> Image.Image:
     w, h = img.size
     if max_pixels is not None and w * h > max_pixels:
         raise SampleFault("too_many_pixels", f"{w}x{h} pixels > max_pixels {max_pixels}")
+    return img
+
+
+def _decoded(img: Image.Image) -> Image.Image:
     try:
         img.load()
     except Exception as err:
         raise SampleFault("bad_image", f"{type(err).__name__}: {err}") from None
-    return img.convert("RGB")
+    return img
 
 
 def _json_object(data: bytes) -> dict:
@@ -152,27 +184,44 @@ def sample_captions(s: dict) -> list[str]:
     return captions
 
 
-def parse_sample(raw: dict, max_pixels: int | None = None, need_caption: bool = False) -> dict:
-    """A raw sample's fields: key, shard, image_bytes, txt, json (an object), cls, captions (need_caption), pil (an
-    RGB image, decoded when max_pixels is given), and ``fault``: None or a reason of FAULTS (``error``: the
-    detail). A truncation record (see iter_shard) becomes {"key": None, "shard", "fault": "truncated", "read",
-    "error"}. Never raises on bad data."""
+def as_integer(value) -> int | None:
+    """An int, or a str or bytes holding one (surrounding whitespace allowed), as an int; None for anything else
+    (nothing, a bool, a float, a word): a label read from data, never an exception."""
+    if isinstance(value, bool) or not isinstance(value, (int, str, bytes)):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+def parse_sample(raw: dict, max_pixels: int | None = None, need_caption: bool = False, need_label: bool = False,
+                 check_only: bool = False) -> dict:
+    """A raw sample's fields: key, shard, image_bytes, txt, json (an object), cls (when an integer), captions
+    (need_caption), pil (an RGB image, decoded when max_pixels is given; with check_only the image is only checked,
+    see check_image, and not kept), and ``fault``: None or a reason of FAULTS, or BAD_LABEL with need_label
+    (``error``: the detail). A truncation record (see iter_shard) becomes {"key": None, "shard", "fault":
+    "truncated", "read", "error"}. Never raises on bad data."""
     if "__truncated__" in raw:
         return {"key": None, "shard": raw["__url__"], "fault": "truncated", **raw["__truncated__"]}
     s = {"key": raw["__key__"], "shard": raw.get("__url__"), "fault": None}
-    image = next((raw[ext] for ext in IMAGE_EXTS if ext in raw), None)
+    image = raw.get(image_ext(raw))
     if image is not None:
         s["image_bytes"] = image
     if "txt" in raw:
         s["txt"] = raw["txt"].decode("utf-8", errors="replace")
-    if "cls" in raw:
-        s["cls"] = int(raw["cls"])
+    if as_integer(raw.get("cls")) is not None:
+        s["cls"] = as_integer(raw["cls"])
     try:
         if "json" in raw:
             s["json"] = _json_object(raw["json"])
+        if need_label and "cls" not in s:
+            raise SampleFault(BAD_LABEL, f"cls {raw['cls'][:20]!r} is not an integer" if "cls" in raw else "no cls")
         if need_caption:
             s["captions"] = sample_captions(s)
-        if max_pixels is not None:
+        if max_pixels is not None and check_only:
+            check_image(image, max_pixels)
+        elif max_pixels is not None:
             s["pil"] = open_image(image, max_pixels)
     except SampleFault as fault:
         s["fault"], s["error"] = fault.reason, fault.message
@@ -216,51 +265,72 @@ class Faults:
     def summary(self) -> str:
         return f"skipped by reason {self.by_reason}, truncated shards {self.truncated}"
 
+    def report(self) -> dict:
+        """skipped_samples, skipped_by_reason and truncated_shards as the metrics report them; {} when nothing was
+        skipped."""
+        if not (self.skipped or self.truncated):
+            return {}
+        return {"skipped_samples": self.skipped, "skipped_by_reason": dict(self.by_reason),
+                "truncated_shards": dict(self.truncated)}
 
-def read_samples(path: str | Path, max_pixels: int | None = None, need_caption: bool = False) -> Iterator[dict]:
+
+def skip_or_fail(s: dict, faults: Faults | None) -> bool:
+    """True when a parsed sample has a fault (or is a truncation record), counted in ``faults``; without ``faults``
+    the fault is an error naming the shard, the key and the reason."""
+    if s["fault"] is None:
+        return False
+    if faults is not None:
+        return faults.skip(s)
+    what = "is truncated" if s["key"] is None else f"sample {s['key']!r}: {s['fault']}"
+    raise ValueError(f"{s['shard']} {what} ({s['error']})")
+
+
+def read_samples(path: str | Path, max_pixels: int | None = None, need_caption: bool = False,
+                 need_label: bool = False, check_only: bool = False) -> Iterator[dict]:
     """The samples of one shard, parsed (``parse_sample``), a truncation record last if the shard is cut."""
     for raw in iter_shard(path):
-        yield parse_sample(raw, max_pixels, need_caption)
+        yield parse_sample(raw, max_pixels, need_caption, need_label, check_only)
 
 
 def read_decoded(paths: Iterable[str | Path], image_size: int | Callable[[Image.Image], torch.Tensor],
-                 max_pixels: int, need_caption: bool = False) -> Iterator[dict]:
+                 max_pixels: int, need_caption: bool = False, need_label: bool = False) -> Iterator[dict]:
     """The samples of these shards (as ``read_samples``); those without a fault with ``image``: uint8
     [3, S, S] at ``image_size`` (squashed to the square), or what ``image_size`` makes of the PIL image when it is a
     function (a teacher's own resize and crop). The caller skips and counts the faults (``Faults``), or fails."""
     to_uint8 = image_size if callable(image_size) else partial(image_to_uint8, size=image_size)
     for path in paths:
-        for s in read_samples(path, max_pixels, need_caption):
+        for s in read_samples(path, max_pixels, need_caption, need_label):
             if s["fault"] is None:
                 s["image"] = to_uint8(s.pop("pil"))
             yield s
 
 
 def load_split(directory: str | Path, image_size: int | Callable[[Image.Image], torch.Tensor],
-               max_pixels: int | None = None, faults: Faults | None = None) -> dict:
-    """A whole split of generated data in memory: images (uint8 at image_size, as ``read_decoded``), cls, txt and
-    json of every sample. A bad sample or a truncated shard is skipped and counted in ``faults`` (an error when no
-    sample is left); without ``faults`` any fault is an error naming the shard, the key and the reason.
-    max_pixels: None, PIL's own bomb limit only."""
+               max_pixels: int | None = None, faults: Faults | None = None, need_label: bool = False) -> dict:
+    """A whole split of generated data in memory: images (uint8 at image_size, as ``read_decoded``), cls (-1 where
+    none; need_label: a missing or non-integer cls is the fault BAD_LABEL), txt and json of every sample. A bad
+    sample or a truncated shard is skipped and counted in ``faults`` (an error when no sample is left); without
+    ``faults`` any fault is an error naming the shard, the key and the reason. max_pixels: None, PIL's own bomb
+    limit only."""
     paths = shard_paths(directory)
     if not paths:
         raise FileNotFoundError(f"no shards in {directory}")
     images, cls, txt, meta = [], [], [], []
-    limit = max_pixels if max_pixels is not None else (Image.MAX_IMAGE_PIXELS or sys.maxsize)
-    for s in read_decoded(paths, image_size, limit):
-        if s["fault"] is not None:
-            if faults is not None:
-                faults.skip(s)
-                continue
-            what = "is truncated" if s["key"] is None else f"sample {s['key']!r}: {s['fault']}"
-            raise ValueError(f"{s['shard']} {what} ({s['error']})")
+    for s in read_decoded(paths, image_size, pixel_limit(max_pixels), need_label=need_label):
+        if skip_or_fail(s, faults):
+            continue
         images.append(s["image"])
         cls.append(s.get("cls", -1))
         txt.append(s.get("txt", ""))
         meta.append(s.get("json", {}))
-    if not images:
-        raise ValueError(f"no usable sample in {directory}: {faults.summary() if faults else 'no samples'}")
+    no_sample_left(images, directory, faults)
     return {"images": torch.stack(images), "cls": torch.tensor(cls), "txt": txt, "json": meta}
+
+
+def no_sample_left(kept, where, faults: Faults | None) -> None:
+    """The error of a split or dataset none of whose samples is usable (nothing when ``kept`` is non-empty)."""
+    if not len(kept):
+        raise ValueError(f"no usable sample in {where}: {faults.summary() if faults else 'no samples'}")
 
 
 def count_samples(directory: Path) -> int:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..config import BenchmarkParams, FewshotParams
 from ..data.eval_datasets import _read_lines
+from ..data.shards import Faults
 from ..models import image_size
 from .encoders import encode_images, text_encoder
 from .fewshot_pool import PoolFeatures, kshot_indices, needed_indices, split_labels, stream_features
@@ -139,12 +140,14 @@ def run_fewshot(train_x, train_y, val_x, val_y, test_x, test_y, W0, f: FewshotPa
 
 
 def split_features(model, task_dir: str | Path, split: str, size: int, batch_size: int, max_pixels: int | None,
-                   keep: torch.LongTensor | None = None):
-    """(unit-norm image embeddings, labels of the whole split) of a synthetic classification split, streamed from its
-    shards (stream_features): keep None embeds every sample (a tensor), else only those pool indices (PoolFeatures)."""
-    labels = split_labels(Path(task_dir) / split)
-    x = stream_features(Path(task_dir) / split, keep, lambda imgs: encode_images(model, imgs, batch_size), size,
-                        max_pixels, batch_size)
+                   faults: Faults, shots=None, seeds: int = 0):
+    """(unit-norm image embeddings, labels of the pool) of a synthetic classification split, streamed from its shards
+    (split_labels, stream_features); the pool is the split's good samples, the bad ones counted in faults. shots None
+    embeds the whole pool (a tensor), else only the pool indices some k of shots and seed picks (PoolFeatures)."""
+    labels, positions = split_labels(Path(task_dir) / split, max_pixels, faults)
+    keep = None if shots is None else needed_indices(labels, shots, seeds)
+    x = stream_features(Path(task_dir) / split, positions if keep is None else positions[keep],
+                        lambda imgs: encode_images(model, imgs, batch_size), size, max_pixels, batch_size)
     return (x if keep is None else PoolFeatures(keep, x)), labels
 
 
@@ -154,14 +157,19 @@ def fewshot_curve(model, tokenizer, task_dir: str | Path, f: FewshotParams,
     """run_fewshot with the grids of f on the train / val / test splits of a synthetic classification task.
 
     The train pool is streamed: its labels are read first, then only the samples some k of f.shots and seed picks
-    are decoded and embedded (at most batch_size images at a time); val and test are embedded batch by batch.
+    are decoded and embedded (at most batch_size images at a time); val and test are embedded batch by batch. Bad
+    samples and cut shards of each split are skipped (never picked) and reported under "skipped": split ->
+    skipped_samples, skipped_by_reason, truncated_shards (only splits with any; no key when there are none).
     """
     size = image_size(model)
     task_dir = Path(task_dir)
     W0 = build_classifier(text_encoder(model, tokenizer, batch_size), _read_lines(task_dir / "classnames.txt"),
                           _read_lines(task_dir / "zeroshot_classification_templates.txt"))
-    keep = needed_indices(split_labels(task_dir / "train"), f.shots, f.seeds)
-    tr_x, tr_y = split_features(model, task_dir, "train", size, batch_size, max_pixels, keep)
-    va_x, va_y = split_features(model, task_dir, "val", size, batch_size, max_pixels)
-    te_x, te_y = split_features(model, task_dir, "test", size, batch_size, max_pixels)
-    return run_fewshot(tr_x, tr_y, va_x, va_y, te_x, te_y, W0, f)
+    faults = {split: Faults() for split in ("train", "val", "test")}
+    tr_x, tr_y = split_features(model, task_dir, "train", size, batch_size, max_pixels, faults["train"], f.shots,
+                                f.seeds)
+    va_x, va_y = split_features(model, task_dir, "val", size, batch_size, max_pixels, faults["val"])
+    te_x, te_y = split_features(model, task_dir, "test", size, batch_size, max_pixels, faults["test"])
+    res = run_fewshot(tr_x, tr_y, va_x, va_y, te_x, te_y, W0, f)
+    skipped = {split: fl.report() for split, fl in faults.items() if fl.report()}
+    return {**res, "skipped": skipped} if skipped else res

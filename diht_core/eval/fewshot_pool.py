@@ -1,21 +1,22 @@
 """Few-shot data streamed from shards: labels first, then only the images a probe needs, encoded batch by batch.
 
-A split is never held in memory as images: one pass reads the labels (no image decoded), a second decodes the
-samples to keep and encodes them in batches of ``batch_size``, so at most one batch of images exists at a time.
-An ImageNet-sized train pool costs its labels and the features of the k-shot samples, not its images.
+A split is never held in memory as images: one pass reads the labels and checks every sample (its json, its cls,
+its image as data/shards.py check_image does: a JPEG decoded at 1/8 scale, nothing kept), so that a bad sample is
+counted and never picked; a second decodes the samples to keep and encodes them in batches of ``batch_size``, so at
+most one batch of images exists at a time. An ImageNet-sized train pool costs its labels and the features of the
+k-shot samples, not its images. The pool is the split's good samples: pool index i is the i-th of them.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
-from PIL import Image
 
 from ..data.images import image_to_uint8
-from ..data.shards import SampleFault, open_image, read_samples, shard_paths
+from ..data.shards import (Faults, SampleFault, no_sample_left, open_image, pixel_limit, read_samples, shard_paths,
+                           skip_or_fail)
 
 
 def kshot_indices(labels, k: int, seed: int) -> torch.LongTensor:
@@ -35,42 +36,46 @@ def needed_indices(labels, shots, seeds: int) -> torch.LongTensor:
     return torch.unique(torch.cat(picks)) if picks else torch.zeros(0, dtype=torch.long)
 
 
-def _samples(directory: Path):
-    """The parsed samples of a split's shards, images not decoded; a fault or a cut shard is an error."""
+def _samples(directory: Path, max_pixels: int | None = None, **kw) -> Iterator[dict]:
+    """The parsed samples of a split's shards in order, truncation records included (read_samples)."""
     paths = shard_paths(directory)
     if not paths:
         raise FileNotFoundError(f"no shards in {directory}")
     for path in paths:
-        for s in read_samples(path):
-            if s["fault"] is not None:
-                what = "is truncated" if s["key"] is None else f"sample {s['key']!r}: {s['fault']}"
-                raise ValueError(f"{s['shard']} {what} ({s['error']})")
-            yield s
+        yield from read_samples(path, max_pixels, **kw)
 
 
-def split_labels(directory: str | Path) -> torch.LongTensor:
-    """The ``cls`` of every sample of a split, in shard order, reading no image."""
-    labels = []
-    for s in _samples(Path(directory)):
-        if "cls" not in s:
-            raise ValueError(f"{s['shard']} sample {s['key']!r}: no cls (a classification split needs one)")
-        labels.append(s["cls"])
-    return torch.tensor(labels)
+def split_labels(directory: str | Path, max_pixels: int | None = None,
+                 faults: Faults | None = None) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """(labels, positions) of the good samples of a split in shard order: their ``cls`` and their places in the
+    split's sequence of samples (for stream_features). Every sample is checked, no image kept (max_pixels from the
+    header; None: PIL's own limit); a bad one (data/shards.py FAULTS, or BAD_LABEL: no integer cls) or a cut shard is
+    counted in ``faults`` and never in the pool (without ``faults``: an error naming shard, key and reason)."""
+    labels, positions = [], []
+    for i, s in enumerate(_samples(Path(directory), pixel_limit(max_pixels), need_label=True, check_only=True)):
+        if not skip_or_fail(s, faults):
+            labels.append(s["cls"])
+            positions.append(i)
+    no_sample_left(labels, directory, faults)
+    return torch.tensor(labels), torch.tensor(positions)
 
 
 def stream_features(directory: str | Path, keep: torch.LongTensor | None, encode: Callable[[torch.Tensor], torch.Tensor],
                     image_size: int, max_pixels: int | None, batch_size: int) -> torch.Tensor:
-    """encode() of the images of the samples at the sorted indices ``keep`` (None: all), in batches of batch_size
-    uint8 [B, 3, S, S] images in shard order; returns the features [len(keep), d] in that order.
+    """encode() of the images of the samples at the sorted positions ``keep`` (split_labels' positions; None: every
+    sample), in batches of batch_size uint8 [B, 3, S, S] images in shard order; returns the features [len(keep), d]
+    in that order.
 
-    Only kept samples are decoded (max_pixels from the header; None: PIL's own limit); a bad one is an error naming
-    shard, key and reason.
+    Only kept samples are decoded (max_pixels from the header; None: PIL's own limit); a bad one (with keep None: any
+    fault, a cut shard) is an error naming shard, key and reason.
     """
-    limit = max_pixels if max_pixels is not None else (Image.MAX_IMAGE_PIXELS or sys.maxsize)
+    limit = pixel_limit(max_pixels)
     wanted = None if keep is None else set(keep.tolist())
     out, buf = [], []
     for i, s in enumerate(_samples(Path(directory))):
-        if wanted is not None and i not in wanted:
+        if wanted is None:
+            skip_or_fail(s, None)  # every sample wanted: any fault is an error
+        elif i not in wanted:
             continue
         try:
             buf.append(image_to_uint8(open_image(s.get("image_bytes"), limit), image_size))

@@ -13,6 +13,7 @@ from typing import Callable
 from . import catalog
 from ..data.eval_datasets import (DatasetNotFound, load_cc_validation, load_karpathy_json,
                                   load_wds_classification, load_wds_retrieval, load_wds_vqa)
+from ..data.shards import Faults
 
 KINDS = ("classification", "retrieval", "vqa")
 DIHT_CAPTION_TEMPLATE = "a photo of {}."  # DiHT wraps every retrieval caption (example_retrieval_eval.py)
@@ -23,8 +24,8 @@ T2I, I2T = (d[1] for d in catalog.DIRECTIONS)
 class TaskSpec:
     """One zero-shot task.
 
-    loader: data_root -> the loaded data (see diht_core.data.eval_datasets), reading
-    ``<data_root>/<default_path>``; caption_template: applied to every caption before encoding
+    loader: (data_root, max_pixels, faults) -> the loaded data (see diht_core.data.eval_datasets), reading
+    ``<data_root>/<default_path>``, its bad samples counted in faults (a data.shards.Faults; None: an error); caption_template: applied to every caption before encoding
     (retrieval; None = captions as they are); block_size: galleries of blocks of that many data rows
     (None = one gallery; the loader's "blocks" say which images form each); synthetic: read at the model's image
     size by diht_core.eval.runner.run_task; extra: a real task outside DiHT's 29 (cc_val).
@@ -33,7 +34,7 @@ class TaskSpec:
     name: str
     kind: str
     main_metric: str
-    loader: Callable[[Path], dict]
+    loader: Callable[..., dict]
     default_path: str
     layout: str
     caption_template: str | None = None
@@ -87,27 +88,27 @@ def register_task(spec_or_factory):
 # --------------------------------------------------------------------------- loaders per layout
 
 
-def _wds_loader(kind: str, rel: str, split: str) -> Callable[[Path], dict]:
+def _wds_loader(kind: str, rel: str, split: str) -> Callable[..., dict]:
     fn = {"classification": load_wds_classification, "retrieval": load_wds_retrieval, "vqa": load_wds_vqa}[kind]
 
-    def load(data_root: str | Path) -> dict:
-        return fn(Path(data_root) / rel, split)
+    def load(data_root: str | Path, max_pixels: int | None = None, faults: Faults | None = None) -> dict:
+        return fn(Path(data_root) / rel, split, max_pixels, faults)
     load.__name__ = f"load_{rel.replace('/', '_').replace('-', '_')}"
     return load
 
 
-def _karpathy_loader(json_rel: str) -> Callable[[Path], dict]:
-    def load(data_root: str | Path) -> dict:
+def _karpathy_loader(json_rel: str) -> Callable[..., dict]:
+    def load(data_root: str | Path, max_pixels: int | None = None, faults: Faults | None = None) -> dict:
         json_path = Path(data_root) / json_rel
-        return load_karpathy_json(json_path, json_path.parent)
+        return load_karpathy_json(json_path, json_path.parent, max_pixels, faults)
     load.__name__ = f"load_{Path(json_rel).stem}"
     return load
 
 
-def _cc_loader(tsv_rel: str, shards_rel: str) -> Callable[[Path], dict]:
-    def load(data_root: str | Path) -> dict:
+def _cc_loader(tsv_rel: str, shards_rel: str) -> Callable[..., dict]:
+    def load(data_root: str | Path, max_pixels: int | None = None, faults: Faults | None = None) -> dict:
         return load_cc_validation(Path(data_root) / tsv_rel, Path(data_root) / shards_rel, catalog.CC_ROWS,
-                                  catalog.CC_BLOCK_SIZE)
+                                  catalog.CC_BLOCK_SIZE, max_pixels, faults)
     load.__name__ = "load_cc_validation"
     return load
 
@@ -124,7 +125,7 @@ def _wds_layout(rel: str, kind: str) -> str:
 # --------------------------------------------------------------------------- the benchmark
 
 
-def _retrieval_source(layout: str, rel: str) -> tuple[Callable[[Path], dict], str]:
+def _retrieval_source(layout: str, rel: str) -> tuple[Callable[..., dict], str]:
     """(loader, layout description) of a retrieval set in one of catalog.RETRIEVAL's layouts."""
     if layout == "karpathy":
         folder = rel.split("/")[0]
@@ -207,30 +208,34 @@ def default_tasks() -> list[str]:
     return list_tasks(synthetic=True)
 
 
-def resolve(name: str, data_root: str | Path) -> tuple[TaskSpec, dict]:
-    """(spec, loaded data) of a task; raises DatasetNotFound (message: task, path, layout) if absent."""
+def resolve(name: str, data_root: str | Path, max_pixels: int | None = None,
+            faults: Faults | None = None) -> tuple[TaskSpec, dict]:
+    """(spec, loaded data) of a task; raises DatasetNotFound (message: task, path, layout) if absent. Its bad samples
+    (images checked against max_pixels; None: PIL's own limit) are counted in faults (None: a bad sample is an
+    error)."""
     spec = get_task(name)
     try:
-        data = spec.loader(Path(data_root))
+        data = spec.loader(Path(data_root), max_pixels, faults)
     except DatasetNotFound as err:
         raise DatasetNotFound(f"task {name!r}: {err} [expected at {spec.path(data_root)}: {spec.layout}]") from err
     return spec, data
 
 
 def check_available(names, data_root: str | Path) -> dict[str, str]:
-    """name -> "ok" | "skipped: <reason>" for each task (None: every registered task).
+    """name -> "ok" | "ok, <bad samples it would skip>" | "skipped: <reason>" for each task (None: every registered
+    task).
 
-    A task is "ok" when its loader succeeds (images stay lazy, so this reads only tar headers,
-    labels and captions). Absent data and unreadable data are both reported with their reason: no task is
-    ever silently dropped.
+    A task is "ok" when its loader succeeds (it reads the labels and captions and checks every image, keeping none).
+    Absent data and unreadable data are both reported with their reason: no task is ever silently dropped.
     """
     names = list_tasks() if names is None else [names] if isinstance(names, str) else list(names)
     report = {}
     for name in names:
         spec = get_task(name)
+        faults = Faults()
         try:
-            resolve(name, data_root)
-            report[name] = "ok"
+            resolve(name, data_root, faults=faults)
+            report[name] = f"ok, {faults.summary()}" if faults.skipped or faults.truncated else "ok"
         except DatasetNotFound as err:
             report[name] = f"skipped: data not found: {err}"
         except (ValueError, OSError, KeyError, tarfile.TarError, json.JSONDecodeError) as err:

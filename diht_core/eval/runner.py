@@ -23,9 +23,10 @@ def run_task(name: str, model, preprocess, tokenizer, data_root: str | Path, syn
     """Metrics of one task with "main" (its main metric) and "chance" added; {"skipped": reason} without data.
 
     Real tasks read ``<data_root>/<spec.default_path>`` through the model's preprocess; synthetic ones
-    ``<synthetic_root>/eval/<task>`` (the download stage's; default: data_root), decoded at the model's image size;
-    their bad samples (over max_pixels in the header, bad json, undecodable) and truncated shards are skipped and
-    reported ("skipped_samples", "skipped_by_reason", "truncated_shards", only when there are any).
+    ``<synthetic_root>/eval/<task>`` (the download stage's; default: data_root), decoded at the model's image size.
+    Bad samples of either (over max_pixels in the header, bad json, a missing or empty caption or label where one
+    is needed, undecodable) and truncated shards are skipped with their captions or labels and reported
+    ("skipped_samples", "skipped_by_reason", "truncated_shards", only when there are any).
     """
     spec = get_task(name)
     faults = Faults()
@@ -38,7 +39,7 @@ def run_task(name: str, model, preprocess, tokenizer, data_root: str | Path, syn
         img = encode_images(model, data["images"], batch_size)
     else:
         try:
-            spec, data = resolve(name, data_root)
+            spec, data = resolve(name, data_root, max_pixels, faults)
         except DatasetNotFound as err:
             return {"skipped": str(err)}
         model.eval()
@@ -46,9 +47,7 @@ def run_task(name: str, model, preprocess, tokenizer, data_root: str | Path, syn
     metrics, chance = score(spec, img, text_encoder(model, tokenizer, batch_size), data)
     metrics = {k: v for k, v in metrics.items() if not isinstance(v, list)}  # "blocks": {block: its metrics}
     counts = {k: int(data[k]) for k in ("missing", "total") if k in data}  # e.g. CC captions of dead URLs
-    if faults.skipped or faults.truncated:
-        counts.update(skipped_samples=faults.skipped, skipped_by_reason=faults.by_reason,
-                      truncated_shards=faults.truncated)
+    counts.update(faults.report())
     return {**metrics, **counts, "main": float(metrics[spec.main_metric]), "chance": float(chance)}
 
 
