@@ -86,3 +86,9 @@ def test_cached_tagger_equals_spacy_tagger(monkeypatch):
         got = [[tagger.labels[i] for i in scores.argmax(1)] for _doc, scores in tagger.pipe(texts, 50)]
         assert got == expected
     assert len(tagger._rows) <= 300
+
+
+def test_adjective_heads_of_the_synthetic_grammar():
+    """The tagger calls "square" an adjective and "floats" a plural in the synthetic grammar's captions."""
+    p = parse_caption("a yellow square floats near the left")
+    assert p.actions == (("square", "float", "left"),) and ("square", "yellow") in p.attributes

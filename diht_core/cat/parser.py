@@ -72,7 +72,8 @@ def load_nlp():
 
 
 @lru_cache(maxsize=1)
-def _tagger() -> CachedTagger:
+def cached_tagger() -> CachedTagger:
+    """The process's tagger; its embedding table lives as long as the process (cache_clear(): a cold one)."""
     return CachedTagger(load_spacy())
 
 
@@ -123,7 +124,7 @@ def _fix_s_verbs(words: list[str], tags: list[str]) -> None:
         w = words[i]
         if tags[i] not in NOUN or not w.endswith("s") or w[-2:] in NOT_3RD_PERSON or len(w) < 3:
             continue
-        if tags[i - 1] not in ("NN", "NNP"):
+        if tags[i - 1] not in ("NN", "NNP", "JJ"):  # JJ: "a yellow square floats" (square tagged JJ)
             continue
         j = i - 1
         while j >= 0 and tags[j] in ("NN", "NNP", "JJ", "HYPH"):
@@ -136,6 +137,18 @@ def _fix_s_verbs(words: list[str], tags: list[str]) -> None:
         last_noun = max(k for k in range(i, end + 1) if tags[k] in NOUN)
         if tags[last_noun] in ("NNS", "NNPS") and (i + 1 == n or tags[i + 1] != "POS"):
             tags[i] = "VBZ"
+
+
+def _fix_adjective_heads(tags: list[str]) -> None:
+    """A determiner phrase with no noun has an adjective for its head: "a yellow square(JJ) rests", "the left"."""
+    n = len(tags)
+    for i in range(n):
+        if tags[i] == "DT" and i + 1 < n and tags[i + 1] in ADJ:
+            j = i + 1
+            while j + 1 < n and (tags[j + 1] in ADJ or tags[j + 1] == "CD"):
+                j += 1
+            if tags[j] in ADJ and (j + 1 == n or tags[j + 1] not in NOUN):
+                tags[j] = "NN"
 
 
 @dataclass
@@ -216,6 +229,7 @@ def _object(start: int, words: list[str], tags: list[str], phrases: dict, allow_
 
 def _parse_tokens(text: str, words: list[str], tags: list[str]) -> ParsedCaption:
     _fix_s_verbs(words, tags)
+    _fix_adjective_heads(tags)
     n = len(words)
     aux = [False] * n
     for i, w in enumerate(words):
@@ -290,7 +304,7 @@ def parse_captions(texts: Iterable, batch_size: int = CatFilterParams().parse_ba
 
     Bad input (None, bytes that are not UTF-8, empty, 10k characters) yields a defined parse, never an error.
     """
-    tagger = _tagger()
+    tagger = cached_tagger()
     labels = tagger.labels
     cleaned = [_clean(t) for t in texts]
     unique = list(dict.fromkeys(cleaned))
