@@ -69,6 +69,7 @@ class CachedTagger:
         self.softmax = _on_matmul(self.nlp.get_pipe("tagger").model.layers[-1])
         self.labels = tuple(self.nlp.get_pipe("tagger").labels)
         self._rows: dict[bytes, int] = {}
+        self.tokens = self.embedded = 0  # tokens tagged, and feature rows embedded anew (cache misses)
         self._table = np.zeros((0, self.reduce.get_dim("nO")), dtype="float32")
 
     def _embed(self, feats: np.ndarray) -> np.ndarray:
@@ -87,6 +88,8 @@ class CachedTagger:
                 missing.append(j)
             else:
                 idx[j] = r
+        self.tokens += len(feats)
+        self.embedded += len(missing)
         if missing:
             new = self.reduce.predict(self.hash_embed.predict(feats[first[missing]]))
             start = len(self._table)
