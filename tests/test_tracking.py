@@ -5,6 +5,7 @@ stage failing on a user error ends FAILED with the error as a tag and one line o
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,11 +22,22 @@ DVC_VARS = ("DVC_STAGE", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_ROOT", _li
             _stage.PARENT_ENV)
 
 
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory) -> Path:
+    """An empty MLflow sqlite store, created once (its schema takes seconds), copied by each test."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def project(tmp_path, monkeypatch):
+def project(tmp_path, monkeypatch, empty_store):
     """A tmp folder with a params file and a fresh sqlite MLflow store, outside any DVC command."""
     import mlflow
 
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
     for var in DVC_VARS:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
