@@ -63,9 +63,19 @@ def tracking_uri(params: Params) -> str:
     return default_tracking_uri()
 
 
+def mlflow_state_dir() -> Path:
+    """Where the local MLflow store (and the records of session parents) live: STATE_DIR, except under DVC with no
+    $DIHT_STATE_DIR, the .state/ of the repository DVC runs for ($DVC_ROOT): a queued experiment runs in a temporary
+    copy of the workspace, whose .state/ would be thrown away with its runs."""
+    if os.environ.get("DVC_ROOT") and not os.environ.get("DIHT_STATE_DIR") and STATE_DIR == Path(".state"):
+        return Path(os.environ["DVC_ROOT"]) / ".state"
+    return STATE_DIR
+
+
 def default_tracking_uri() -> str:
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{STATE_DIR.resolve() / 'mlflow.db'}"
+    state = mlflow_state_dir()
+    state.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{state.resolve() / 'mlflow.db'}"
 
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on runs, not GenAI traces
@@ -81,7 +91,7 @@ def setup_mlflow(params: Params) -> str:
     if exp is None:
         artifacts = None
         if tracking_uri(params) == default_tracking_uri():  # keep local artifacts next to the local store
-            artifacts = (STATE_DIR.resolve() / "mlartifacts").as_uri()
+            artifacts = (mlflow_state_dir().resolve() / "mlartifacts").as_uri()
         try:
             return mlflow.create_experiment(params.mlflow.experiment, artifact_location=artifacts,
                                             tags=EXPERIMENT_KIND)
@@ -204,7 +214,7 @@ def _run_stage(name: str, body: Callable[[Params, StageRun], dict], params: Para
     experiment_id = setup_mlflow(params)
     session = None
     if not (parent_run_id or os.environ.get(PARENT_ENV)):
-        session = session_parent(STATE_DIR, experiment_id, params)
+        session = session_parent(mlflow_state_dir(), experiment_id, params)
         if session:
             mlflow.MlflowClient().update_run(session, status="RUNNING")
     parent_run_id = parent_run_id or os.environ.get(PARENT_ENV) or session

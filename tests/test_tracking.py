@@ -198,3 +198,16 @@ def test_user_errors_exit_codes(error, code, capsys, monkeypatch):
     monkeypatch.setenv(_stage.TRACEBACK_ENV, "1")
     with pytest.raises(cls), _stage.exit_codes():
         raise cls("what went wrong")
+
+
+def test_queued_experiment_logs_to_the_repository_store(tmp_path, monkeypatch):
+    """A queued `dvc exp run` runs in a temporary copy of the workspace: its runs go to the store of the repository
+    ($DVC_ROOT/.state), not to the copy's, which DVC deletes."""
+    monkeypatch.setattr(_stage, "STATE_DIR", Path(".state"))
+    monkeypatch.delenv("DIHT_STATE_DIR", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    assert _stage.mlflow_state_dir() == Path(".state")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))
+    assert _stage.mlflow_state_dir() == tmp_path / "repo" / ".state"
+    monkeypatch.setenv("DIHT_STATE_DIR", str(tmp_path / "mine"))  # chosen by hand: kept
+    assert _stage.mlflow_state_dir() == Path(".state")
