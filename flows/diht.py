@@ -16,7 +16,7 @@ from flows.ablation import ablation as ablation_flow
 from flows.stages import TASKS
 from tasks import STAGES
 from tasks._lineage import run_tags
-from tasks._stage import check_run_inputs, mlflow_names, set_env, setup_mlflow, tracking_uri
+from tasks._stage import ERROR_TAG, check_run_inputs, error_line, mlflow_names, set_env, setup_mlflow, tracking_uri
 from tasks.summary import write_summary
 
 
@@ -71,7 +71,11 @@ def diht(params_path: str = "params.yaml", overrides: dict | None = None, workdi
         mlflow.set_tag("diht.stages", ",".join(run_stages))
         for name in run_stages:
             logger.info("stage %s", name)
-            results[name] = TASKS[name](params, parent.info.run_id)
+            try:
+                results[name] = TASKS[name](params, parent.info.run_id)
+            except BaseException as err:  # the pipeline run ends FAILED too, saying which stage and why
+                mlflow.set_tag(ERROR_TAG, f"stage {name}: {error_line(err)}")
+                raise
         if "benchmark" in results:
             headline = {f"{t}/{k}": v for t, r in results["benchmark"]["tasks"].items() for k, v in r.items()
                         if k in ("main", "chance")}
