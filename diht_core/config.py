@@ -58,6 +58,17 @@ class MLflowParams(_Strict):
     experiment: str = Field(default="diht", min_length=1)
     # the model registry entry of each trained model: null: diht-<train.model>; false: none; or a name
     registered_model: str | Literal[False] | None = None
+    # the registry alias the train stage points at its new version, only when set_alias is true (the deployment
+    # `full`, `make demo`, `diht run --set mlflow.set_alias=true`): a trial run never becomes @champion
+    alias: str = Field(default="champion", pattern=r"^[A-Za-z0-9_-]{1,255}$")  # MLflow's alias names
+    set_alias: bool = False
+
+    @field_validator("alias")
+    @classmethod
+    def _alias(cls, v):
+        if v.lower() == "latest" or re.fullmatch(r"[vV]\d+", v):
+            raise ValueError("'latest' and v<number> are reserved by MLflow (they name versions); pick another alias")
+        return v
 
     @field_validator("registered_model", mode="before")
     @classmethod

@@ -19,6 +19,7 @@ from diht_core.eval import ablation as A
 from diht_core.models import check_names
 from flows.stages import TASKS
 from tasks._cli import add_params_args, overrides_or_exit, params_or_exit
+from tasks._lineage import run_tags
 from tasks._stage import set_env, setup_mlflow
 
 
@@ -39,7 +40,7 @@ def ablation(params_path: str = "params.yaml", overrides: dict | None = None, qu
         check_names(p)
     experiment_id = setup_mlflow(params)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"ablation-{mode}",
-                          tags={"diht.ablation": mode}) as parent:
+                          tags={"diht.ablation": mode, **run_tags(params)}) as parent:
         mlflow.log_dict(params.ablation.model_dump(), "ablation_params.json")
         mlflow.log_params({"mode": mode, "runs": len(runs), "seeds": str(params.ablation.seeds),
                            "samples_seen": params.ablation.steps * params.ablation.batch_size})
@@ -71,7 +72,8 @@ def one_run(name: str, seed: int, ov: dict, p, parent_id: str, experiment_id: st
     if done.exists() and json.loads(done.read_text()).get("digest") == A.digest(ov):
         return json.loads(done.read_text())
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{name} seed={seed}", parent_run_id=parent_id,
-                          nested=True, tags={"diht.ablation.config": name, "diht.ablation.seed": str(seed)}) as child:
+                          nested=True, tags={"diht.ablation.config": name, "diht.ablation.seed": str(seed),
+                                             **run_tags(p)}) as child:
         mlflow.log_params({f"train.{k}": v for k, v in ov["train"].items()})
         trained = TASKS["train"](p, child.info.run_id)
         bench = TASKS["benchmark"](p, child.info.run_id)

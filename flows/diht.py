@@ -10,12 +10,14 @@ from pathlib import Path
 import mlflow
 from prefect import flow, get_run_logger
 
-from diht_core.config import Params, load_params
+from diht_core.config import Params, deep_merge, load_params
 from diht_core.models import check_names
 from flows.ablation import ablation as ablation_flow
 from flows.stages import TASKS
 from tasks import STAGES
-from tasks._stage import check_run_inputs, mlflow_names, set_env, setup_mlflow, tracking_uri
+from tasks._lineage import run_tags
+from tasks._stage import ERROR_TAG, check_run_inputs, error_line, mlflow_names, set_env, setup_mlflow, tracking_uri
+from tasks.summary import write_summary
 
 
 DEPLOYMENTS = {  # name -> the stages it runs (served by --serve; declared for workers in prefect.yaml)
@@ -30,7 +32,9 @@ def deployment_parameters(name: str, params_path: str = "params.yaml") -> dict:
     """The flow parameters of deployment `name` (`full` runs every stage, present and future)."""
     if name == "ablation":
         return {"params_path": params_path, "ablation": True}
-    return {"params_path": params_path, "stages": None if name == "full" else DEPLOYMENTS[name]}
+    if name == "full":  # the full pipeline's model becomes @<mlflow.alias> in the registry
+        return {"params_path": params_path, "stages": None, "overrides": {"mlflow": {"set_alias": True}}}
+    return {"params_path": params_path, "stages": DEPLOYMENTS[name]}
 
 
 @flow(name="diht", log_prints=True)
@@ -61,18 +65,23 @@ def diht(params_path: str = "params.yaml", overrides: dict | None = None, workdi
     experiment_id = setup_mlflow(params)
     results = {}
     with mlflow.start_run(experiment_id=experiment_id, run_name="diht-pipeline",
-                          tags={"diht.pipeline": "full"}) as parent:
+                          tags={"diht.pipeline": "full", **run_tags(params)}) as parent:
         mlflow.log_param("params_path", params_path)
         mlflow.log_dict(params.model_dump(), "params.json")
         mlflow.set_tag("diht.stages", ",".join(run_stages))
         for name in run_stages:
             logger.info("stage %s", name)
-            results[name] = TASKS[name](params, parent.info.run_id)
+            try:
+                results[name] = TASKS[name](params, parent.info.run_id)
+            except BaseException as err:  # the pipeline run ends FAILED too, saying which stage and why
+                mlflow.set_tag(ERROR_TAG, f"stage {name}: {error_line(err)}")
+                raise
         if "benchmark" in results:
             headline = {f"{t}/{k}": v for t, r in results["benchmark"]["tasks"].items() for k, v in r.items()
                         if k in ("main", "chance")}
             mlflow.log_metrics(mlflow_names({k: float(v) for k, v in headline.items()}))
             mlflow.log_metric("benchmark_mean_main", results["benchmark"]["mean_main"])
+    write_summary(params)  # metrics/summary.json: the headline numbers (= the DVC stage `summary`)
     print(f"metrics in {Path(params.paths.metrics).resolve()}/; MLflow store {tracking_uri(params)}")
     out = {"parent_run_id": parent.info.run_id, "stages": run_stages}
     if "benchmark" in results:
@@ -91,9 +100,13 @@ def serve(params_path: str = "params.yaml", overrides: dict | None = None) -> No
     """Serve the deployments of DEPLOYMENTS from this process, run in this folder (needs a Prefect server)."""
     from prefect import serve as prefect_serve
 
-    fixed = {"workdir": os.getcwd(), **({"overrides": overrides} if overrides else {})}
-    prefect_serve(*[diht.to_deployment(name, parameters={**deployment_parameters(name, params_path), **fixed})
-                    for name in DEPLOYMENTS])
+    def parameters(name: str) -> dict:
+        out = {**deployment_parameters(name, params_path), "workdir": os.getcwd()}
+        if overrides:
+            out["overrides"] = deep_merge(out.get("overrides", {}), overrides)
+        return out
+
+    prefect_serve(*[diht.to_deployment(name, parameters=parameters(name)) for name in DEPLOYMENTS])
 
 
 if __name__ == "__main__":  # the command line is `diht` (flows/cli.py), which imports this module

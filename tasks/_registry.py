@@ -71,7 +71,8 @@ def log_clip_model(model_path: str | Path, heads_path: str | Path | None, open_c
 
 
 def register_trained_model(params: Params, model_dir: str | Path):
-    """The train stage's model (model_dir/model.pt + heads.pt) as a new version of the registered model.
+    """The train stage's model (model_dir/model.pt + heads.pt) as a new version of the registered model, and
+    `@<mlflow.alias>` pointed at it when mlflow.set_alias is true.
 
     The train stage calls it inside its MLflow run."""
     import mlflow
@@ -83,4 +84,7 @@ def register_trained_model(params: Params, model_dir: str | Path):
     info = log_clip_model(model_dir / "model.pt", model_dir / "heads.pt", params.train.model, name,
                           stage_params(params, "train"))
     mlflow.set_tag("diht.registered_model", f"{name}/{info.registered_model_version}")
+    if params.mlflow.set_alias:  # only when asked: `models:/<name>@<alias>` is what the README loads
+        mlflow.MlflowClient().set_registered_model_alias(name, params.mlflow.alias, info.registered_model_version)
+        mlflow.set_tag("diht.model_alias", f"{name}@{params.mlflow.alias}")
     return info

@@ -13,16 +13,20 @@ from typing import Callable
 
 import numpy as np
 
-from diht_core.config import Params, stage_params
+from diht_core.config import Params, ParamsError, stage_params
 from diht_core.data.files import atomic_write_text, remove_stale_temporaries
 from diht_core.data.lock import DataFolderBusy, data_lock
+from diht_core.data.synthetic import SourceConflict
 
 from . import INPUTS
-from ._cli import add_params_args, fail, params_or_exit
+from ._cli import BAD_PARAMS_EXIT, add_params_args, fail, params_or_exit
+from ._lineage import run_tags, session_parent
 
 PARENT_ENV = "DIHT_MLFLOW_PARENT_RUN_ID"
 BUSY_EXIT = 75  # EX_TEMPFAIL: try again later
 NO_INPUT_EXIT = 66  # EX_NOINPUT: an earlier stage has not run
+DATA_CONFLICT_EXIT = 65  # EX_DATAERR: data/raw/train holds the other source's training split
+ERROR_TAG = "diht.error"
 STATE_DIR = Path(os.environ.get("DIHT_STATE_DIR", ".state"))
 
 ENV_DEFAULTS = {
@@ -59,26 +63,44 @@ def tracking_uri(params: Params) -> str:
     return default_tracking_uri()
 
 
+def mlflow_state_dir() -> Path:
+    """Where the local MLflow store (and the records of session parents) live: STATE_DIR, except under DVC with no
+    $DIHT_STATE_DIR, the .state/ of the repository DVC runs for ($DVC_ROOT): a queued experiment runs in a temporary
+    copy of the workspace, whose .state/ would be thrown away with its runs."""
+    if os.environ.get("DVC_ROOT") and not os.environ.get("DIHT_STATE_DIR") and STATE_DIR == Path(".state"):
+        return Path(os.environ["DVC_ROOT"]) / ".state"
+    return STATE_DIR
+
+
 def default_tracking_uri() -> str:
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{STATE_DIR.resolve() / 'mlflow.db'}"
+    state = mlflow_state_dir()
+    state.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{state.resolve() / 'mlflow.db'}"
+
+
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on runs, not GenAI traces
 
 
 def setup_mlflow(params: Params) -> str:
-    """Point MLflow at the configured store; return the experiment id."""
+    """Point MLflow at the configured store; return the experiment id (created if missing, marked as one of
+    training runs so that MLflow 3's UI opens on its runs)."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(params))
     exp = mlflow.get_experiment_by_name(params.mlflow.experiment)
-    if exp is not None:
-        return exp.experiment_id
-    artifacts = None
-    if tracking_uri(params) == default_tracking_uri():  # keep local artifacts next to the local store
-        artifacts = (STATE_DIR.resolve() / "mlartifacts").as_uri()
-    try:
-        return mlflow.create_experiment(params.mlflow.experiment, artifact_location=artifacts)
-    except Exception:  # created concurrently
-        return mlflow.get_experiment_by_name(params.mlflow.experiment).experiment_id
+    if exp is None:
+        artifacts = None
+        if tracking_uri(params) == default_tracking_uri():  # keep local artifacts next to the local store
+            artifacts = (mlflow_state_dir().resolve() / "mlartifacts").as_uri()
+        try:
+            return mlflow.create_experiment(params.mlflow.experiment, artifact_location=artifacts,
+                                            tags=EXPERIMENT_KIND)
+        except Exception:  # created concurrently
+            exp = mlflow.get_experiment_by_name(params.mlflow.experiment)
+    [(key, kind)] = EXPERIMENT_KIND.items()
+    if exp.tags.get(key) is None or exp.tags[key].endswith("_inferred"):  # unset or only guessed: ours
+        mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, key, kind)
+    return exp.experiment_id
 
 
 class StageRun:
@@ -182,21 +204,59 @@ def run_stage(name: str, body: Callable[[Params, StageRun], dict], params: Param
 
 def _run_stage(name: str, body: Callable[[Params, StageRun], dict], params: Params,
                parent_run_id: str | None) -> dict:
+    """The stage in its MLflow run, tagged with where it came from (tasks/_lineage.py). Its parent: the flow's run,
+    else $DIHT_MLFLOW_PARENT_RUN_ID, else the run shared by the stages of one `dvc repro` / `dvc exp run`. A stage
+    that raises ends its run FAILED with the error as the tag `diht.error` (and a session parent with it)."""
     import mlflow
 
     set_env()
     seed_everything(params.seed)
     experiment_id = setup_mlflow(params)
-    parent_run_id = parent_run_id or os.environ.get(PARENT_ENV)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name, parent_run_id=parent_run_id,
-                          nested=mlflow.active_run() is not None, tags={"diht.stage": name}):
-        mlflow.log_params(stage_params(params, name))
-        stage = StageRun(mlflow, name, params)
-        metrics = body(params, stage)
-        path = write_metrics(params, name, metrics)
-        mlflow.log_metrics(mlflow_names(_flat_metrics(metrics)))
-        mlflow.log_artifact(str(path))
+    session = None
+    if not (parent_run_id or os.environ.get(PARENT_ENV)):
+        session = session_parent(mlflow_state_dir(), experiment_id, params)
+        if session:
+            mlflow.MlflowClient().update_run(session, status="RUNNING")
+    parent_run_id = parent_run_id or os.environ.get(PARENT_ENV) or session
+    status = "FAILED"
+    try:
+        with mlflow.start_run(experiment_id=experiment_id, run_name=name, parent_run_id=parent_run_id,
+                              nested=mlflow.active_run() is not None,
+                              tags={"diht.stage": name, **run_tags(params)}):
+            try:
+                mlflow.log_params(stage_params(params, name))
+                stage = StageRun(mlflow, name, params)
+                metrics = body(params, stage)
+                path = write_metrics(params, name, metrics)
+                mlflow.log_metrics(mlflow_names(_flat_metrics(metrics)))
+                mlflow.log_artifact(str(path))
+            except BaseException as err:
+                mlflow.set_tag(ERROR_TAG, error_line(err))
+                raise
+        status = "FINISHED"
+    finally:
+        if session:
+            _end_session_stage(session, name, status)
     return metrics
+
+
+def _end_session_stage(run_id: str, stage: str, status: str) -> None:
+    """The session parent after one of its stages: the stages so far in `diht.stages`, ended with its status (the
+    next stage sets it running again)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    done = client.get_run(run_id).data.tags.get("diht.stages")
+    client.set_tag(run_id, "diht.stages", f"{done},{stage}" if done else stage)
+    if status == "FAILED":
+        client.set_tag(run_id, ERROR_TAG, f"stage {stage} failed")
+    client.set_terminated(run_id, status)
+
+
+def error_line(err: BaseException) -> str:
+    """`<ExceptionType>: <message>` on one line."""
+    text = " ".join(str(err).split()) or repr(err)
+    return f"{type(err).__name__}: {text}"[:4000]
 
 
 def cli(name: str, body: Callable[[Params, StageRun], dict], argv: list[str] | None = None) -> None:
@@ -218,16 +278,23 @@ def stage_cli(name: str, body: Callable[[Params, StageRun], dict], args: argpars
     print(json.dumps(_flat_metrics(metrics), indent=1)[:2000])
 
 
+USER_ERRORS = ((DataFolderBusy, BUSY_EXIT), (MissingInput, NO_INPUT_EXIT), (SourceConflict, DATA_CONFLICT_EXIT),
+               (ParamsError, BAD_PARAMS_EXIT), (FileNotFoundError, NO_INPUT_EXIT))  # first match wins
+TRACEBACK_ENV = "DIHT_TRACEBACK"  # 1: a user error shows its traceback too
+
+
 @contextmanager
 def exit_codes():
-    """A stage that cannot start ends the command in one line: BUSY_EXIT (the data folder is in use by another run),
-    NO_INPUT_EXIT (an input is missing)."""
+    """A stage that fails on a user error ends the command in one line, `error: <message>`, with an exit code that
+    says which: BUSY_EXIT (the data folder is in use by another run), NO_INPUT_EXIT (an input or a given file is
+    missing), DATA_CONFLICT_EXIT (data/raw/train holds the other source's data), BAD_PARAMS_EXIT (params refused
+    by a stage). Other errors keep their traceback; $DIHT_TRACEBACK=1 keeps it for user errors too."""
     try:
         yield
-    except DataFolderBusy as err:
-        fail(err, BUSY_EXIT)
-    except MissingInput as err:
-        fail(err, NO_INPUT_EXIT)
+    except tuple(e for e, _ in USER_ERRORS) as err:
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        fail(err, next(code for e, code in USER_ERRORS if isinstance(err, e)))
 
 
 def make_task(name: str, body: Callable[[Params, StageRun], dict]):

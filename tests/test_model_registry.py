@@ -98,3 +98,38 @@ def test_no_registration_when_disabled(tmp_path, store):
     with mlflow.start_run(experiment_id=store):
         assert register_trained_model(params, tmp_path) is None
     assert mlflow.MlflowClient().search_registered_models() == []
+
+
+def test_alias_points_at_a_version_only_when_asked(tmp_path, store):
+    """mlflow.set_alias false (a trial, dvc exp run): a new version, @champion untouched; true (the deployment
+    `full`, make demo): @<mlflow.alias> points at the new version; the README loads models:/<name>@champion."""
+    import mlflow
+
+    (tmp_path / "model.pt").write_bytes(b"weights")  # registering copies the files; it never loads them
+    client = mlflow.MlflowClient()
+
+    def train(**mlflow_params):
+        params = validate_params({"mlflow": mlflow_params})
+        with mlflow.start_run(experiment_id=store) as run:
+            info = register_trained_model(params, tmp_path)
+        return info.registered_model_version, client.get_run(run.info.run_id).data.tags
+
+    assert train()[0] == 1
+    assert client.get_registered_model("diht-tiny-vit").aliases == {}
+    version, tags = train(set_alias=True)
+    assert int(client.get_model_version_by_alias("diht-tiny-vit", "champion").version) == version == 2
+    assert tags["diht.model_alias"] == "diht-tiny-vit@champion"
+    version, tags = train()  # a 20-step trial: a new version, the alias stays where it was
+    assert version == 3 and "diht.model_alias" not in tags
+    assert int(client.get_model_version_by_alias("diht-tiny-vit", "champion").version) == 2
+    train(set_alias=True, alias="staging")
+    aliases = client.get_registered_model("diht-tiny-vit").aliases
+    assert {k: int(v) for k, v in aliases.items()} == {"champion": 2, "staging": 4}
+    path = mlflow.artifacts.download_artifacts("models:/diht-tiny-vit@champion", dst_path=str(tmp_path / "dl"))
+    assert (tmp_path / "dl" / "artifacts" / "model.pt").read_bytes() == b"weights", path
+
+
+@pytest.mark.parametrize("bad", ["latest", "v3", "V12", "has space", "", "a.b"])
+def test_alias_param_refuses_names_mlflow_reserves(bad):
+    with pytest.raises(ParamsError, match="mlflow.alias"):
+        validate_params({"mlflow": {"alias": bad}})

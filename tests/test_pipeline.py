@@ -87,6 +87,17 @@ def test_flow_then_dvc_repro_give_the_same_metrics(tiny_project):
     status = _run([str(BIN / "dvc"), "status", "--json"], tiny_project, env=env)
     assert json.loads(status.stdout or "{}") == {}
     assert len(client.search_model_versions("name='diht-tiny-vit'")) == 2  # dvc repro trained (and registered) again
+    assert client.get_registered_model("diht-tiny-vit").aliases == {}  # mlflow.set_alias is false: no @champion
+    # the stage runs of `dvc repro` share one parent; every run carries the params digest; the summary is written
+    runs = mlflow.search_runs(experiment_names=["diht"], output_format="list")
+    [dvc_parent] = [r for r in runs if r.data.tags.get("diht.pipeline") == "dvc"]
+    dvc_children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == dvc_parent.info.run_id]
+    assert sorted(r.data.tags["diht.stage"] for r in dvc_children) == sorted(STAGES)
+    assert dvc_parent.info.run_name == "dvc repro" and dvc_parent.info.status == "FINISHED"
+    assert len({r.data.tags["diht.params_digest"] for r in runs}) == 1
+    summary = json.loads((tiny_project / "metrics" / "summary.json").read_text())
+    assert summary["benchmark"]["mean_main"] == flow_metrics["benchmark"]["mean_main"]
+    assert summary["cat_filter"]["kept_fraction"] == flow_metrics["cat_filter"]["kept_fraction"]
 
     # the committed default remote (.state/dvc-remote): push, lose the cache and the outputs, pull them back
     from configobj import ConfigObj  # DVC's config format
