@@ -385,7 +385,7 @@ class AblationParams(_Strict):
         "teacher": {"pretrain_epochs": 1, "batch_size": 32, "classifier_epochs": 3},
         "fewshot": {"shots": [0, 1, 2]},
         "train": {"warmup_steps": 2},
-        "ablation": {"steps": 6, "batch_size": 32, "beta_sweep": [1.0], "configs": {"fff": {"fff_mining_start": 3}}},
+        "ablation": {"seeds": [0, 1], "steps": 6, "batch_size": 32, "beta_sweep": [1.0], "configs": {"fff": {"fff_mining_start": 3}}},
     }
 
     @model_validator(mode="after")

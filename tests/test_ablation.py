@@ -90,7 +90,7 @@ def test_dvc_experiments_queue_in_a_git_repo(tiny_project):
 
 @pytest.mark.slow
 def test_quick_ablation_flow_end_to_end(tiny_project):
-    """--quick: upstream once, every config x 3 seeds, the report in JSON/plot/MLflow/Prefect; a rerun resumes."""
+    """--quick: upstream once, every config x 2 seeds, the report in JSON/plot/MLflow/Prefect; a rerun resumes."""
     import mlflow
 
     env = project_env(tiny_project)
@@ -101,16 +101,16 @@ def test_quick_ablation_flow_end_to_end(tiny_project):
     p = validate_params(yaml.safe_load((tiny_project / "params.yaml").read_text()))
     n_configs = len(p.ablation.configs) + len(p.ablation.quick["ablation"]["beta_sweep"])
     assert len(rep["configs"]) == n_configs
-    assert all(c["mean_main"]["n"] == 3 for c in rep["configs"].values())
+    assert all(c["mean_main"]["n"] == 2 for c in rep["configs"].values())
     assert (tiny_project / "plots" / "ablation_quick.png").stat().st_size > 0
-    assert "| baseline | 3 |" in proc.stdout
+    assert "| baseline | 2 |" in proc.stdout
     mlflow.set_tracking_uri(f"sqlite:///{tiny_project / '.state' / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["diht"], output_format="list")
     parent = [r for r in runs if r.data.tags.get("diht.ablation") == "quick"]
     assert len(parent) == 1
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id
                 and "diht.ablation.config" in r.data.tags]
-    assert len(children) == 3 * n_configs
+    assert len(children) == 2 * n_configs
     trains = [r for r in runs if r.data.tags.get("diht.stage") == "train"]
     assert {r.data.tags["mlflow.parentRunId"] for r in trains} == {c.info.run_id for c in children}
     art = subprocess.run(["prefect", "artifact", "inspect", "ablation-quick"], cwd=tiny_project,
