@@ -65,8 +65,10 @@ class Blip2Captioner:
 
         path = model_folder(cfg)
         self.cfg, self.device = cfg, _device(cfg.device)
-        self.processor = AutoProcessor.from_pretrained(path)
-        self.model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=_dtype(cfg.precision, self.device))
+        # a local folder only (model_folder checked it): never the Hub, even where HF_HUB_OFFLINE is unset
+        self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        self.model = Blip2ForConditionalGeneration.from_pretrained(path, local_files_only=True,
+                                                                   dtype=_dtype(cfg.precision, self.device))
         self.model.to(self.device).eval()
 
     @torch.inference_mode()
