@@ -218,7 +218,7 @@ def test_worker_runs_the_deployments_of_prefect_yaml(tiny_project):
                    tiny_project, timeout=350, env=env)
         assert "COMPLETED" in (res.stdout + res.stderr).upper()
         ran = {p.stem for p in (tiny_project / "metrics").glob("*.json")}
-        assert ran == {"download", "cat_filter"}
+        assert ran == {"download", "cat_filter", "summary"}  # summary.json: the headline numbers of every run
     finally:
         if worker is not None:
             _stop(worker)
