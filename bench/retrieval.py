@@ -3,7 +3,7 @@
     .venv/bin/python bench/retrieval.py [--n 14000] [--dim 768]
 
 Each method runs in its own process; peak memory is that process's peak RSS above the baseline
-of holding the embeddings. CLIP_benchmark's code path is its `evaluate` after encoding: the full
+of holding the embeddings and the imported modules. CLIP_benchmark's code path is its `evaluate` after encoding: the full
 scores matrix, the positive-pair matrix and `batchify(recall_at_k, ...)` for k in (1, 5, 10).
 """
 
@@ -32,16 +32,16 @@ def _worker(method: str, n: int, dim: int) -> None:
     import torch
 
     torch.set_num_threads(1)
+    if method == "ours":  # imported before the baseline: a module's import is not the metric's memory
+        from diht_core.eval.retrieval import retrieval_metrics
+    else:
+        from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
     img, txt, t2i = _embeddings(n, dim)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
     if method == "ours":
-        from diht_core.eval.retrieval import retrieval_metrics
-
         m = retrieval_metrics(img, txt, t2i, ks=KS)
     else:
-        from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
-
         scores = txt @ img.t()
         positive = torch.zeros_like(scores, dtype=bool)
         positive[torch.arange(len(scores)), t2i] = True
@@ -74,8 +74,8 @@ def main() -> None:
     for method, r in res.items():
         print(f"{method:<16} {r['seconds']:>9.2f} {r['peak_mib']:>10.0f}")
     cb, us = res["clip_benchmark"], res["ours"]
-    print(f"speed-up {cb['seconds'] / us['seconds']:.1f}x (goal >= 3x), memory {us['peak_mib'] / max(cb['peak_mib'], 1):.2f} of "
-          f"CLIP_benchmark's (goal <= 0.25); identical metrics: {same}")
+    print(f"speed-up {cb['seconds'] / us['seconds']:.1f}x (goal >= 3x), peak memory {cb['peak_mib'] / max(us['peak_mib'], 1):.0f}x "
+          f"less than CLIP_benchmark's (goal >= 50x); identical metrics: {same}")
 
 
 if __name__ == "__main__":
