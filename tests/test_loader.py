@@ -1,4 +1,6 @@
 import json
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -54,6 +56,26 @@ def test_join_is_correct_on_shuffled_shards(tmp_path, workers):
         seen += batch["key"]
     assert sorted(seen) == keys            # every sample exactly once
     assert seen != keys                    # and not in file order
+
+
+def test_workers_survive_the_thread_exit_hooks_of_their_parent(tmp_path):
+    """A thread-exit hook of the parent that fails in a forked child (as Prefect's log and event services do once a
+    flow has run in the process) must not end the DataLoader workers with exit code 1."""
+    keys = _setup(tmp_path)
+    _, _, tok = create_model("diht-tiny-vit")
+    parent = os.getpid()
+
+    def fails_in_a_child():
+        assert os.getpid() == parent, "a parent's thread-exit hook ran in a forked worker"
+
+    threading._register_atexit(fails_in_a_child)
+    try:
+        loader = make_loader(tmp_path / "shards", 32, tok, batch_size=7, max_pixels=MAX_PIXELS, seed=3,
+                             cfg=TrainParams(workers=2), pseudo=SparsePseudoLabels(tmp_path / "pl", N_OBJ, N_ATTR))
+        for _ in range(2):  # two epochs: every worker exits twice
+            assert sorted(k for b in loader for k in b["key"]) == keys
+    finally:
+        threading._threading_atexits[:] = [h for h in threading._threading_atexits if h.func is not fails_in_a_child]
 
 
 def test_missing_pseudo_label_is_an_error_or_a_counted_skip(tmp_path):

@@ -3,6 +3,8 @@ each sample with its two sparse pseudo-label vectors by key."""
 
 from __future__ import annotations
 
+import random
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -117,8 +119,17 @@ def make_loader(shard_dir: str | Path, image_size: int, tokenizer, batch_size: i
 
 def _seed_worker(seed: int):
     def init(worker_id: int):
-        import random
-
+        _forget_parent_thread_hooks()
         random.seed(seed * 1000 + worker_id)
         np.random.seed(seed * 1000 + worker_id)
     return init
+
+
+def _forget_parent_thread_hooks() -> None:
+    """A forked worker inherits its parent's thread-exit hooks (``threading._register_atexit``: thread pools,
+    Prefect's log and event services when training runs inside a flow). They drain threads that exist only in the
+    parent; Prefect's assert at the worker's exit, which ends the worker with exit code 1 after its last batch and
+    fails the epoch ("DataLoader worker exited unexpectedly"). The worker starts no such threads: drop the hooks."""
+    hooks = getattr(threading, "_threading_atexits", None)
+    if hooks is not None:
+        hooks.clear()
