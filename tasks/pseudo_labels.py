@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from diht_core.concepts.pseudo_labels import label_rank_share, label_shards, pseudo_label_metrics, remove_stale
+from diht_core.concepts.pseudo_labels import (label_rank_share, label_shards, omitted_concept_metrics,
+                                              pseudo_label_metrics, remove_stale)
 from diht_core.concepts.teacher import load_classifiers
 from diht_core.data.files import atomic_write_text
+from diht_core.data.planted import read_planted_concepts
 from diht_core.launch import launch_torchrun, launched_by_torchrun, local_world_size
 
 from ._ranks import rank_args, write_result
@@ -33,6 +35,9 @@ def body(p, run) -> dict:
     print(f"[pseudo_labels] {where}: {counts['written']} shards written, {counts['reused']} reused")
     decisions = pd.read_parquet(data / "cat" / "decisions.parquet").set_index("key")
     metrics = pseudo_label_metrics(pl, names, features, decisions, out)
+    omitted = omitted_concept_metrics(names, features, out, read_planted_concepts(data / "filtered"))
+    if omitted is not None:  # the planted truth of the synthetic world: absent from a URL list's data
+        metrics["omitted_concepts"] = omitted
     sizes = {k: len(names[k]) for k in ("objects", "attributes")}
     atomic_write_text(out / "vocab_sizes.json", json.dumps(sizes) + "\n")
     return metrics

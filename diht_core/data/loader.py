@@ -13,12 +13,13 @@ import webdataset as wds
 
 from ..config import PseudoLabelParams, TrainParams
 from .images import image_to_uint8
+from .planted import scene_id
 from .pseudo_labels import SparsePseudoLabels
 from .shards import Faults, iter_shard, parse_sample, shard_paths
 
 
 class _Join:
-    """Turns a raw webdataset sample into (key, image uint8, tokens, obj, attr), or a skip: {"skip": the parsed
+    """Turns a raw webdataset sample into (key, image uint8, tokens, obj, attr, scene_id), or a skip: {"skip": the parsed
     sample with its fault} (a bad sample, a truncated shard, or a key without pseudo-label under missing="skip")."""
 
     def __init__(self, image_size: int, tokenizer, max_pixels: int, pseudo: SparsePseudoLabels | None, missing: str,
@@ -43,7 +44,8 @@ class _Join:
         else:  # K of them (cycled when there are fewer), all positives of this image
             order = self.rng.permutation(len(captions))
             texts = [captions[order[j % len(order)]] for j in range(self.k)]
-        out = {"skip": None, "key": key, "image": image, "text": self.tokenizer(texts)}
+        out = {"skip": None, "key": key, "image": image, "text": self.tokenizer(texts),
+               "scene_id": scene_id(s.get("json"))}
         if self.pseudo is not None:
             out["obj"], out["attr"] = self.pseudo.dense(key)
         return out
@@ -57,6 +59,7 @@ def _collate(kept: list[dict], faults: Faults) -> dict:
             batch[name] = torch.stack([s[name] for s in kept])
     if kept:
         batch["text"] = torch.cat([s["text"] for s in kept])  # K captions per image, image-major
+        batch["scene_id"] = torch.tensor([s["scene_id"] for s in kept], dtype=torch.long)
     return batch
 
 
@@ -95,7 +98,8 @@ def make_loader(shard_dir: str | Path, image_size: int, tokenizer, batch_size: i
     cfg.resample=False: shard order shuffled by seed, split across ranks and workers, partial last batch.
     cfg.resample=True: an endless stream of shards drawn with replacement (per rank and worker), full batches;
     the caller decides how many batches make an epoch.  Samples are shuffled in a seeded buffer.
-    Batches are dicts: key, image (uint8), text (K rows per image), obj, attr, skipped, skipped_by_reason, truncated.
+    Batches are dicts: key, image (uint8), text (K rows per image), obj, attr, scene_id (int64, the planted truth of
+    data/planted.py, NO_SCENE where absent), skipped, skipped_by_reason, truncated.
     A sample with a fault (data/shards.py FAULTS, max_pixels checked in the header) is skipped and counted; one whose
     key has no pseudo-label is an error (missing="error") or is skipped and counted (missing="skip"); the counts
     travel with each batch, so no worker ever hangs on them."""

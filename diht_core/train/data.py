@@ -16,6 +16,7 @@ import torch
 from ..config import Params, Paths, PseudoLabelParams, TrainParams
 from ..data.images import to_device
 from ..data.loader import make_loader
+from ..data.planted import NO_SCENE, scene_id
 from ..data.pseudo_labels import SparsePseudoLabels, load_all
 from ..data.recaption import input_dir, output_dir
 from ..data.shards import Faults, count_samples, read_decoded, shard_paths
@@ -29,6 +30,7 @@ class TrainSet:
     caption_index: list[list[int]]  # per image, rows of `tokens`
     obj_targets: torch.Tensor | None = None   # float [N, V_obj] (dense from sparse top-k)
     attr_targets: torch.Tensor | None = None
+    scene_ids: torch.Tensor | None = None     # int64 [N], planted truth (data/planted.py): NO_SCENE where absent
     faults: Faults = field(default_factory=Faults)  # skipped samples by reason, truncated shards
 
     @property
@@ -40,7 +42,8 @@ class TrainSet:
 
     def batches(self, cfg: TrainParams, start: int, rank: int = 0, world_size: int = 1, position=None):
         """This rank's share of the batch of every global step from `start` on: a pure function of
-        (seed, step). With K = cfg.captions_per_image the texts are K captions per image, image-major."""
+        (seed, step). With K = cfg.captions_per_image the texts are K captions per image, image-major; with
+        ``scene_id`` (int64, NO_SCENE where absent) when the data carry the planted scene ids."""
         k = cfg.captions_per_image
         for step in range(start, cfg.steps):
             full = batch_indices(step, len(self), cfg.batch_size, cfg.seed)
@@ -57,6 +60,8 @@ class TrainSet:
                      "text": self.tokens[to_device(rows, self.tokens.device)]}
             if self.obj_targets is not None:
                 batch["obj"], batch["attr"] = self.obj_targets[idx], self.attr_targets[idx]
+            if self.scene_ids is not None:
+                batch["scene_id"] = self.scene_ids[idx]
             yield batch
 
     def digest(self) -> str:
@@ -80,7 +85,7 @@ def load_train_set(shard_dir: str | Path, image_size: int, tokenizer, max_pixels
                    max_captions: int = 8) -> TrainSet:
     """Decode the (filtered) shards once into memory and join pseudo-labels by key. A sample with a fault (see
     data/shards.py FAULTS) or, with missing="skip", without a pseudo-label is skipped and counted by reason."""
-    keys, images, caps, index = [], [], [], []
+    keys, images, caps, index, scenes = [], [], [], [], []
     pl_rows = []  # row of each kept sample in the pseudo-label arrays
     faults = Faults()
     paths = shard_paths(shard_dir)
@@ -97,6 +102,7 @@ def load_train_set(shard_dir: str | Path, image_size: int, tokenizer, max_pixels
             continue
         captions = s["captions"]
         keys.append(key)
+        scenes.append(scene_id(s.get("json")))
         images.append(s["image"])
         index.append(list(range(len(caps), len(caps) + len(captions[:max_captions]))))
         caps.extend(captions[:max_captions])
@@ -106,6 +112,8 @@ def load_train_set(shard_dir: str | Path, image_size: int, tokenizer, max_pixels
         raise ValueError(f"no training sample left in {shard_dir}: {faults.summary()}")
     tokens = tokenizer(caps)
     ts = TrainSet(keys, torch.stack(images), tokens, index, faults=faults)
+    if any(sid != NO_SCENE for sid in scenes):  # the planted scene ids, for the mechanism measurements only
+        ts.scene_ids = torch.tensor(scenes, dtype=torch.long)
     if pseudo_labels is not None:
         rows = torch.tensor(pl_rows, dtype=torch.long)
         ts.obj_targets = pseudo_labels["objects"][rows]

@@ -19,6 +19,7 @@ from .checkpoint import clear_checkpoints, load_checkpoint, restore, run_digest,
 from .distributed import (DistInfo, all_mean, barrier, gather_no_grad, no_sync, replicated_params,
                           sync_replicated_grads, wrap_model)
 from .losses import ConceptDistillationLoss, create_loss, mine_false_negatives
+from .mechanisms import measure
 
 AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -35,10 +36,16 @@ def text_rows(c, k: int):
     return (c[:, None] * k + torch.arange(k)).reshape(-1) if k > 1 and torch.is_tensor(c) else c
 
 
+def mining(cfg: TrainParams, step: int) -> bool:
+    """Whether FFF's thresholds mine positives at this step (the sigmoid loss, a threshold set, from the start)."""
+    thresholds = (cfg.fff_it_threshold, cfg.fff_tt_threshold, cfg.fff_ii_threshold)
+    return cfg.loss == "sigmoid" and any(t is not None for t in thresholds) and step >= cfg.fff_mining_start
+
+
 def positives(cfg: TrainParams, img_f, txt_f, step: int, info: DistInfo):
     """FFF: positives mined on the gathered batch, this rank's rows; None: each image's own captions only."""
     thresholds = (cfg.fff_it_threshold, cfg.fff_tt_threshold, cfg.fff_ii_threshold)
-    on = any(t is not None for t in thresholds) and step >= cfg.fff_mining_start
+    on = mining(cfg, step)
     if cfg.loss != "sigmoid" or not (on or cfg.captions_per_image > 1):
         return None
     m = mine_false_negatives(gather_no_grad(img_f, info), gather_no_grad(txt_f, info),
@@ -55,7 +62,8 @@ def train(model, data, cfg: TrainParams, checkpoint_dir: str | Path,
     saves) and the run's checkpoint folder, which is removed at the end unless keep_checkpoints (the caller removes
     it once its outputs are saved). The data order and the learning rate are functions of the global step, so a
     resumed run continues exactly where it stopped. A step whose loss is not finite is skipped; more than
-    ``cfg.max_nonfinite_steps`` of them in a row raise FloatingPointError."""
+    ``cfg.max_nonfinite_steps`` of them in a row raise FloatingPointError. When the batches carry planted scene ids,
+    each log record also holds the mechanism measurements of its step (train/mechanisms.py)."""
     info = dist or DistInfo(device=next(model.parameters()).device)
     device, k = info.device, cfg.captions_per_image
     if cfg.seed is None:
@@ -158,7 +166,9 @@ def train(model, data, cfg: TrainParams, checkpoint_dir: str | Path,
             rec = {"loss": (loss_c + loss_d).item(), "loss_contrastive": loss_c.item(), "loss_distill": loss_d.item(),
                    "lr": lr, "logit_scale": model.logit_scale.exp().item(),
                    "positives_per_image": float(pos.sum(1).float().mean()) if pos is not None else 1.0,
-                   "samples_per_s": (step + 1 - start) * cfg.batch_size / max(1e-9, time.time() - t0)}
+                   "samples_per_s": (step + 1 - start) * cfg.batch_size / max(1e-9, time.time() - t0),
+                   **measure(cfg, batch.get("scene_id"), img_f, txt_f, out[2], pos if mining(cfg, step) else None,
+                             info)}  # against the planted truth, when the data carry it
             bar.update(step + 1 - bar.n)
             history.append({"step": step + 1, **rec})
             bar.set_postfix(loss=f"{rec['loss']:.3f}")

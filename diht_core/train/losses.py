@@ -69,6 +69,24 @@ def _exp_normalizer_(x: torch.Tensor, dim: int):
     return s, m + s.log()
 
 
+def _negative_softmax(logits, idx, dim: int, beta: float):
+    """HN-NCE's negative weights along dim, unnormalised: (q, q_sum, log_norm) with q = exp(beta l - max) (0 at the
+    positive, idx), q_sum its sum and log_norm = LSE over the negatives k != p of beta l_k; so w = (N-1) q / q_sum."""
+    q = logits * beta                                       # becomes exp(beta l - max), 0 at the positive
+    q.scatter_(dim, idx, -math.inf)
+    q_sum, log_norm = _exp_normalizer_(q, dim)
+    return q, q_sum, log_norm
+
+
+def hn_negative_weights(logits, labels, dim: int, beta: float) -> torch.Tensor:
+    """The weights w_ij that HN-NCE gives each negative of a logits matrix (0 at the positives), as the loss computes
+    them: the anchors run along the dimension that is not ``dim``, anchor i's positive sits at labels[i] along
+    ``dim``; each anchor's weights sum to N-1 (N = size along dim); beta=0: 1 for every negative."""
+    idx = labels.view(-1, 1) if dim == 1 else labels.view(1, -1)
+    q, q_sum, _ = _negative_softmax(_at_least_fp32(logits.detach()), idx, dim, float(beta))
+    return q * ((logits.shape[dim] - 1) / q_sum)
+
+
 class _HardNegativeNCE(torch.autograd.Function):
     """Mean over anchors of one HN-NCE direction of a logits matrix, with its analytic gradient.
 
@@ -93,9 +111,7 @@ class _HardNegativeNCE(torch.autograd.Function):
         pos = logits.gather(dim, idx)
         n_neg = logits.shape[dim] - 1
         if beta > 0:
-            q = logits * beta                               # becomes exp(beta l - max), 0 at the positive
-            q.scatter_(dim, idx, -math.inf)
-            q_sum, log_norm = _exp_normalizer_(q, dim)
+            q, q_sum, log_norm = _negative_softmax(logits, idx, dim, beta)
             r = torch.add(math.log(n_neg) - log_norm, logits, alpha=1 + beta)
         else:                                               # uniform weights, exactly 1 each
             q = q_sum = None

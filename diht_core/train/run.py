@@ -19,12 +19,14 @@ from .checkpoint import clear_checkpoints, refuse_nan
 from .data import training_data, vocab_sizes
 from .distributed import destroy, full_model_state, init_distributed
 from .loop import train
+from .mechanisms import PREFIX, mechanisms_block
 
 
 def fit(p: Params, checkpoint_dir: Path, log_fn: Callable[[int, dict], None] | None = None) -> dict:
     """Train as the params say (on every rank under torchrun); rank 0 writes models/model.pt (a plain open_clip
     state dict), the same model in open_clip's local-dir layout beside it, models/heads.pt and the loss curve, and
-    returns the stage's metrics ({} on other ranks)."""
+    returns the stage's metrics ({} on other ranks), with ``mechanisms`` (train/mechanisms.py) when the data carry
+    planted truth."""
     cfg = p.resolved_train()
     info = init_distributed(cfg.device)
     # the sigmoid loss starts where open_clip's SigLIP does: scale ln(10), bias -10 (train.sigmoid_bias_init)
@@ -51,11 +53,13 @@ def fit(p: Params, checkpoint_dir: Path, log_fn: Callable[[int, dict], None] | N
     plots = Path(p.paths.plots)
     hist = pd.DataFrame(summary["history"])
     with atomic_path(plots / "train_loss.csv") as tmp:
-        hist.drop(columns=["samples_per_s"]).to_csv(tmp, index=False)
+        hist.drop(columns=["samples_per_s", *(c for c in hist if c.startswith(PREFIX))]).to_csv(tmp, index=False)
     loss_plot(hist, plots / "train_loss.png")
     clear_checkpoints(summary["checkpoint_dir"])
     in_memory = cfg.loader == "memory"
+    mechanisms = mechanisms_block(summary["history"])  # against the planted truth: none without it
     return {
+        **({"mechanisms": mechanisms} if mechanisms else {}),
         "model": cfg.model,
         "source": cfg.source,
         "seed": cfg.seed,

@@ -1,0 +1,49 @@
+"""The planted truth of synthetic training samples, read from each sample's json: which images share a scene
+description (``scene_id``), which visible concepts the captions omit (``omitted``) and the concepts truly in the
+image (its ``shapes``: shape names, colour and size words). Data without it (a URL list) has none of it: -1, None."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .scenes import COLOURS, SHAPES, SIZES
+from .shards import as_integer, iter_shard, parse_sample, shard_paths
+
+NO_SCENE = -1  # the scene_id of a sample whose json carries none
+CONCEPTS = frozenset(SHAPES) | frozenset(COLOURS) | frozenset(SIZES)  # every concept the planted truth can name
+
+
+def scene_id(meta: dict | None) -> int:
+    """The sample's ``scene_id`` (an integer >= 0), NO_SCENE when its json has none."""
+    sid = as_integer((meta or {}).get("scene_id"))
+    return sid if sid is not None and sid >= 0 else NO_SCENE
+
+
+def true_concepts(meta: dict) -> set[str]:
+    """The concepts truly in the image: the shape name, colour and size word of each of its shapes."""
+    return {s[field] for s in meta.get("shapes") or [] for field in ("shape", "colour", "size") if s.get(field)}
+
+
+def planted_concepts(meta: dict | None) -> dict | None:
+    """{"true": concepts in the image, "omitted": those named in none of the captions}; None without ``omitted``."""
+    if not meta or not isinstance(meta.get("omitted"), list):
+        return None
+    return {"true": true_concepts(meta), "omitted": set(meta["omitted"])}
+
+
+def ratio(num, den) -> float | None:
+    """num / den as a float (numbers or 0-d tensors); None when den is 0: nothing to judge (e.g. no pair mined)."""
+    return float(num) / float(den) if float(den) > 0 else None
+
+
+def read_planted_concepts(shard_dir: str | Path) -> dict[str, dict]:
+    """{key: planted_concepts} of every sample of the shards in shard_dir that carries them (no image decoded);
+    {} when there are none (or no shards)."""
+    out = {}
+    for path in shard_paths(shard_dir):
+        for raw in iter_shard(path):
+            s = parse_sample(raw)
+            truth = planted_concepts(s.get("json")) if s["fault"] is None else None
+            if truth is not None:
+                out[s["key"]] = truth
+    return out

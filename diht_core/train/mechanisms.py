@@ -1,0 +1,113 @@
+"""Each training mechanism measured against the planted truth of the synthetic world (data/planted.py): the
+precision and recall of FFF's mined positives, and the share of HN-NCE's negative weight that falls on true
+negatives. Pure functions of one batch (no gradients, no random numbers), run at the loop's log steps only; data
+without scene ids gives no measurement.
+
+Pairs are judged by scene_id: images rendered from the same scene description are true positives of each other, a
+pair of different scene ids is a true negative, and a pair where either id is NO_SCENE is left out of every count.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import TrainParams
+from ..data.planted import NO_SCENE, ratio
+from .distributed import DistInfo, all_mean, gather_no_grad
+from .losses import _at_least_fp32, hn_negative_weights
+
+PREFIX = "mechanisms/"  # the history records' (and MLflow's step series') names: mechanisms/<measure>/<value>
+SERIES = {"fff_mining": ("precision", "recall", "mined_pairs", "true_pairs"),
+          "hn_true_negative_weight_share": ("i2t", "t2i", "uniform")}
+
+
+def scene_pairs(rows: torch.Tensor, cols: torch.Tensor, row_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(same, known) [n, N] bool for images with scene ids ``rows`` (the local ones, global index row_offset + i)
+    against ``cols`` (all of them): same = a true positive pair (same scene_id, i != j), known = both ids known and
+    i != j."""
+    known = (rows[:, None] != NO_SCENE) & (cols[None, :] != NO_SCENE)
+    own = torch.arange(len(rows), device=rows.device)[:, None] + row_offset == torch.arange(len(cols),
+                                                                                             device=rows.device)
+    known &= ~own
+    return (rows[:, None] == cols[None, :]) & known, known
+
+
+@torch.no_grad()
+def mining_counts(mined: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, row_offset: int = 0,
+                  captions_per_image: int = 1) -> torch.Tensor:
+    """[true positives, mined pairs, true pairs] of FFF's mined positive matrix ``mined`` [n, N*K] (local images
+    against all texts, K captions per image, image-major, as ``mine_false_negatives`` returns it).
+
+    An ordered image pair (i, j), i != j, counts as mined when any caption of image j is a positive of image i; the
+    true pairs are those with the same scene_id (``scene_pairs``). Pairs with an unknown scene id are not counted.
+    Precision = true positives / mined pairs, recall = true positives / true pairs (``ratio``)."""
+    n, k = mined.shape[0], captions_per_image
+    pairs = mined.view(n, -1, k).any(2)
+    same, known = scene_pairs(rows.to(mined.device), cols.to(mined.device), row_offset)
+    pairs &= known
+    return torch.stack([(pairs & same).sum(), pairs.sum(), same.sum()]).double()
+
+
+@torch.no_grad()
+def hn_weight_counts(logits: torch.Tensor, labels: torch.Tensor, dim: int, beta: float, anchors: torch.Tensor,
+                     others: torch.Tensor, anchor_offset: int = 0) -> torch.Tensor:
+    """[weight on true negatives, weight on all judged negatives] of one HN-NCE direction: the negative weights
+    w_ij the loss gives (``hn_negative_weights``, each anchor's summing to N-1) of the anchors (scene ids
+    ``anchors``, along the dimension that is not ``dim``) against the others (``others``, along ``dim``), summed
+    over the pairs with different scene ids and over all pairs with known ids (the anchor's own positive excluded).
+    Their ratio is the share of HN-NCE's negative weight that falls on true negatives (pooled over anchors); the
+    rest falls on false negatives, images of the anchor's own scene description."""
+    w = hn_negative_weights(logits, labels, dim, beta)
+    if dim == 0:
+        w = w.T
+    same, known = scene_pairs(anchors.to(w.device), others.to(w.device), anchor_offset)
+    return torch.stack([(w * (known & ~same)).sum(), (w * known).sum()]).double()
+
+
+@torch.no_grad()
+def measure(cfg: TrainParams, scene_ids: torch.Tensor | None, img_f, txt_f, logit_scale, mined, info: DistInfo
+            ) -> dict:
+    """The mechanism measurements of one training step, flat ({PREFIX + measure/value: number}) for the log record:
+    FFF mining when ``mined`` (the positives the sigmoid loss used, this rank's rows) came from the FFF thresholds,
+    HN-NCE's true-negative weight share when train.loss is hn-nce (plus ``uniform``: the share under equal weights,
+    i.e. the share of true negatives among the negatives). {} without scene ids. Every rank calls it at the same
+    steps (it gathers the ids and features; the counts are summed over ranks); a value that is undefined (nothing
+    to judge) is left out."""
+    if scene_ids is None:
+        return {}
+    local = scene_ids.to(img_f.device)
+    if float(all_mean((local != NO_SCENE).any().double(), info)) == 0:  # no rank has a planted scene id
+        return {}
+    cols, offset = gather_no_grad(local, info), info.rank * len(local)
+    out = {}
+    if mined is not None:
+        tp, n_mined, n_true = all_mean(mining_counts(mined, local, cols, offset, cfg.captions_per_image), info)
+        out.update({"fff_mining/precision": ratio(tp, n_mined), "fff_mining/recall": ratio(tp, n_true),
+                    "fff_mining/mined_pairs": float(n_mined) * info.world_size,
+                    "fff_mining/true_pairs": float(n_true) * info.world_size})
+    if cfg.loss == "hn-nce":
+        img, txt = _at_least_fp32(img_f.detach()), _at_least_fp32(txt_f.detach())
+        scale = _at_least_fp32(logit_scale.detach())
+        labels = torch.arange(len(img), device=img.device) + offset
+        counts = {}
+        for name, anchors, others in (("i2t", img, txt), ("t2i", txt, img)):
+            logits = scale * anchors @ gather_no_grad(others, info).T  # local anchors against all: as the loss
+            counts[name] = hn_weight_counts(logits, labels, 1, cfg.hn_beta, local, cols, offset)
+            if name == "i2t":  # equal weights: the same in both directions
+                counts["uniform"] = hn_weight_counts(logits, labels, 1, 0.0, local, cols, offset)
+        for name, c in counts.items():
+            out[f"hn_true_negative_weight_share/{name}"] = ratio(*all_mean(c, info))
+    return {PREFIX + k: v for k, v in out.items() if v is not None}
+
+
+def mechanisms_block(history: list[dict]) -> dict:
+    """The train metrics' ``mechanisms``: {measure: {"steps": [...], value: [...]}} from the log records that carry
+    it (None where a value was undefined at that step); {} when nothing was measured."""
+    block = {}
+    for measure_name, values in SERIES.items():
+        names = [f"{PREFIX}{measure_name}/{v}" for v in values]
+        rows = [h for h in history if any(n in h for n in names)]
+        if rows:
+            block[measure_name] = {"steps": [h["step"] for h in rows],
+                                   **{v: [h.get(n) for h in rows] for v, n in zip(values, names)}}
+    return block

@@ -1,0 +1,311 @@
+"""Each mechanism measured against planted truth (train/mechanisms.py, concepts/pseudo_labels.py): known answers on
+constructed batches, the loaders carrying scene ids, and the training loop recording them without changing the
+model."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diht_core.concepts.pseudo_labels import omitted_concept_metrics, omitted_concepts, predicted_concepts
+from diht_core.config import Params, TrainParams
+from diht_core.data.loader import make_loader
+from diht_core.data.planted import CONCEPTS, NO_SCENE, planted_concepts, read_planted_concepts, scene_id
+from diht_core.data.pseudo_labels import save_shard
+from diht_core.data.scenes import render, sample_scene
+from diht_core.data.shards import encode_jpg, write_shard
+from diht_core.models import create_model, image_size
+from diht_core.train import batch_indices, load_train_set, train
+from diht_core.train.distributed import DistInfo
+from diht_core.train.losses import hn_negative_weights, mine_false_negatives
+from diht_core.train.mechanisms import hn_weight_counts, measure, mechanisms_block, mining_counts, ratio
+
+MAX_PIXELS = 89_478_485  # download.url_list.max_pixels
+ONE = DistInfo(device=torch.device("cpu"))
+
+
+def _precision_recall(mined, scenes, k=1):
+    tp, n_mined, n_true = mining_counts(mined, scenes, scenes, captions_per_image=k)
+    return ratio(tp, n_mined), ratio(tp, n_true)
+
+
+def test_mining_that_merges_exactly_the_true_pairs_scores_one():
+    scenes = torch.tensor([0, 0, 1, 2, 1, 1])
+    feats = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    for k in (1, 2):  # groups = the scene ids: FFF's matrix marks exactly the same-scene pairs (all K captions)
+        mined = mine_false_negatives(feats, feats.repeat_interleave(k, 0), groups=scenes, captions_per_image=k)
+        tp, n_mined, n_true = mining_counts(mined, scenes, scenes, captions_per_image=k)
+        assert (tp, n_mined, n_true) == (8, 8, 8)  # ordered pairs i != j: 2 of scene 0, 6 of scene 1
+        assert _precision_recall(mined, scenes, k) == (1.0, 1.0)
+    own = mine_false_negatives(feats, feats)  # no threshold: own captions only, nothing mined
+    assert _precision_recall(own, scenes) == (None, 0.0)
+
+
+def test_one_wrong_merge_and_one_missed_pair_are_counted():
+    scenes = torch.tensor([0, 0, 1, 2, 1, 1])
+    mined = scenes[:, None] == scenes[None, :]
+    mined[4, 5] = mined[5, 4] = False   # a missed true pair (both directions)
+    mined[2, 3] = True                  # a wrong merge: scenes 1 and 2
+    assert _precision_recall(mined, scenes) == pytest.approx((6 / 7, 6 / 8))
+    unknown = scenes.clone()
+    unknown[3] = NO_SCENE               # the wrong merge now involves an image without planted truth: not judged
+    assert _precision_recall(mined, unknown) == pytest.approx((1.0, 6 / 8))
+
+
+def test_mining_thresholds_merge_near_duplicates():
+    """Images of one scene with near-identical features: an image-image threshold finds exactly them."""
+    g = torch.Generator().manual_seed(0)
+    scenes = torch.tensor([0, 1, 0, 2, 1, 3])
+    base = torch.randn(4, 16, generator=g)
+    img = base[scenes] + 0.01 * torch.randn(6, 16, generator=g)
+    mined = mine_false_negatives(img, torch.randn(6, 16, generator=g), ii_threshold=0.99)
+    assert _precision_recall(mined, scenes) == (1.0, 1.0)
+
+
+def _hand_share(logits, scenes, beta, dim):
+    """The true-negative share of HN-NCE's weights, from the formula, anchor by anchor."""
+    lg = logits.double().numpy() if dim == 1 else logits.double().numpy().T
+    num = den = 0.0
+    n = lg.shape[0]
+    for i in range(n):
+        neg = [j for j in range(n) if j != i]
+        z = sum(math.exp(beta * lg[i, k]) for k in neg)
+        for j in neg:
+            w = (n - 1) * math.exp(beta * lg[i, j]) / z
+            den += w
+            num += w * (scenes[i] != scenes[j])
+    return num / den
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 2.0])
+def test_hn_true_negative_share_matches_the_formula(beta):
+    g = torch.Generator().manual_seed(1)
+    img = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    scenes = torch.tensor([0, 0, 1, 2, 1])
+    logits = 10.0 * img @ txt.T
+    labels = torch.arange(5)
+    for dim in (1, 0):  # image anchors (rows), text anchors (columns)
+        w = hn_negative_weights(logits, labels, dim, beta)
+        assert torch.allclose(w.sum(dim), torch.full((5,), 4.0)) and (w.diagonal() == 0).all()
+        num, den = hn_weight_counts(logits, labels, dim, beta, scenes, scenes)
+        assert ratio(num, den) == pytest.approx(_hand_share(logits, scenes.tolist(), beta, dim), rel=1e-6)
+    if beta == 0:  # equal weights: the share of true negatives among the negatives, 16 of 20 ordered pairs
+        assert ratio(*hn_weight_counts(logits, labels, 1, beta, scenes, scenes)) == pytest.approx(16 / 20)
+
+
+def test_measure_records_what_ran_and_nothing_without_scene_ids():
+    g = torch.Generator().manual_seed(2)
+    img, txt = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    scenes, scale = torch.tensor([0, 0, 1, 2]), torch.tensor(10.0)
+    hn = TrainParams(seed=0, loss="hn-nce", hn_beta=0.5)
+    got = measure(hn, scenes, img, txt, scale, None, ONE)
+    assert set(got) == {f"mechanisms/hn_true_negative_weight_share/{k}" for k in ("i2t", "t2i", "uniform")}
+    assert got["mechanisms/hn_true_negative_weight_share/uniform"] == pytest.approx(10 / 12)
+    logits = 10.0 * img @ txt.T  # the loss's logits: the features as given, times the scale
+    for name, dim in (("i2t", 1), ("t2i", 0)):
+        assert got[f"mechanisms/hn_true_negative_weight_share/{name}"] == pytest.approx(
+            _hand_share(logits, scenes.tolist(), 0.5, dim), rel=1e-5)
+    mined = scenes[:, None] == scenes[None, :]
+    sig = TrainParams(seed=0, loss="sigmoid", fff_ii_threshold=0.9)
+    got = measure(sig, scenes, img, txt, scale, mined, ONE)
+    assert got == {"mechanisms/fff_mining/precision": 1.0, "mechanisms/fff_mining/recall": 1.0,
+                   "mechanisms/fff_mining/mined_pairs": 2.0, "mechanisms/fff_mining/true_pairs": 2.0}
+    assert measure(hn, None, img, txt, scale, None, ONE) == {}
+    assert measure(hn, torch.full((4,), NO_SCENE), img, txt, scale, None, ONE) == {}
+    assert measure(TrainParams(seed=0, loss="infonce"), scenes, img, txt, scale, None, ONE) == {}
+
+
+def test_mechanisms_block_keeps_steps_aligned():
+    history = [{"step": 1, "loss": 1.0},
+               {"step": 2, "mechanisms/fff_mining/recall": 0.0, "mechanisms/fff_mining/true_pairs": 2.0,
+                "mechanisms/fff_mining/mined_pairs": 0.0},
+               {"step": 3, "mechanisms/fff_mining/precision": 0.5, "mechanisms/fff_mining/recall": 1.0}]
+    block = mechanisms_block(history)
+    assert list(block) == ["fff_mining"]
+    assert block["fff_mining"]["steps"] == [2, 3]
+    assert block["fff_mining"]["precision"] == [None, 0.5] and block["fff_mining"]["recall"] == [0.0, 1.0]
+    assert mechanisms_block([{"step": 1, "loss": 1.0}]) == {}
+
+
+def test_planted_fields_are_read_or_absent():
+    assert scene_id({"scene_id": 7}) == 7 and scene_id({"scene_id": "3"}) == 3
+    assert scene_id({}) == scene_id(None) == scene_id({"scene_id": None}) == NO_SCENE
+    meta = {"shapes": [{"shape": "circle", "colour": "red", "size": "small"},
+                       {"shape": "star", "colour": "blue", "size": "small"}], "omitted": ["small", "blue"]}
+    assert planted_concepts(meta) == {"true": {"circle", "red", "small", "star", "blue"}, "omitted": {"small", "blue"}}
+    assert planted_concepts({"shapes": meta["shapes"]}) is None and planted_concepts(None) is None
+
+
+def test_omitted_concepts_precision_and_recall_by_hand():
+    truth = [{"true": {"circle", "red", "small"}, "omitted": {"red", "small"}},  # caption: "a circle"
+             {"true": {"star", "blue", "large"}, "omitted": {"large"}},        # caption: "a blue star"
+             {"true": {"square", "green", "large"}, "omitted": set()}]         # caption names everything
+    predicted = [{"circle": 0.6, "red": 0.5, "green": 0.3, "two": 0.2},  # red found, small missed, green false
+                 {"star": 0.9, "blue": 0.6, "large": 0.4},                # large found
+                 {"square": 1.0, "purple": 0.7}]                          # purple false
+    m = omitted_concepts(zip(predicted, truth))
+    # new predictions (not named by the caption, judgeable): {red, green}, {large}, {purple} -> 4, 2 of them true
+    assert m["precision"] == pytest.approx(2 / 4) and m["recall"] == pytest.approx(2 / 3)
+    assert (m["n_omitted"], m["n_predicted_new"], m["samples"], m["samples_with_omitted"]) == (3, 4, 3, 2)
+    assert m["mean_probability_omitted"] == pytest.approx((0.5 + 0.0 + 0.4) / 3)
+    assert m["mean_probability_absent"] == pytest.approx((0.3 + 0.7) / (3 * (len(CONCEPTS) - 3)))
+    perfect = omitted_concepts([({c: 1.0 for c in t["true"]}, t) for t in truth])
+    assert perfect["precision"] == perfect["recall"] == 1.0
+    assert omitted_concepts([]) is None
+
+
+def _train_shards(directory, n=16, scenes=True, omitted=True):
+    """n samples in 2 shards; with scene ids (pairs of images re-render one scene: scene i // 2) and `omitted`."""
+    rng = np.random.default_rng(0)
+    samples, shared = [], None
+    for i in range(n):
+        sc = sample_scene(rng, count=1) if i % 2 == 0 else shared
+        shared = sc
+        s = sc.shapes[0]
+        meta = {"captions": [f"a {s.shape}", f"a {s.colour} {s.shape}"][: 1 + i % 2], **sc.to_json()}
+        if scenes:
+            meta["scene_id"] = i // 2
+        if omitted:
+            meta["omitted"] = [s.size] + ([s.colour] if i % 2 == 0 else [])
+        samples.append({"__key__": f"{i:09d}", "jpg": encode_jpg(render(sc, 64, rng)), "txt": meta["captions"][0],
+                        "json": json.dumps(meta).encode()})
+    write_shard(directory / "0.tar", samples[: n // 2])
+    write_shard(directory / "1.tar", samples[n // 2:])
+    return [s["__key__"] for s in samples]
+
+
+def test_loaders_carry_scene_ids_without_changing_the_batches(tmp_path):
+    _train_shards(tmp_path / "with")
+    _train_shards(tmp_path / "without", scenes=False)
+    model, _, tok = create_model("diht-tiny-vit")
+    size, cfg = image_size(model), TrainParams(seed=0, steps=3, batch_size=5, workers=0)
+    with_ids, without = (load_train_set(tmp_path / d, size, tok, MAX_PIXELS) for d in ("with", "without"))
+    assert without.scene_ids is None and with_ids.scene_ids.tolist() == [i // 2 for i in range(16)]
+    assert with_ids.digest() == without.digest()  # the ids are no training input
+    for a, b in zip(with_ids.batches(cfg, 0), without.batches(cfg, 0)):
+        assert "scene_id" not in b and torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])
+    for step, a in enumerate(with_ids.batches(cfg, 0)):
+        assert a["scene_id"].dtype == torch.long
+        assert a["scene_id"].tolist() == [i // 2 for i in batch_indices(step, 16, 5, 0).tolist()]
+    streams = {d: list(make_loader(tmp_path / d, size, tok, 5, MAX_PIXELS, seed=1, cfg=cfg)) for d in ("with", "without")}
+    for a, b in zip(streams["with"], streams["without"]):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])
+        assert a["scene_id"].tolist() == [int(k) // 2 for k in a["key"]]
+        assert b["scene_id"].tolist() == [NO_SCENE] * len(b["key"])
+
+
+def test_train_records_mechanisms_and_the_model_is_unchanged(tmp_path):
+    _train_shards(tmp_path / "with")
+    _train_shards(tmp_path / "without", scenes=False)
+    _, _, tok = create_model("diht-tiny-vit")
+    size = image_size(create_model("diht-tiny-vit")[0])
+    for loss, extra in (("hn-nce", {"hn_beta": 0.5}), ("sigmoid", {"fff_ii_threshold": 0.5})):
+        kw = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if loss == "sigmoid" else {}
+        cfg = TrainParams(seed=0, steps=3, batch_size=8, warmup_steps=1, log_every=1, loss=loss, **extra)
+        states, logged = {}, {}
+        for d in ("with", "without"):
+            torch.manual_seed(0)
+            model, _, _ = create_model("diht-tiny-vit", **kw)
+            records = []
+            out = train(model, load_train_set(tmp_path / d, size, tok, MAX_PIXELS), cfg, tmp_path / f"ck{d}{loss}",
+                        log_fn=lambda step, rec: records.append(rec))
+            states[d], logged[d] = model.state_dict(), (out, records)
+        for k, v in states["with"].items():  # measuring changes nothing of the model
+            assert torch.equal(v, states["without"][k]), (loss, k)
+        out, records = logged["with"]
+        block = mechanisms_block(out["history"])
+        name = "hn_true_negative_weight_share" if loss == "hn-nce" else "fff_mining"
+        assert list(block) == [name] and block[name]["steps"] == [1, 2, 3]
+        assert all(any(k.startswith(f"mechanisms/{name}/") for k in r) for r in records)  # into the log (MLflow)
+        if loss == "hn-nce":
+            assert all(0 < v < 1 for v in block[name]["i2t"] + block[name]["t2i"])
+        else:
+            assert all(t > 0 for t in block[name]["true_pairs"])
+        assert mechanisms_block(logged["without"][0]["history"]) == {}
+
+
+def _params(tmp_path, data_dir):
+    return Params.model_validate({
+        "paths": {"data": str(data_dir), "models": str(tmp_path / "models"), "metrics": str(tmp_path / "metrics"),
+                  "plots": str(tmp_path / "plots")},
+        "train": {"seed": 0, "steps": 2, "batch_size": 8, "warmup_steps": 1, "log_every": 1, "lambda_obj": 0,
+                  "lambda_attr": 0, "hn_beta": 0.5}})
+
+
+def test_train_stage_metrics_have_mechanisms_only_with_planted_truth(tmp_path):
+    from diht_core.train.run import fit
+
+    for d, planted in (("with", True), ("without", False)):
+        data = tmp_path / d
+        _train_shards(data / "filtered", scenes=planted)
+        (data / "pseudo_labels").mkdir(parents=True)
+        (data / "pseudo_labels" / "vocab_sizes.json").write_text('{"objects": 4, "attributes": 4}')
+        metrics = fit(_params(tmp_path / f"out_{d}", data), tmp_path / f"ck_{d}")
+        assert ("mechanisms" in metrics) == planted
+        if planted:
+            share = metrics["mechanisms"]["hn_true_negative_weight_share"]
+            assert share["steps"] == [1, 2] and len(share["i2t"]) == len(share["t2i"]) == 2
+            json.dumps(metrics["mechanisms"])  # plain JSON
+        csv = (tmp_path / f"out_{d}" / "plots" / "train_loss.csv").read_text().splitlines()[0]
+        assert "mechanisms" not in csv
+
+
+def test_omitted_concept_metrics_join_pseudo_labels_by_key(tmp_path):
+    keys = _train_shards(tmp_path / "filtered")
+    planted = read_planted_concepts(tmp_path / "filtered")
+    assert len(planted) == 16 and planted[keys[0]]["omitted"] <= planted[keys[0]]["true"]
+    names = {"objects": ["circle", "square", "triangle", "star"],
+             "attributes": ["red", "green", "blue", "yellow", "purple", "orange", "small", "large"]}
+    (tmp_path / "features").mkdir()
+    np.savez(tmp_path / "features" / "0.npz", keys=np.array(keys))
+    # a teacher that names each image's true concepts (top-2 attributes: its colour and size) gets everything right
+    truth = [planted[k]["true"] for k in keys]
+    obj = np.array([[names["objects"].index(next(c for c in t if c in names["objects"]))] for t in truth], np.int32)
+    attr = np.array([sorted(names["attributes"].index(c) for c in t if c in names["attributes"]) for t in truth],
+                    np.int32)
+    save_shard(tmp_path / "pl" / "0.npz", keys, (obj, np.ones(obj.shape, np.float16)),
+               (attr, np.full(attr.shape, 0.5, np.float16)))
+    assert dict(predicted_concepts(names, tmp_path / "features", tmp_path / "pl"))[keys[0]] == {
+        c: (1.0 if c in names["objects"] else 0.5) for c in truth[0]}
+    m = omitted_concept_metrics(names, tmp_path / "features", tmp_path / "pl", planted)
+    assert m["precision"] == m["recall"] == 1.0 and m["n_omitted"] == 16 + 8
+    # a teacher that always says "purple, small": right on the sizes it hits only
+    wrong = np.tile([[4, 6]], (16, 1)).astype(np.int32)
+    save_shard(tmp_path / "pl" / "0.npz", keys, (obj, np.ones(obj.shape, np.float16)),
+               (wrong, np.full(wrong.shape, 0.5, np.float16)))
+    m = omitted_concept_metrics(names, tmp_path / "features", tmp_path / "pl", planted)
+    said = {"purple", "small"}
+    hits = sum(len(said & planted[k]["omitted"]) for k in keys)  # small when small, purple when purple and omitted
+    new = sum(len(said - (planted[k]["true"] - planted[k]["omitted"])) for k in keys)  # not named by the caption
+    assert 0 < hits < new < 32
+    assert m["recall"] == pytest.approx(hits / 24) and m["precision"] == pytest.approx(hits / new)
+    assert omitted_concept_metrics(names, tmp_path / "features", tmp_path / "pl", {}) is None
+
+
+@pytest.mark.slow  # torchrun's start: ~40 s on 2 shared cores
+def test_two_ranks_measure_what_one_process_measures(tmp_path):
+    """Each rank judges its rows against the gathered batch; the counts are summed over ranks."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from helpers.dist_mechanisms import measured
+
+    helper = ROOT / "tests" / "helpers" / "dist_mechanisms.py"
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(helper),
+           str(tmp_path / "two.json")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two, one = json.loads((tmp_path / "two.json").read_text()), measured(ONE)
+    assert set(two) == set(one) and len(one) == 7
+    for k, v in one.items():
+        assert two[k] == pytest.approx(v, rel=1e-6), k
+    assert 0 < one["mechanisms/fff_mining/precision"] < 1 and one["mechanisms/fff_mining/recall"] == 1.0
