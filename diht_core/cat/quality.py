@@ -9,7 +9,7 @@ import pandas as pd
 from ..data.scenes import COLOURS, COUNT_WORDS, SHAPES, SIZES
 from ..data.shards import FAULTS
 
-GRAMMAR_NOUNS = set(SHAPES) | {"shape", "picture", "left", "right", "top", "bottom"}
+GRAMMAR_NOUNS = set(SHAPES) | {"shape", "picture", "drawing", "left", "right", "top", "bottom", "side", "edge", "half"}
 GRAMMAR_ATTRIBUTES = set(COLOURS) | set(SIZES) | set(COUNT_WORDS.values())
 
 
