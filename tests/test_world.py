@@ -5,14 +5,19 @@ import json
 import re
 from collections import Counter
 
+import pandas as pd
 import pytest
 import torch
 
-from diht_core.config import BenchmarkParams, DownloadParams, EvalSplitParams, NoiseParams, WorldParams
+from diht_core.cat.quality import cat_quality
+from diht_core.cat.report import cat_metrics
+from diht_core.cat.shards import filter_shard, merge_decisions
+from diht_core.config import (BenchmarkParams, CatFilterParams, DownloadParams, EvalSplitParams, NoiseParams,
+                              WorldParams)
 from diht_core.data.captions import JUNK, VERB_FORMS
-from diht_core.data.scenes import COLOURS, SHAPES, SIZES, side_of, Shape
+from diht_core.data.scenes import COLOURS, SHAPES, SIZES, Shape, side_of
 from diht_core.data.shards import read_samples, shard_paths
-from diht_core.data.synthetic import teacher_labels, teacher_samples, train_samples, write_source
+from diht_core.data.synthetic import teacher_samples, train_samples, write_source
 from diht_core.eval.registry import default_tasks, get_task
 from diht_core.eval.runner import run_task, score
 from diht_core.models import create_model
@@ -88,6 +93,28 @@ def test_template_junk_is_a_handful_of_boilerplates(worlds):
     assert {m["junk_kind"] for m in junk} == {"template"}
     stems = {re.sub(r"\d+", "#", m["caption"]) for m in junk}
     assert len(stems) <= len(JUNK)
+
+
+def test_cat_reports_what_it_drops_of_each_junk_kind(worlds, tmp_path):
+    """The caption rules (spotting off) drop most diverse junk and little clean; the report says so per kind."""
+    root = worlds["web"][2]
+    shard = shard_paths(root / "raw" / "train")[0]
+    filter_shard(shard, tmp_path / "0.tar", tmp_path / "0.parquet", CatFilterParams(text_spotting=False), 10**8)
+    df = merge_decisions([tmp_path / "0.parquet"], tmp_path / "decisions.parquet")
+    by_kind = cat_metrics(df)["reasons_by_planted_kind"]
+    assert {f"junk/{k}" for k in WEB.junk_mix.model_dump()} | {"clean"} <= set(by_kind)
+    assert by_kind["clean"]["kept"] > 0.9
+    for kind in ("noun_phrase", "product_listing"):
+        assert by_kind[f"junk/{kind}"].get("kept", 0) < 0.5, kind
+
+
+def test_spotting_the_painted_text_of_junk_is_a_true_positive():
+    df = pd.DataFrame({"caption": ["a red star sits on the left", "summer vibes", "a blue circle holds a star"],
+                       "noise": ["text_in_image", "junk", "clean"], "junk_kind": [None, "painted_text_only", None],
+                       "reason": ["text_spotted", "text_spotted", "kept"], "kept": [False, False, True],
+                       "has_action": [True, False, True], "objects": [["star"], [], ["circle", "star"]],
+                       "attributes": [["red"], [], ["blue"]]})
+    assert cat_quality(df)["spotter"] == {"precision": 1.0, "recall": 1.0, "support": 2}
 
 
 def test_no_uninformative_pairs_when_off():

@@ -135,8 +135,8 @@ LISTING_LEADS = ("SALE", "NEW", "HOT SALE", "{pct}% OFF", "Best seller:", "Clear
 LISTING_TAILS = ("free shipping", "in stock", "only ${price}", "size {a}x{b} cm", "pack of {n}",
                  "delivery in {d} days", "{pct}% off today", "limited stock", "gift idea", "{n} colours available",
                  "item #{a}{b}", "SKU {a}-{b}")
-LISTING_FORMS = ("{lead} {n}x {item}, {tail}", "{item} - {tail}", "{lead} {item} {a}x{b} cm", "{n} pcs {item} set, {tail}",
-                 "{item} | {tail} | {tail2}", "{lead} {item} ({tail})")
+LISTING_FORMS = ("{lead} {n}x {item}, {tail}", "{item} - {tail}", "{lead} {item} {a}x{b} cm",
+                 "{n} pcs {item} set, {tail}", "{item} | {tail} | {tail2}", "{lead} {item} ({tail})")
 PAINTED_A = ("summer", "happy", "open", "big", "best", "super", "hello", "good", "grand", "mega", "final", "daily",
              "fresh", "lucky", "golden", "weekend", "night", "spring")
 PAINTED_B = ("sale", "vibes", "deals", "news", "day", "friday", "offer", "party", "market", "special", "club",

@@ -68,7 +68,8 @@ def _free(rng, r, placed, margin=0.04, tries=200, side=None):
     """A centre clear of the placed shapes (and on `side` of the canvas, when given); None if none is found."""
     for _ in range(tries):
         x, y = rng.uniform(r + margin, 1 - r - margin, size=2)
-        if (side is None or _side(x, y) == side) and all(math.hypot(x - p.x, y - p.y) > r + p.r + margin for p in placed):
+        on_side = side is None or _side(x, y) == side
+        if on_side and all(math.hypot(x - p.x, y - p.y) > r + p.r + margin for p in placed):
             return float(x), float(y)
     return None
 
