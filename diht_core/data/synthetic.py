@@ -67,8 +67,9 @@ def _junk_kinds(w: WorldParams, n: int, rng) -> list[str]:
 
 
 def _same_scene_sources(kinds: list[str], rate: float, rng) -> dict[int, int]:
-    """{copy index: source index}: round(rate * n) clean pairs (never the first) re-render the scene of an earlier
-    clean pair, drawn uniformly (a copy can be copied again: popular scenes recur, as re-uploads on the web)."""
+    """{copy index: source index}: round(rate * n) clean pairs (at most all clean pairs but the first) re-render the
+    scene of an earlier clean pair, drawn uniformly (a copy can be copied again: popular scenes recur, as re-uploads
+    on the web)."""
     clean = [i for i, k in enumerate(kinds) if k == "clean"]
     m = min(int(round(rate * len(kinds))), max(0, len(clean) - 1))
     copies = set(rng.choice(clean[1:], size=m, replace=False).tolist()) if m else set()
