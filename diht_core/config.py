@@ -98,6 +98,38 @@ class EvalSplitParams(_Strict):
     retrieval_images: int = Field(default=200, ge=10)
     vqa_questions: int = Field(default=300, ge=10)
     fewshot_per_class: int = Field(default=16, ge=1)
+    compositional_items: int = Field(default=400, ge=10)  # synthetic_compositional: image + true/swapped caption
+
+
+JUNK_KINDS = ("noun_phrase", "product_listing", "painted_text_only", "template")
+
+
+class JunkMix(_Strict):
+    """Shares of the diverse junk captions' kinds (download.world.junk_mix); they must sum to 1."""
+    noun_phrase: float = Field(default=0.35, ge=0, le=1)        # "red star icon png": no action
+    product_listing: float = Field(default=0.30, ge=0, le=1)    # "SALE 2x blue square cushion": things not shown
+    painted_text_only: float = Field(default=0.25, ge=0, le=1)  # the caption is the text painted in the image
+    template: float = Field(default=0.10, ge=0, le=1)           # the old boilerplate ("stock photo id 1234")
+
+    @model_validator(mode="after")
+    def _sum(self):
+        total = sum(getattr(self, k) for k in JUNK_KINDS)
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"junk_mix shares must sum to 1, got {total:g}")
+        return self
+
+
+class WorldParams(_Strict):
+    """The synthetic world's premises (diht_core/data/synthetic.py). The defaults are the web-like setting; each
+    switch turns one premise off: uninformative false (CAT), junk_style templates (CAT's diverse junk), omit_prob 0
+    (distillation), diverse_captions false (hard negatives), same_scene_rate 0 (FFF)."""
+    uninformative: bool = True      # false: every training pair is clean (download.noise is ignored)
+    junk_style: Literal["diverse", "templates"] = "diverse"  # templates: a handful of boilerplate captions
+    junk_mix: JunkMix = JunkMix()   # diverse: the shares of the junk captions' kinds
+    omit_prob: float = Field(default=0.5, ge=0, le=1)  # each colour/size word, and a third shape, left out
+    teacher_label_noise: float = Field(default=0.0, ge=0, le=1)  # share of the teacher's labels made random
+    diverse_captions: bool = True   # false: a few fixed templates (distinct images often share a caption)
+    same_scene_rate: float = Field(default=0.1, ge=0, le=1)  # share of images re-rendering an earlier scene
 
 
 class UrlListParams(_Strict):
@@ -176,6 +208,7 @@ class DownloadParams(_Strict):
     max_captions: int = Field(default=3, ge=2, le=10)
     teacher_samples: int = Field(default=2000, ge=16)
     eval: EvalSplitParams = EvalSplitParams()
+    world: WorldParams = WorldParams()
 
     @model_validator(mode="after")
     def _url_list_needs_a_path(self):
@@ -311,7 +344,7 @@ class TrainParams(_Strict):
 
 class BenchmarkParams(_Strict):
     tasks: list[str] = ["synthetic_shape", "synthetic_colour", "synthetic_count", "synthetic_retrieval",
-                        "synthetic_vqa"]
+                        "synthetic_vqa", "synthetic_compositional"]
     data_root: str = "datasets"   # where the real tasks' data lives (diht_core/eval/registry.py)
     model: str | None = None       # open_clip config of the evaluated model; null: train.model
     checkpoint: str | None = None  # a local checkpoint (ours, open_clip's, DiHT's); null: models/model.pt
@@ -379,7 +412,8 @@ class AblationParams(_Strict):
     baseline: str = "baseline"                     # the config the others are compared with
     quick: dict = {                                # overrides of the whole params for `--quick` (CI)
         "download": {"num_train": 240, "shard_size": 80, "teacher_samples": 160,
-                     "eval": {"per_class": 6, "retrieval_images": 20, "vqa_questions": 20, "fewshot_per_class": 4}},
+                     "eval": {"per_class": 6, "retrieval_images": 20, "vqa_questions": 20, "fewshot_per_class": 4,
+                              "compositional_items": 20}},
         "cat_filter": {"workers": 1},
         "concepts": {"min_count": 2},
         "teacher": {"pretrain_epochs": 1, "batch_size": 32, "classifier_epochs": 3},

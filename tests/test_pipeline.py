@@ -53,7 +53,7 @@ def test_flow_then_dvc_repro_give_the_same_metrics(tiny_project):
         assert flow_metrics[stage], stage
     bench = flow_metrics["benchmark"]["tasks"]
     assert set(bench) == {"synthetic_shape", "synthetic_colour", "synthetic_count", "synthetic_retrieval",
-                          "synthetic_vqa"}
+                          "synthetic_vqa", "synthetic_compositional"}
     assert all("main" in r and "chance" in r for r in bench.values())
     # the trained model loads with open_clip alone (open_clip's local-dir layout beside model.pt)
     write_images(tiny_project)

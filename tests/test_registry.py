@@ -19,7 +19,8 @@ from diht_core.eval.registry import (TaskSpec, check_available, default_tasks, d
                                      register_task, resolve)
 
 ROOT = Path(__file__).resolve().parents[1]
-SYNTHETIC = ["synthetic_shape", "synthetic_colour", "synthetic_count", "synthetic_retrieval", "synthetic_vqa"]
+SYNTHETIC = ["synthetic_shape", "synthetic_colour", "synthetic_count", "synthetic_retrieval", "synthetic_vqa",
+             "synthetic_compositional"]
 COLOURS = [(255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 0)]
 
 
@@ -69,7 +70,7 @@ def test_registry_counts():
     assert len(real) == 29 and len(set(real)) == 29 and real == diht_tasks()
     assert default_tasks() == SYNTHETIC == list_tasks(synthetic=True)
     assert list_tasks(extra=True) == ["cc_val_t2i", "cc_val_i2t"]  # outside the 29
-    assert len(list_tasks()) == 29 + 2 + 5
+    assert len(list_tasks()) == 29 + 2 + 6
     for name in ("imagenet1k", "coco_t2i", "coco_i2t", "flickr30k_t2i", "flickr30k_i2t"):  # named in the paper
         assert name in real
 

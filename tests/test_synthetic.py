@@ -38,7 +38,8 @@ def test_planted_noise_fractions_are_exact():
     for m in metas:
         assert {"key", "caption", "captions", "noise", "shapes", "relation", "count"} <= set(m)
         assert m["caption"] == m["captions"][0]
-        assert (m["painted_text"] is not None) == (m["noise"] == "text_in_image")
+        painted = m["noise"] == "text_in_image" or m["junk_kind"] == "painted_text_only"
+        assert (m["painted_text"] is not None) == painted
 
 
 def test_captions_describe_the_scene():

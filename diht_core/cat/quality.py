@@ -9,7 +9,7 @@ import pandas as pd
 from ..data.scenes import COLOURS, COUNT_WORDS, SHAPES, SIZES
 from ..data.shards import FAULTS
 
-GRAMMAR_NOUNS = set(SHAPES) | {"shape", "picture", "left", "right", "top", "bottom"}
+GRAMMAR_NOUNS = set(SHAPES) | {"shape", "picture", "drawing", "left", "right", "top", "bottom", "side", "edge", "half"}
 GRAMMAR_ATTRIBUTES = set(COLOURS) | set(SIZES) | set(COUNT_WORDS.values())
 
 
@@ -24,11 +24,17 @@ def _mentions(caption: str, vocab: set[str]) -> set[str]:
     return {w for w in re.findall(r"[a-z]+", caption.lower()) if w in vocab}
 
 
+def painted(df: pd.DataFrame) -> pd.Series:
+    """Pairs whose caption words are painted into the image: text_in_image, and junk that is the painted text."""
+    junk_kind = df.junk_kind if "junk_kind" in df else pd.Series(None, index=df.index, dtype=object)
+    return (df.noise == "text_in_image") | (junk_kind == "painted_text_only")
+
+
 def cat_quality(df: pd.DataFrame) -> dict:
     """Quality of each CAT component on pairs whose noise kind is known (the synthetic source).
 
     - action detection: every grammar caption has an action, junk captions have none;
-    - text spotting: among pairs that reached the spotter, those with painted caption words;
+    - text spotting: among pairs that reached the spotter, those with painted caption words (painted);
     - objects / attributes: the grammar's nouns and modifiers the parser finds (recall) and the share
       of parsed ones that belong to the grammar (precision);
     - the whole filter as a detector of junk and painted-text pairs.
@@ -56,6 +62,6 @@ def cat_quality(df: pd.DataFrame) -> dict:
         "parser_objects": {"precision": parsed_obj_ok / max(1, parsed_obj), "recall": found_obj / max(1, expected_obj)},
         "parser_attributes": {"precision": parsed_att_ok / max(1, parsed_att),
                               "recall": found_att / max(1, expected_att)},
-        "spotter": precision_recall(spotted.noise == "text_in_image", spotted.reason == "text_spotted"),
+        "spotter": precision_recall(painted(spotted), spotted.reason == "text_spotted"),
         "filter_vs_planted_noise": precision_recall(known.noise.isin(["junk", "text_in_image"]), ~known.kept),
     }

@@ -21,8 +21,18 @@ def cat_metrics(df: pd.DataFrame) -> dict:
     funnel.update({f"dropped_{r}": int((df.reason == r).sum()) for r in REASONS if r != "kept"})
     by_noise = {k: float(1 - g.kept.mean()) for k, g in df.groupby("noise")}
     return {"funnel": funnel, "kept_fraction": funnel["kept"] / max(1, funnel["in"]),
-            "drop_rate_by_noise": by_noise,
+            "drop_rate_by_noise": by_noise, "reasons_by_planted_kind": reasons_by_planted_kind(df),
             "quality": cat_quality(df) or None}  # None: no planted ground truth (a URL list)
+
+
+def reasons_by_planted_kind(df: pd.DataFrame) -> dict:
+    """{planted kind: {reason: share of its pairs}}: what each rule drops of each kind, junk by its junk_kind
+    ("junk/noun_phrase"); {} without planted truth (a URL list)."""
+    if "junk_kind" not in df:
+        return {}
+    kind = df.noise.where(df.junk_kind.isna(), "junk/" + df.junk_kind.astype(str))
+    known = df.assign(kind=kind)[kind.notna()]
+    return {k: g.reason.value_counts(normalize=True).sort_index().to_dict() for k, g in known.groupby("kind")}
 
 
 def write_report(df: pd.DataFrame, funnel: dict, shards: list[Path], plots: Path) -> list[Path]:

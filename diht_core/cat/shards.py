@@ -32,7 +32,7 @@ def config_digest(cfg: CatFilterParams) -> str:
 
 
 COLUMNS = ["key", "caption", "noise", "complexity", "has_action", "objects", "attributes", "spotted_text",
-           "matched_text", "kept", "reason"]
+           "matched_text", "kept", "reason", "junk_kind"]
 
 
 @lru_cache(maxsize=1)
@@ -119,6 +119,7 @@ def filter_shard(in_path: str | Path, out_tar: str | Path, out_parquet: str | Pa
             reason, keep, matched = d.reason, d.kept, d.matched
         rows.append({
             "key": s["key"], "caption": cap, "noise": (s.get("json") or {}).get("noise"),
+            "junk_kind": (s.get("json") or {}).get("junk_kind"),
             "complexity": pc.complexity, "has_action": pc.has_action, "objects": list(pc.objects),
             "attributes": [a for _, a in pc.attributes], "spotted_text": " | ".join(t for t, _ in spotted),
             "matched_text": matched, "kept": keep, "reason": reason,

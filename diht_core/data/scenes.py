@@ -64,10 +64,12 @@ def side_of(s: Shape) -> str:
     return _side(s.x, s.y)
 
 
-def _free(rng, r, placed, margin=0.04, tries=200):
+def _free(rng, r, placed, margin=0.04, tries=200, side=None):
+    """A centre clear of the placed shapes (and on `side` of the canvas, when given); None if none is found."""
     for _ in range(tries):
         x, y = rng.uniform(r + margin, 1 - r - margin, size=2)
-        if all(math.hypot(x - p.x, y - p.y) > r + p.r + margin for p in placed):
+        on_side = side is None or _side(x, y) == side
+        if on_side and all(math.hypot(x - p.x, y - p.y) > r + p.r + margin for p in placed):
             return float(x), float(y)
     return None
 
@@ -75,43 +77,61 @@ def _free(rng, r, placed, margin=0.04, tries=200):
 def sample_scene(rng: np.random.Generator, count: int | None = None, relation: str | None = None,
                  single: Shape | None = None) -> Scene:
     """Sample a scene. count in {1,2,3}; relation in RELATIONS or None (random for count>=2)."""
-    for _ in range(100):
+    for _ in range(1000):  # a chase (the object near the centre, the subject far off) may need ~50 tries
         scene = _try_scene(rng, count, relation)
         if scene is not None:
             return scene
     raise RuntimeError("could not place shapes")  # practically unreachable
 
 
-def _new_shape(rng, size=None, exclude_colours=()):
+def _new_shape(rng, size=None, exclude_colours=(), fixed=None):
+    if fixed is not None:  # (shape, colour, size, side) of a described scene
+        return Shape(*fixed[:3], 0.0, 0.0, SIZES[fixed[2]])
     colours = [c for c in COLOURS if c not in exclude_colours]
     size = size or str(rng.choice(list(SIZES)))
     return Shape(str(rng.choice(SHAPES)), str(rng.choice(colours)), size, 0.0, 0.0, SIZES[size])
 
 
-def _try_scene(rng, count, relation) -> Scene | None:
+def relayout(scene: Scene, rng: np.random.Generator, tries: int = 1000) -> Scene | None:
+    """The same description (shapes, colours, sizes, relation, each shape's side) at new positions; None when
+    no placement is found in `tries`."""
+    spec = [(s.shape, s.colour, s.size, side_of(s)) for s in scene.shapes]
+    kind = scene.relation["type"] if scene.relation else None
+    sides = [side_of(s) for s in scene.shapes]
+    for _ in range(tries):
+        new = _try_scene(rng, scene.count, kind, spec)
+        if new is not None and [side_of(s) for s in new.shapes] == sides:
+            return new
+    return None
+
+
+def _try_scene(rng, count, relation, spec=None) -> Scene | None:
+    """A random scene; spec: the (shape, colour, size, side) of each shape, placed anew on its side."""
     n = int(count or rng.integers(1, 4))
+    fixed = list(spec) if spec else [None] * n
+    side = [f[3] if f else None for f in fixed]
     shapes: list[Shape] = []
     rel = None
     if n == 1:
-        s = _new_shape(rng)
-        pos = _free(rng, s.r, [])
+        s = _new_shape(rng, fixed=fixed[0])
+        pos = _free(rng, s.r, [], side=side[0])
         s.x, s.y = pos
         return Scene([s])
     kind = relation or str(rng.choice(RELATIONS))
     if kind == "holds":
-        a = _new_shape(rng, "large")
-        b = _new_shape(rng, "small", exclude_colours=(a.colour,))
+        a = _new_shape(rng, "large", fixed=fixed[0])
+        b = _new_shape(rng, "small", exclude_colours=(a.colour,), fixed=fixed[1])
         b.r = a.r * 0.42
-        pos = _free(rng, a.r, [])
+        pos = _free(rng, a.r, [], side=side[0])
         if pos is None:
             return None
         a.x, a.y = pos
         b.x, b.y = a.x, a.y + (0.08 * a.r if a.shape == "triangle" else 0.0)
         shapes = [a, b]
     elif kind == "touches":
-        a = _new_shape(rng)
-        b = _new_shape(rng, exclude_colours=(a.colour,))
-        pos = _free(rng, a.r, [], margin=0.02)
+        a = _new_shape(rng, fixed=fixed[0])
+        b = _new_shape(rng, exclude_colours=(a.colour,), fixed=fixed[1])
+        pos = _free(rng, a.r, [], margin=0.02, side=side[0])
         if pos is None:
             return None
         a.x, a.y = pos
@@ -119,28 +139,28 @@ def _try_scene(rng, count, relation) -> Scene | None:
         for _ in range(50):
             t = rng.uniform(0, 2 * math.pi)
             bx, by = a.x + d * math.cos(t), a.y + d * math.sin(t)
-            if b.r < bx < 1 - b.r and b.r < by < 1 - b.r:
+            if b.r < bx < 1 - b.r and b.r < by < 1 - b.r and side[1] in (None, _side(bx, by)):
                 b.x, b.y = float(bx), float(by)
                 break
         else:
             return None
         shapes = [a, b]
     else:  # chases: separate shapes, arrow from a to b
-        a = _new_shape(rng, "small")
-        b = _new_shape(rng, "small", exclude_colours=(a.colour,))
-        pa = _free(rng, a.r, [])
+        a = _new_shape(rng, "small", fixed=fixed[0])
+        b = _new_shape(rng, "small", exclude_colours=(a.colour,), fixed=fixed[1])
+        pa = _free(rng, a.r, [], side=side[0])
         if pa is None:
             return None
         a.x, a.y = pa
-        pb = _free(rng, b.r, [a], margin=0.22)
+        pb = _free(rng, b.r, [a], margin=0.22, side=side[1])
         if pb is None:
             return None
         b.x, b.y = pb
         shapes = [a, b]
     rel = {"type": kind, "subject": 0, "object": 1}
     if n == 3:
-        c = _new_shape(rng, "small")
-        pos = _free(rng, c.r, shapes, margin=0.05)
+        c = _new_shape(rng, "small", fixed=fixed[2])
+        pos = _free(rng, c.r, shapes, margin=0.05, side=side[2])
         if pos is None:
             return None
         c.x, c.y = pos

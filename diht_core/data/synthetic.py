@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..config import DownloadParams
+from ..config import DownloadParams, WorldParams
 from .files import atomic_write_text
-from .captions import with_article, caption, junk_caption, painted_words, paraphrases
-from .scenes import COLOURS, COUNT_WORDS, RELATIONS, SHAPES, Scene, render, sample_scene
+from .captions import (VERB_FORMS, caption, junk_caption, junk_noun_phrase, omitted_concepts, painted_slogan,
+                       painted_words, paraphrases, product_listing, relation_clause, with_article)
+from .scenes import COLOURS, COUNT_WORDS, RELATIONS, SHAPES, Scene, relayout, render, sample_scene
 from .shards import encode_jpg, read_samples, shard_paths, write_shard
 
 NOISE_KINDS = ("clean", "junk", "text_in_image", "mismatched")
@@ -40,42 +41,105 @@ def rng_for(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
 
 
-def _noise_kinds(d: DownloadParams, rng) -> list[str]:
-    """Exactly the configured fraction of each kind, in shuffled order."""
-    n = d.num_train
-    counts = {k: int(round(getattr(d.noise, k) * n)) for k in ("junk", "text_in_image", "mismatched")}
-    kinds = [k for k, c in counts.items() for _ in range(c)]
-    kinds += ["clean"] * (n - len(kinds))
+def _exact_kinds(shares: dict[str, float], n: int, rng, rest: str) -> list[str]:
+    """round(share * n) of each kind, `rest` for the remainder, in shuffled order."""
+    kinds = [k for k, f in shares.items() for _ in range(int(round(f * n)))][:n]
+    kinds += [rest] * (n - len(kinds))
     rng.shuffle(kinds)
     return kinds
+
+
+def _noise_kinds(d: DownloadParams, rng) -> list[str]:
+    """Exactly the configured fraction of each kind, in shuffled order (all clean when the world has no
+    uninformative pairs)."""
+    if not d.world.uninformative:
+        return ["clean"] * d.num_train
+    return _exact_kinds(d.noise.model_dump(), d.num_train, rng, "clean")
+
+
+def _junk_kinds(w: WorldParams, n: int, rng) -> list[str]:
+    """The kind of each of n junk captions: junk_mix's shares (largest first takes the remainder), or templates."""
+    if w.junk_style == "templates":
+        return ["template"] * n
+    mix = w.junk_mix.model_dump()
+    rest = max(mix, key=mix.get)
+    return _exact_kinds({k: f for k, f in mix.items() if k != rest}, n, rng, rest)
+
+
+def _same_scene_sources(kinds: list[str], rate: float, rng) -> dict[int, int]:
+    """{copy index: source index}: round(rate * n) clean pairs (at most all clean pairs but the first) re-render the
+    scene of an earlier clean pair, drawn uniformly (a copy can be copied again: popular scenes recur, as re-uploads
+    on the web)."""
+    clean = [i for i, k in enumerate(kinds) if k == "clean"]
+    m = min(int(round(rate * len(kinds))), max(0, len(clean) - 1))
+    copies = set(rng.choice(clean[1:], size=m, replace=False).tolist()) if m else set()
+    out, earlier = {}, []
+    for i in clean:
+        if i in copies:
+            out[i] = int(earlier[int(rng.integers(len(earlier)))])
+        earlier.append(i)
+    return out
+
+
+def sample_rngs(seed: int, i: int) -> tuple[np.random.Generator, np.random.Generator]:
+    """(scene and pixels, captions) generators of training pair i: a caption knob leaves the images alone."""
+    return (np.random.default_rng([seed, zlib.crc32(b"train/scene"), i]),
+            np.random.default_rng([seed, zlib.crc32(b"train/caption"), i]))
+
+
+def _captions(kind: str, junk_kind: str | None, scene: Scene, d: DownloadParams, rng) -> list[str]:
+    """The captions of a training pair of this noise kind (junk: of this junk kind; painted text set on scene)."""
+    w = d.world
+    caps = [caption(scene, rng, w.omit_prob, w.diverse_captions)]
+    if kind == "clean" and rng.random() < d.multi_caption:
+        caps = paraphrases(scene, rng, int(rng.integers(2, d.max_captions + 1)), w.omit_prob, w.diverse_captions)
+    if kind == "mismatched":
+        caps = [caption(sample_scene(rng), rng, w.omit_prob, w.diverse_captions)]
+    elif kind == "text_in_image":
+        scene.painted_text = painted_words(scene, rng)
+    elif junk_kind == "template":
+        caps = [junk_caption(rng)]
+    elif junk_kind == "noun_phrase":
+        caps = [junk_noun_phrase(scene, rng)]
+    elif junk_kind == "product_listing":
+        caps = [product_listing(scene, rng)]
+    elif junk_kind == "painted_text_only":
+        scene.painted_text = painted_slogan(rng)
+        caps = [scene.painted_text]
+    return caps
 
 
 def train_samples(d: DownloadParams, seed: int):
     """Yield training samples (dicts ready for a TarWriter), deterministic from the seed.
 
     Training pairs carry planted noise of known kinds (recorded in each sample's json):
-    ``clean``, ``junk`` (boilerplate caption, no action), ``text_in_image`` (caption words
-    painted into the image) and ``mismatched`` (another image's caption). A share of clean
-    pairs carries several paraphrased captions (``captions`` in the json, for FFF).
+    ``clean``, ``junk`` (a caption that says little of the image, of ``junk_kind`` noun_phrase, product_listing,
+    painted_text_only or template), ``text_in_image`` (caption words painted into the image) and ``mismatched``
+    (another image's caption). A share of clean pairs carries several paraphrased captions (``captions``, for FFF).
+    The world's premises (``d.world``) are planted with their truth: ``scene_id`` (equal for re-renders of one scene
+    description, which share its captions), ``omitted`` (the concepts shown that no caption names).
     """
-    rng = rng_for(seed, "train")
-    kinds = _noise_kinds(d, rng)
+    w = d.world
+    kinds = _noise_kinds(d, rng_for(seed, "train"))
+    junk = iter(_junk_kinds(w, kinds.count("junk"), rng_for(seed, "train/junk_kinds")))
+    copies = _same_scene_sources(kinds, w.same_scene_rate, rng_for(seed, "train/same_scene"))
+    described: dict[int, tuple[Scene, list[str], int]] = {}  # clean pair -> (scene, captions, scene_id)
     for i, kind in enumerate(kinds):
-        scene = sample_scene(rng)
-        caps = [caption(scene, rng)]
-        if kind == "clean" and rng.random() < d.multi_caption:
-            caps = paraphrases(scene, rng, int(rng.integers(2, d.max_captions + 1)))
-        if kind == "junk":
-            caps = [junk_caption(rng)]
-        elif kind == "mismatched":
-            caps = [caption(sample_scene(rng), rng)]
-        elif kind == "text_in_image":
-            scene.painted_text = painted_words(scene, rng)
-        img = render(scene, d.image_size, rng)
+        rs, rc = sample_rngs(seed, i)
+        junk_kind = next(junk) if kind == "junk" else None
+        if i in copies:
+            source, caps, scene_id = described[copies[i]]
+            scene = relayout(source, rs) or Scene(source.shapes, source.relation)  # None: practically unreachable
+        else:
+            scene, scene_id = sample_scene(rs), i
+            caps = _captions(kind, junk_kind, scene, d, rc)
+        if kind == "clean":
+            described[i] = (scene, caps, scene_id)
+        img = render(scene, d.image_size, rs)
         key = f"{i:09d}"
-        meta = {"key": key, "caption": caps[0], "captions": caps, "noise": kind,
-                "multi_caption": len(caps) > 1, "status": "success",
-                "width": d.image_size, "height": d.image_size, **scene.to_json()}
+        meta = {"key": key, "caption": caps[0], "captions": caps, "noise": kind, "junk_kind": junk_kind,
+                "multi_caption": len(caps) > 1, "scene_id": scene_id, "omitted": omitted_concepts(scene, caps),
+                "status": "success", "width": d.image_size, "height": d.image_size, **scene.to_json()}
         yield {"__key__": key, "jpg": encode_jpg(img), "txt": caps[0], "json": json.dumps(meta).encode()}
 
 
@@ -91,13 +155,19 @@ def teacher_labels(scene: Scene) -> dict:
 
 
 def teacher_samples(d: DownloadParams, seed: int):
-    """Clean, labelled scenes disjoint from the training pairs (the SWAG stand-in's data)."""
+    """Clean, labelled scenes disjoint from the training pairs (the SWAG stand-in's data). A share
+    ``world.teacher_label_noise`` of them carries the labels of another, random scene (``label_noise``: true,
+    ``true_labels``): a weaker teacher."""
     rng = rng_for(seed, "teacher")
+    noise_rng = rng_for(seed, "teacher/label_noise")
+    noisy = _exact_kinds({"noisy": d.world.teacher_label_noise}, d.teacher_samples, noise_rng, "true")
     for i in range(d.teacher_samples):
         scene = sample_scene(rng)
         img = render(scene, d.image_size, rng)
         key = f"t{i:08d}"
-        meta = {"key": key, **scene.to_json(), "labels": teacher_labels(scene)}
+        meta = {"key": key, **scene.to_json(), "labels": teacher_labels(scene), "label_noise": noisy[i] == "noisy"}
+        if meta["label_noise"]:
+            meta["true_labels"], meta["labels"] = meta["labels"], teacher_labels(sample_scene(noise_rng))
         yield {"__key__": key, "jpg": encode_jpg(img), "json": json.dumps(meta).encode()}
 
 
@@ -168,6 +238,40 @@ def _vqa_split(d: DownloadParams, seed: int):
         yield {"__key__": f"{i:08d}", "jpg": encode_jpg(img), "json": json.dumps({**q, **scene.to_json()}).encode()}
 
 
+COMPOSITIONAL_QUESTION = "which caption describes the image?"
+
+
+def compositional_item(rng: np.random.Generator) -> tuple[Scene, dict]:
+    """A two-shape scene and a 2-way choice (ARO / Winoground style): its true caption, and the same words with the
+    roles (subject and object) or the colours of the two shapes swapped. A touch is symmetric, so only its colours
+    are swapped, between two different shapes."""
+    while True:
+        scene = sample_scene(rng, count=2)
+        a, b = scene.shapes  # subject, object
+        rel = scene.relation["type"]
+        swap = "colour" if rel == "touches" else str(rng.choice(["role", "colour"]))
+        if not (rel == "touches" and a.shape == b.shape):
+            break
+    form = int(rng.integers(len(VERB_FORMS[rel])))
+    true = relation_clause(with_article(f"{a.colour} {a.shape}"), rel, with_article(f"{b.colour} {b.shape}"), form)
+    if swap == "role":
+        wrong = relation_clause(with_article(f"{b.colour} {b.shape}"), rel, with_article(f"{a.colour} {a.shape}"), form)
+    else:
+        wrong = relation_clause(with_article(f"{b.colour} {a.shape}"), rel, with_article(f"{a.colour} {b.shape}"), form)
+    label = int(rng.integers(2))
+    statements = [wrong, true] if label else [true, wrong]
+    return scene, {"qtype": f"{swap}_swap", "question": COMPOSITIONAL_QUESTION, "answers": statements,
+                   "statements": statements, "label": label}
+
+
+def _compositional_split(d: DownloadParams, seed: int):
+    rng = rng_for(seed, "synthetic_compositional/test")
+    for i in range(d.eval.compositional_items):
+        scene, q = compositional_item(rng)
+        img = render(scene, d.image_size, rng)
+        yield {"__key__": f"{i:08d}", "jpg": encode_jpg(img), "json": json.dumps({**q, **scene.to_json()}).encode()}
+
+
 def _write_split(samples, directory: Path, shard_size: int, desc: str, total: int) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     buf, shard, n = [], 0, 0
@@ -207,6 +311,9 @@ def write_eval_splits(d: DownloadParams, seed: int, root: Path) -> dict[str, int
         _retrieval_split(d, seed), root / "synthetic_retrieval" / "test", 10_000, "retrieval", e.retrieval_images)
     counts["synthetic_vqa/test"] = _write_split(
         _vqa_split(d, seed), root / "synthetic_vqa" / "test", 10_000, "vqa", e.vqa_questions)
+    counts["synthetic_compositional/test"] = _write_split(
+        _compositional_split(d, seed), root / "synthetic_compositional" / "test", 10_000, "compositional",
+        e.compositional_items)
     return counts
 
 
@@ -225,17 +332,45 @@ def generate(d: DownloadParams, seed: int, root: str | Path, train: bool = True)
     return stats
 
 
+def train_metas(train_dir: Path) -> list[dict]:
+    """The json of every sample of the written train shards."""
+    return [s["json"] for shard in shard_paths(train_dir) for s in read_samples(shard)]
+
+
 def planted_noise(train_dir: Path, n: int) -> tuple[dict[str, float], float]:
     """(fraction of each noise kind, fraction of multi-caption pairs) read back from the written train shards."""
-    kinds, multi = Counter(), 0
-    for shard in shard_paths(train_dir):
-        for s in read_samples(shard):
-            kinds[s["json"]["noise"]] += 1
-            multi += bool(s["json"]["multi_caption"])
-    return {k: kinds[k] / n for k in NOISE_KINDS}, multi / n
+    return noise_summary(train_metas(train_dir), n)
 
 
-SYNTHETIC_EVAL_TASKS = (*CLASSIFICATION_TASKS, "synthetic_retrieval", "synthetic_vqa")
+def noise_summary(metas: list[dict], n: int) -> tuple[dict[str, float], float]:
+    """(fraction of each noise kind, fraction of multi-caption pairs) of the training samples' json."""
+    kinds = Counter(m["noise"] for m in metas)
+    return {k: kinds[k] / n for k in NOISE_KINDS}, sum(bool(m["multi_caption"]) for m in metas) / n
+
+
+def planted_world(metas: list[dict]) -> dict:
+    """The world's planted truth read back from the training samples' json: the junk kinds' shares of the junk,
+    the share of re-rendered scenes and of pairs in a same-scene group, the omitted concepts of the pairs whose
+    captions describe their own image (clean, text_in_image), and how often distinct scenes share a caption."""
+    junk = Counter(m["junk_kind"] for m in metas if m["noise"] == "junk")
+    groups = Counter(m["scene_id"] for m in metas)
+    own = [m for m in metas if m["noise"] in ("clean", "text_in_image")]
+    scenes_of: dict[str, set] = {}
+    for m in metas:
+        if m["noise"] == "clean":
+            scenes_of.setdefault(m["caption"], set()).add(m["scene_id"])
+    clean = [m for m in metas if m["noise"] == "clean"]
+    return {
+        "junk_kind_fraction": {k: v / max(1, sum(junk.values())) for k, v in sorted(junk.items())},
+        "same_scene_copies": sum(m["scene_id"] != int(m["key"]) for m in metas) / max(1, len(metas)),
+        "in_same_scene_group": sum(groups[m["scene_id"]] > 1 for m in metas) / max(1, len(metas)),
+        "omitted_any": sum(bool(m["omitted"]) for m in own) / max(1, len(own)),
+        "omitted_per_pair": sum(len(m["omitted"]) for m in own) / max(1, len(own)),
+        "shared_caption": sum(len(scenes_of[m["caption"]]) > 1 for m in clean) / max(1, len(clean)),
+    }
+
+
+SYNTHETIC_EVAL_TASKS = (*CLASSIFICATION_TASKS, "synthetic_retrieval", "synthetic_vqa", "synthetic_compositional")
 
 
 class SourceConflict(RuntimeError):
@@ -277,8 +412,10 @@ def write_source(d: DownloadParams, seed: int, root: str | Path) -> dict:
     clear_synthetic(root, train=True)
     counts = generate(d, seed, root)
     n = counts["train"]
-    noise, multi = planted_noise(root / "raw" / "train", n)
+    metas = train_metas(root / "raw" / "train")
+    noise, multi = noise_summary(metas, n)
     return {
+        "world": planted_world(metas),
         "train_samples": n,
         "train_shards": len(shard_paths(root / "raw" / "train")),
         "teacher_samples": counts["teacher"],

@@ -1,4 +1,4 @@
-"""The benchmark's tasks as plain data, the one list of them: DiHT's 17 + 10 + 2 tasks, the extra cc_val and the 5
+"""The benchmark's tasks as plain data, the one list of them: DiHT's 17 + 10 + 2 tasks, the extra cc_val and the 6
 synthetic ones."""
 
 # registry.py turns each row below into a TaskSpec (attaching its loader). The paper names only ImageNet-1K, COCO and
@@ -66,6 +66,7 @@ SYNTHETIC = [
     ("synthetic_count", "classification", "acc1"),
     ("synthetic_retrieval", "retrieval", "mean_recall@1"),
     ("synthetic_vqa", "vqa", "accuracy"),
+    ("synthetic_compositional", "vqa", "accuracy"),  # true caption vs the same words swapped (ARO / Winoground)
 ]
 
 

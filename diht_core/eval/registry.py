@@ -1,4 +1,4 @@
-"""The evaluation task registry: DiHT's 29-task zero-shot benchmark, the extra cc_val tasks and the 5 synthetic
+"""The evaluation task registry: DiHT's 29-task zero-shot benchmark, the extra cc_val tasks and the 6 synthetic
 tasks."""
 
 from __future__ import annotations
