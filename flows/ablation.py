@@ -7,6 +7,7 @@ import argparse
 import inspect
 import json
 import math
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -69,13 +70,23 @@ def ablation(params_path: str = "params.yaml", overrides: dict | None = None, qu
 
 
 def ensure_upstream(upstream, parent_id: str) -> None:
-    """Run the upstream stages into their own folder unless it already holds them (same params digest)."""
-    marker = Path(upstream.paths.data).parent / "upstream.json"
+    """Run the upstream stages into their own folder unless it already holds them (same params digest). The
+    leading stages another finished upstream shares (same params up to them) are copied from it, not rerun."""
+    folder = Path(upstream.paths.data).parent
+    marker, stages = folder / "upstream.json", A.stage_digests(upstream)
     if marker.exists() and json.loads(marker.read_text()).get("digest") == A.upstream_digest(upstream):
         return
-    for stage in A.UPSTREAM:
+    donors = [(A.shared_prefix(stages, json.loads(m.read_text()).get("stages", [])), m.parent)
+              for m in folder.parent.glob("*/upstream.json") if m.parent != folder]
+    shared, donor = max(donors, default=(0, None), key=lambda d: d[0])
+    if shared:
+        for k in ("data", "models", "metrics", "plots"):
+            if (donor / k).exists():
+                shutil.copytree(donor / k, folder / k, dirs_exist_ok=True)
+        print(f"[ablation] upstream {folder.name}: {', '.join(A.UPSTREAM[:shared])} copied from {donor.name}")
+    for stage in A.UPSTREAM[shared:]:
         TASKS[stage](upstream, parent_id)
-    atomic_write_text(marker, json.dumps({"digest": A.upstream_digest(upstream)}))
+    atomic_write_text(marker, json.dumps({"digest": A.upstream_digest(upstream), "stages": stages}))
 
 
 def log_summary(report: dict) -> None:

@@ -18,8 +18,8 @@ from scipy import stats
 
 from diht_core.config import ParamsError, deep_merge, validate_params
 from diht_core.eval.ablation import (aggregate, binomial_se, dvc_queue_commands, holm, mean_se, mechanisms,
-                                     min_detectable_difference, plan, pooled_std, runs, split_sizes,
-                                     write_report)
+                                     min_detectable_difference, plan, pooled_std, runs, shared_prefix, split_sizes,
+                                     stage_digests, write_report, UPSTREAM)
 
 
 def _results(levels: dict, seeds=range(5), n=200, spread=0.01):
@@ -122,9 +122,10 @@ def test_aggregate_welch_holm_mdd_and_sampling():
     ps = [on["p"], off["p"], rep["sweeps"]["S"]["points"][0]["p"]]
     assert [on["p_holm"], off["p_holm"], rep["sweeps"]["S"]["points"][0]["p_holm"]] == pytest.approx(holm(ps))
     assert on["mdd"] == pytest.approx(min_detectable_difference(pooled_std(better, base), 5, 5))
-    assert x["effect_with_premise"] and x["vanishes_without_premise"]
+    assert x["better_with_premise"] and x["vanishes_without_premise"]
     assert rep["tests"] == 3 and rep["correction"] == "holm"
-    assert "**X** (effect with premise: yes; vanishes without: yes)" in rep["table"]
+    assert "**X** (beats its baseline with the premise (Holm p < 0.05): yes; difference vanishes without it: yes)" \
+        in rep["table"]
     assert "| premise off | base off" in rep["table"] and "| chance |" in rep["table"]
 
 
@@ -142,6 +143,8 @@ def test_a_control_world_that_keeps_the_effect_does_not_vanish():
     res = _results({"base": 0.3, "better": 0.5, "base off": 0.3, "same off": 0.45, "same": 0.3})
     rep = aggregate(res, _tests(), "quick")
     assert not rep["comparisons"]["X"]["vanishes_without_premise"]
+    res = _results({"base": 0.5, "better": 0.3, "same": 0.3, "base off": 0.3, "same off": 0.3})
+    assert not aggregate(res, _tests(), "quick")["comparisons"]["X"]["better_with_premise"]  # significant, but worse
     rep = aggregate(_results({"base": 0.3, "better": 0.5, "same": 0.3, "base off": 0.3, "same off": 0.3}, n=100_000),
                     _tests(), "quick")
     assert rep["arms"]["base"]["sampling"]["eval_se_not_well_below_seed_std"] is False  # 10^5 items: tiny SE
@@ -187,6 +190,16 @@ def test_runs_share_an_upstream_per_distinct_upstream(tmp_path):
     assert r["overrides"]["paths"]["data"] == str(tmp_path / "upstream" / r["upstream_digest"] / "data")
     assert r["overrides"]["train"]["seed"] == 1 and r["overrides"]["download"]["world"] == {"omit_prob": 0.0}
     assert validate_params(deep_merge(tiny_params(), r["overrides"])).download.world.omit_prob == 0.0
+
+
+def test_upstreams_share_their_leading_stages():
+    raw = tiny_params()
+    base = stage_digests(validate_params(raw))
+    shared = lambda ov: shared_prefix(base, stage_digests(validate_params(deep_merge(raw, ov))))
+    assert shared({}) == len(UPSTREAM)
+    assert shared({"pseudo_labels": {"top_k": 3}}) == 4      # everything but pseudo_labels
+    assert shared({"cat_filter": {"min_complexity": 2}}) == 1  # the download only
+    assert shared({"download": {"world": {"omit_prob": 0.0}}}) == 0
 
 
 def test_quick_grid_exercises_every_path_with_two_value_sweeps():
@@ -269,7 +282,7 @@ def test_quick_ablation_flow_end_to_end(tiny_project):
         {r["upstream_digest"] for r in runs(quick, {}, tiny_project)})
     assert (tiny_project / "plots" / "ablation_quick.png").stat().st_size > 0
     assert (tiny_project / "plots" / "ablation_quick_effects.png").stat().st_size > 0
-    assert "| baseline | 2 |" in proc.stdout and "**CAT** (effect with premise" in proc.stdout
+    assert "| baseline | 2 |" in proc.stdout and "**CAT** (beats its baseline" in proc.stdout
     mlflow.set_tracking_uri(f"sqlite:///{tiny_project / '.state' / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["diht"], output_format="list")
     parent = [r for r in runs if r.data.tags.get("diht.ablation") == "quick"]

@@ -20,6 +20,8 @@ from ..plots import pyplot, save_figure
 
 UPSTREAM = ("download", "cat_filter", "concepts", "teacher", "pseudo_labels")
 UPSTREAM_SECTIONS = ("seed", "download", "cat_filter", "concepts", "teacher", "pseudo_labels")
+STAGE_READS = {"download": ("seed", "download"), "cat_filter": ("cat_filter",), "concepts": ("concepts",),
+               "teacher": ("teacher",), "pseudo_labels": ("pseudo_labels",)}  # the sections each stage adds
 MECHANISMS = ("fff_mining", "hn_true_negative_weight_share", "omitted_concepts")
 WELL_BELOW = 0.5  # the evaluation's sampling error is "well below" the seed spread when under half of it
 
@@ -86,6 +88,8 @@ def runs(params: Params, base_overrides: dict, root: Path) -> list[dict]:
     root/upstream/<digest>/; each run its models, metrics and plots under root/runs/<arm>/seed<k>/."""
     a = params.ablation
     arms, _ = plan(params)
+    if len({slug(n) for n in arms}) < len(arms):
+        raise ValueError(f"ablation: two arms share a folder name: {sorted(slug(n) for n in arms)}")
     dump = params.model_dump()
     out = []
     for name, arm in arms.items():
@@ -110,8 +114,25 @@ def upstream_digest(params: Params) -> str:
     return digest({k: dump[k] for k in UPSTREAM_SECTIONS})
 
 
+def stage_digests(params: Params) -> list[str]:
+    """Per upstream stage, the digest of the params it and the stages before it read: two upstreams whose
+    digests agree up to stage k have the same outputs up to stage k (a top-k sweep shares everything but
+    pseudo_labels)."""
+    dump, read, out = params.model_dump(), [], []
+    for stage in UPSTREAM:
+        read += STAGE_READS[stage]
+        out.append(digest({k: dump[k] for k in read}))
+    return out
+
+
+def shared_prefix(a: list[str], b: list[str]) -> int:
+    """How many leading stages two upstreams share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_.=+" else "_" for c in name).replace("=", "")
+    """A file and MLflow metric name of an arm's or a test's name (letters, digits, - _ . only)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def digest(obj) -> str:
@@ -263,7 +284,7 @@ def aggregate(results: list[dict], tests: list[dict], mode: str, params: Params 
             comparisons.setdefault(t["comparison"], {})[t["world"]] = t
     for c in comparisons.values():
         on, off = c.get("premise on"), c.get("premise off")
-        c["effect_with_premise"] = bool(on and on["p_holm"] is not None and on["p_holm"] < 0.05)
+        c["better_with_premise"] = bool(on and on["delta"] > 0 and on["p_holm"] is not None and on["p_holm"] < 0.05)
         # "vanishes": no significant difference in the control world (raw p, the stricter reading), and one
         # no larger than the control could detect
         c["vanishes_without_premise"] = bool(off and (off["p"] is None or off["p"] >= 0.05)
@@ -308,8 +329,8 @@ def markdown(report: dict) -> str:
         rows = [f"| {w} | {t['baseline']} {t['baseline_mean']:.3f} | {t['component']} {t['component_mean']:.3f} "
                 f"| {t['delta']:+.3f} | {_p(t['p'])} | {_p(t['p_holm'])} | {t['mdd']:.3f} |"
                 for w, t in c.items() if isinstance(t, dict)]
-        verdict = (f"effect with premise: {'yes' if c['effect_with_premise'] else 'no'}; "
-                   f"vanishes without: {'yes' if c['vanishes_without_premise'] else 'no'}")
+        verdict = (f"beats its baseline with the premise (Holm p < 0.05): {'yes' if c['better_with_premise'] else 'no'}; "
+                   f"difference vanishes without it: {'yes' if c['vanishes_without_premise'] else 'no'}")
         out += [f"**{name}** ({verdict})", "", head, *rows, ""]
     for name, s in report["sweeps"].items():
         out += [f"**{name}** ({s['key']}, vs {fmt(s['default'])})", "",
