@@ -112,7 +112,7 @@ compose-up:
 	mkdir -p data models metrics plots datasets
 	docker compose -p diht -f docker/compose.yaml up -d --build
 
-# The ablation grid (flows/ablation.py; params.yaml: ablation): metrics/ablation.json, plots/ablation.png, MLflow.
+# The ablation grid (flows/ablation.py; params.yaml: ablation): metrics/ablation.json, plots/ablation{,_effects}.png, MLflow.
 ablation: install
 	@mkdir -p $(STATE)/prefect
 	$(PY) -m flows.ablation --params params.yaml

@@ -392,24 +392,62 @@ class FewshotParams(_Strict):
         return v
 
 
+_NO_TRAIN = {"lambda_obj": 0, "lambda_attr": 0}
+_SIGMOID = {"loss": "sigmoid", "sigmoid_bias_init": -5.0, "captions_per_image": 2, **_NO_TRAIN}
+
+
+class ComparisonParams(_Strict):
+    """A component against its baseline, in the world where its premise holds and in its control world."""
+    component: str                      # a config of ablation.configs
+    baseline: str                       # ... the same without the component
+    premise_on: dict = {}               # overrides of download.world where the premise holds
+    premise_off: dict                   # ... the control world: the premise switched off
+
+    @field_validator("premise_on", "premise_off")
+    @classmethod
+    def _world(cls, v):
+        WorldParams.model_validate(v)   # known keys, valid values
+        return v
+
+
+class SweepParams(_Strict):
+    """A config run at several values of one param, each against the config at its default value."""
+    config: str                         # a config of ablation.configs
+    key: str = Field(pattern=r"^(train|cat_filter|concepts|teacher|pseudo_labels|download)\.[a-z_.]+$")
+    values: list[int | float] = Field(min_length=1)
+
+
 class AblationParams(_Strict):
-    """The ablation grid (flows/ablation.py): every config x seed trains and benchmarks at one budget."""
-    seeds: list[int] = Field(default=[0, 1, 2], min_length=1)
-    steps: int = Field(default=200, ge=1)          # samples seen = steps x batch_size, the same for every config
+    """The ablation grid (flows/ablation.py, diht_core/eval/ablation.py): each comparison's two configs in its two
+    worlds, the sweeps, every arm x seed trained at one budget and benchmarked."""
+    seeds: list[int] = Field(default=[0, 1, 2, 3, 4], min_length=1)
+    steps: int = Field(default=200, ge=1)          # samples seen = steps x batch_size, the same for every run
     batch_size: int = Field(default=128, ge=2)
     configs: dict[str, dict] = {                   # name -> overrides of `train`
-        "baseline": {"source": "raw", "loss": "infonce", "lambda_obj": 0, "lambda_attr": 0},  # plain CLIP, no CAT
-        "cat": {"loss": "infonce", "lambda_obj": 0, "lambda_attr": 0},                        # + the CAT filter
-        "cat+distill": {"loss": "infonce", "lambda_obj": 0.5, "lambda_attr": 0.5},            # + distillation
-        "diht": {"loss": "hn-nce", "hn_beta": 0.5, "lambda_obj": 0.5, "lambda_attr": 0.5},    # + HN-NCE (the default)
-        "fff": {"loss": "sigmoid", "sigmoid_bias_init": -5.0, "captions_per_image": 2, "fff_mining_start": 100,
-                "fff_tt_threshold": 0.95, "fff_ii_threshold": 0.98, "lambda_obj": 0, "lambda_attr": 0},
-        "sigmoid-2caps": {"loss": "sigmoid", "sigmoid_bias_init": -5.0, "captions_per_image": 2, "lambda_obj": 0,
-                          "lambda_attr": 0},
+        "baseline": {"source": "raw", "loss": "infonce", **_NO_TRAIN},
+        "cat": {"loss": "infonce", **_NO_TRAIN},
+        "cat+distill": {"loss": "infonce", "lambda_obj": 0.5, "lambda_attr": 0.5},
+        "cat+hn-nce": {"loss": "hn-nce", "hn_beta": 0.5, **_NO_TRAIN},
+        "diht": {"loss": "hn-nce", "hn_beta": 0.5, "lambda_obj": 0.5, "lambda_attr": 0.5},
+        "sigmoid-2caps": dict(_SIGMOID),
+        "fff": {**_SIGMOID, "fff_mining_start": 100, "fff_tt_threshold": 0.95, "fff_ii_threshold": 0.98},
     }
-    beta_sweep: list[float] = [0.1, 0.25, 1.0]      # extra runs of `beta_sweep_of` with these hn_beta
-    beta_sweep_of: str = "diht"
-    baseline: str = "baseline"                     # the config the others are compared with
+    comparisons: dict[str, ComparisonParams] = {
+        "CAT": ComparisonParams(component="cat", baseline="baseline", premise_on={"uninformative": True},
+                                premise_off={"uninformative": False}),
+        "distillation": ComparisonParams(component="cat+distill", baseline="cat", premise_on={"omit_prob": 0.5},
+                                         premise_off={"omit_prob": 0.0}),
+        "HN-NCE": ComparisonParams(component="cat+hn-nce", baseline="cat", premise_on={"diverse_captions": True},
+                                   premise_off={"diverse_captions": False}),
+        "FFF mining": ComparisonParams(component="fff", baseline="sigmoid-2caps", premise_on={"same_scene_rate": 0.1},
+                                       premise_off={"same_scene_rate": 0.0}),
+    }
+    sweeps: dict[str, SweepParams] = {
+        "CAT complexity": SweepParams(config="cat", key="cat_filter.min_complexity", values=[1, 2, 3]),
+        "pseudo-label top-k": SweepParams(config="cat+distill", key="pseudo_labels.top_k", values=[3, 5, 10, 20]),
+        "HN-NCE beta": SweepParams(config="cat+hn-nce", key="train.hn_beta", values=[0.1, 0.25, 0.5, 1.0]),
+    }
+    also_run: list[str] = ["diht"]                 # configs run in the default world alone (reported, not tested)
     quick: dict = {                                # overrides of the whole params for `--quick` (CI)
         "download": {"num_train": 240, "shard_size": 80, "teacher_samples": 160,
                      "eval": {"per_class": 6, "retrieval_images": 20, "vqa_questions": 20, "fewshot_per_class": 4,
@@ -419,7 +457,10 @@ class AblationParams(_Strict):
         "teacher": {"pretrain_epochs": 1, "batch_size": 32, "classifier_epochs": 3},
         "fewshot": {"shots": [0, 1, 2]},
         "train": {"warmup_steps": 2},
-        "ablation": {"seeds": [0, 1], "steps": 6, "batch_size": 32, "beta_sweep": [1.0], "configs": {"fff": {"fff_mining_start": 3}}},
+        "ablation": {"seeds": [0, 1], "steps": 6, "batch_size": 32, "configs": {"fff": {"fff_mining_start": 3}},
+                     "also_run": [], "sweeps": {"CAT complexity": {"values": [1, 2]},
+                                                "pseudo-label top-k": {"values": [5, 10]},
+                                                "HN-NCE beta": {"values": [0.5, 1.0]}}},
     }
 
     @model_validator(mode="after")
@@ -429,10 +470,13 @@ class AblationParams(_Strict):
                 TrainParams.model_validate({**ov, "steps": self.steps, "batch_size": self.batch_size})
             except ValidationError as err:
                 raise ValueError(f"configs.{name}: {err.errors()[0]['loc']} {err.errors()[0]['msg']}") from None
-        if self.beta_sweep and self.beta_sweep_of not in self.configs:
-            raise ValueError(f"beta_sweep_of: {self.beta_sweep_of!r} is not one of configs {list(self.configs)}")
-        if self.baseline not in self.configs:
-            raise ValueError(f"baseline: {self.baseline!r} is not one of configs {list(self.configs)}")
+        named = [(f"comparisons.{n}.{role}", getattr(c, role)) for n, c in self.comparisons.items()
+                 for role in ("component", "baseline")]
+        named += [(f"sweeps.{n}.config", s.config) for n, s in self.sweeps.items()]
+        named += [("also_run", c) for c in self.also_run]
+        for where, config in named:
+            if config not in self.configs:
+                raise ValueError(f"{where}: {config!r} is not one of configs {list(self.configs)}")
         return self
 
 
@@ -464,12 +508,31 @@ class Params(_Strict):
 
     @model_validator(mode="after")
     def _cross(self):
+        for name, sweep in self.ablation.sweeps.items():
+            _check_sweep(self, f"ablation.sweeps.{name}", sweep.key, sweep.values)
         if max(self.fewshot.shots) > self.download.eval.fewshot_per_class:
             raise ValueError(
                 f"fewshot.shots: max shot {max(self.fewshot.shots)} exceeds "
                 f"download.eval.fewshot_per_class={self.download.eval.fewshot_per_class}"
             )
         return self
+
+
+def _check_sweep(params: Params, where: str, key: str, values: list) -> None:
+    """Every value of a sweep is a valid value of its param (a dotted key of the params)."""
+    *parents, leaf = key.split(".")
+    section = params
+    for part in parents:
+        section = getattr(section, part, None)
+        if not isinstance(section, BaseModel):
+            raise ValueError(f"{where}.key: {key!r} is not a section of the params")
+    if leaf not in type(section).model_fields:
+        raise ValueError(f"{where}.key: {key!r} is not a param")
+    for v in values:
+        try:
+            type(section).model_validate({**section.model_dump(), leaf: v})
+        except ValidationError as err:
+            raise ValueError(f"{where}.values: {v!r} is not a valid {key}: {err.errors()[0]['msg']}") from None
 
 
 def _format(err: ValidationError, source: str) -> str:

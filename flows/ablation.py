@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -25,61 +27,114 @@ from tasks._stage import set_env, setup_mlflow
 
 @flow(name="ablation", log_prints=True)
 def ablation(params_path: str = "params.yaml", overrides: dict | None = None, quick: bool = False) -> dict:
-    """The grid: upstream stages once, then train + benchmark for every config x seed; returns the report."""
+    """The grid: the upstream stages once per distinct upstream, then train + benchmark for every arm x seed;
+    returns the report."""
     set_env()
     params = load_params(params_path, overrides)  # validated before any work starts
     mode = "quick" if quick else "full"
     base_ov = deep_merge(overrides or {}, params.ablation.quick) if quick else dict(overrides or {})
     params = load_params(params_path, base_ov) if quick else params
     root = Path("ablation") / mode
-    up_ov = deep_merge(base_ov, {"paths": {k: str(root / k) for k in ("data", "models", "metrics", "plots")}})
-    upstream = load_params(params_path, up_ov)
-    runs = [(name, seed, ov, load_params(params_path, ov))  # every run's params are valid before any work
-            for name, seed, ov in A.runs(params, up_ov, root)]
-    for p in [upstream] + [r[3] for r in runs]:
+    _, tests = A.plan(params)
+    grid = A.runs(params, base_ov, root)
+    upstreams = {r["upstream_digest"]: load_params(params_path, r["upstream"]) for r in grid}
+    loaded = [load_params(params_path, r["overrides"]) for r in grid]  # every run's params are valid before any work
+    for p in [*upstreams.values(), *loaded]:
         check_names(p)
     experiment_id = setup_mlflow(params)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"ablation-{mode}",
                           tags={"diht.ablation": mode, **run_tags(params)}) as parent:
         mlflow.log_dict(params.ablation.model_dump(), "ablation_params.json")
-        mlflow.log_params({"mode": mode, "runs": len(runs), "seeds": str(params.ablation.seeds),
+        mlflow.log_params({"mode": mode, "runs": len(grid), "arms": len({r["arm"] for r in grid}),
+                           "upstreams": len(upstreams), "seeds": str(params.ablation.seeds),
                            "samples_seen": params.ablation.steps * params.ablation.batch_size})
-        marker = root / "upstream.json"
-        if not (marker.exists() and json.loads(marker.read_text()).get("digest") == A.upstream_digest(upstream)):
-            for stage in A.UPSTREAM:
-                TASKS[stage](upstream, parent.info.run_id)
-            atomic_write_text(marker, json.dumps({"digest": A.upstream_digest(upstream)}))
-        results = [one_run(name, seed, ov, p, parent.info.run_id, experiment_id) for name, seed, ov, p in runs]
-        report = A.aggregate(results, params.ablation.baseline, mode, params)
+        results = []
+        for r, p in zip(grid, loaded):
+            if not is_done(r["overrides"], p):
+                ensure_upstream(upstreams[r["upstream_digest"]], parent.info.run_id)
+            results.append(one_run(r["arm"], r["seed"], r["overrides"], p, upstreams[r["upstream_digest"]],
+                                   parent.info.run_id, experiment_id))
+        report = A.aggregate(results, tests, mode, params)
         suffix = "" if mode == "full" else "_quick"
         paths = A.write_report(report, Path(params.paths.metrics) / f"ablation{suffix}.json",
                                Path(params.paths.plots) / f"ablation{suffix}")
         for path in paths:
             mlflow.log_artifact(str(path))
         mlflow.log_text(report["table"], "ablation.md")
-        for cfg, r in report["configs"].items():
-            mlflow.log_metric(f"{A.slug(cfg)}/mean_main", r["mean_main"]["mean"])
-            mlflow.log_metric(f"{A.slug(cfg)}/mean_main_std", r["mean_main"]["std"])
+        log_summary(report)
     create_markdown_artifact(key=f"ablation-{mode}", markdown=report["table"],
-                             description=f"DiHT ablation ({mode}): mean +- std over seeds")
+                             description=f"DiHT ablation ({mode}): each component in its premise's world and its "
+                                         "control world")
     report["parent_run_id"] = parent.info.run_id
     return report
 
 
-def one_run(name: str, seed: int, ov: dict, p, parent_id: str, experiment_id: str) -> dict:
-    """Train + benchmark one config and seed in a child MLflow run; kept when already done with these overrides."""
+def ensure_upstream(upstream, parent_id: str) -> None:
+    """Run the upstream stages into their own folder unless it already holds them (same params digest). The
+    leading stages another finished upstream shares (same params up to them) are copied from it, not rerun."""
+    folder = Path(upstream.paths.data).parent
+    marker, stages = folder / "upstream.json", A.stage_digests(upstream)
+    if marker.exists() and json.loads(marker.read_text()).get("digest") == A.upstream_digest(upstream):
+        return
+    donors = [(A.shared_prefix(stages, json.loads(m.read_text()).get("stages", [])), m.parent)
+              for m in folder.parent.glob("*/upstream.json") if m.parent != folder]
+    shared, donor = max(donors, default=(0, None), key=lambda d: d[0])
+    if shared:
+        for k in ("data", "models", "metrics", "plots"):
+            if (donor / k).exists():
+                shutil.copytree(donor / k, folder / k, dirs_exist_ok=True)
+        print(f"[ablation] upstream {folder.name}: {', '.join(A.UPSTREAM[:shared])} copied from {donor.name}")
+    for stage in A.UPSTREAM[shared:]:
+        TASKS[stage](upstream, parent_id)
+    atomic_write_text(marker, json.dumps({"digest": A.upstream_digest(upstream), "stages": stages}))
+
+
+def log_summary(report: dict) -> None:
+    """The summary in the parent MLflow run: each arm's task mean and its mechanisms, each test's numbers."""
+    metrics = {}
+    for arm, r in report["arms"].items():
+        key = A.slug(arm)
+        metrics.update({f"{key}/mean_main": r["mean_main"]["mean"], f"{key}/mean_main_std": r["mean_main"]["std"]})
+        if r["sampling"]["eval_se_of_mean"] is not None:
+            metrics[f"{key}/eval_se_of_mean"] = r["sampling"]["eval_se_of_mean"]
+        for name, m in r["mechanisms"].items():
+            if isinstance(m, dict):
+                metrics.update({f"{key}/{name}/{k}_{stat}": x for k, v in m.items() if isinstance(v, dict)
+                                for stat, x in v.items()})
+    tests = [t for c in report["comparisons"].values() for t in c.values() if isinstance(t, dict)]
+    tests += [t for s in report["sweeps"].values() for t in s["points"]]
+    for t in tests:
+        key = A.slug(t["comparison"] + ("_" + t["world"] if t["world"] else f"_{A.fmt(t['value'])}"))
+        metrics.update({f"{key}/{k}": t[k] for k in ("delta", "p", "p_holm", "mdd")
+                        if t[k] is not None and math.isfinite(t[k])})
+    mlflow.log_metrics(metrics)
+
+
+def is_done(ov: dict, p) -> bool:
     done = Path(p.paths.metrics) / "ablation_run.json"
-    if done.exists() and json.loads(done.read_text()).get("digest") == A.digest(ov):
+    return done.exists() and json.loads(done.read_text()).get("digest") == A.digest(ov)
+
+
+def one_run(name: str, seed: int, ov: dict, p, upstream, parent_id: str, experiment_id: str) -> dict:
+    """Train + benchmark one arm and seed in a child MLflow run; kept when already done with these overrides."""
+    done = Path(p.paths.metrics) / "ablation_run.json"
+    if is_done(ov, p):
         return json.loads(done.read_text())
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{name} seed={seed}", parent_run_id=parent_id,
                           nested=True, tags={"diht.ablation.config": name, "diht.ablation.seed": str(seed),
                                              **run_tags(p)}) as child:
         mlflow.log_params({f"train.{k}": v for k, v in ov["train"].items()})
+        mlflow.log_params({**{f"download.world.{k}": v for k, v in p.download.world.model_dump().items()},
+                           "cat_filter.min_complexity": p.cat_filter.min_complexity,
+                           "pseudo_labels.top_k": p.pseudo_labels.top_k})
         trained = TASKS["train"](p, child.info.run_id)
         bench = TASKS["benchmark"](p, child.info.run_id)
         mlflow.log_metrics({**{f"{t}/main": v for t, v in A.main_metrics(bench).items()},
                             "mean_main": bench["mean_main"]})
-    record = A.run_record(name, seed, ov, trained, bench, child.info.run_id)
+    measured = A.mechanisms(Path(p.paths.metrics) / "train.json",
+                            Path(upstream.paths.metrics) / "pseudo_labels.json")
+    record = A.run_record(name, seed, ov, trained, bench, child.info.run_id,
+                          A.split_sizes(Path(p.paths.data), p.benchmark.tasks), measured)
     atomic_write_text(done, json.dumps(record, indent=1))
     return record
 
@@ -94,10 +149,14 @@ def main(argv=None) -> None:
 
     --set KEY=VALUE overrides a param of the file for every run (with --dvc-queue: DVC's -S KEY=VALUE).
 
-    Upstream stages (download .. pseudo_labels) run once, in ablation/<full|quick>/; each run writes
-    ablation/<mode>/runs/<config>/seed<k>/{models,metrics,plots}. A killed grid resumes: finished runs (same
-    overrides) are kept. Outputs: metrics/ablation[_quick].json, plots/ablation[_quick].{png,csv}, an MLflow parent
-    run whose children are the runs (each holding its train and benchmark stage runs), a Prefect artifact.
+    Each comparison runs its component and baseline in the world where its premise holds and in its control
+    world (download.world), each sweep its config at every value. Upstream stages (download .. pseudo_labels) run
+    once per distinct upstream, in ablation/<full|quick>/upstream/<digest>/; each run writes
+    ablation/<mode>/runs/<arm>/seed<k>/{models,metrics,plots}. A killed grid resumes: finished runs (same
+    overrides) are kept, and an upstream whose runs are all done is not needed again. Outputs:
+    metrics/ablation[_quick].json (+ its markdown `table`), plots/ablation[_quick].{png,csv} and
+    plots/ablation[_quick]_effects.png, an MLflow parent run (the summary as metrics) whose children are the runs
+    (each holding its train and benchmark stage runs), a Prefect artifact.
     """
     parser = argparse.ArgumentParser(prog="python -m flows.ablation", description=inspect.cleandoc(main.__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

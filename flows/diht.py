@@ -52,7 +52,7 @@ def diht(params_path: str = "params.yaml", overrides: dict | None = None, workdi
     if ablation:
         report = ablation_flow(params_path, overrides, quick)
         return {"parent_run_id": report["parent_run_id"], "table": report["table"],
-                "mean_main": {c: r["mean_main"]["mean"] for c, r in report["configs"].items()}}
+                "mean_main": {c: r["mean_main"]["mean"] for c, r in report["arms"].items()}}
     params = load_params(params_path, overrides)  # validated before any work starts
     check_names(params)
     unknown = sorted(set(stages or ()) - set(STAGES))

@@ -1,79 +1,252 @@
-"""The ablation grid: statistics, the report, params validation, the DVC queue, and the --quick flow end to end."""
+"""The ablation grid: its statistics on known answers, the plan (comparisons in two worlds, sweeps, shared
+upstreams), params validation, the DVC queue, and the --quick flow end to end."""
 
+import io
 import json
+import math
 import statistics
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
 import yaml
 
 from conftest import ROOT, project_env, tiny_params
-from diht_core.config import ParamsError, validate_params
-from diht_core.eval.ablation import aggregate, dvc_queue_commands, grid
+from scipy import stats
+
+from diht_core.config import ParamsError, deep_merge, validate_params
+from diht_core.eval.ablation import (aggregate, binomial_se, dvc_queue_commands, holm, mean_se, mechanisms,
+                                     min_detectable_difference, plan, pooled_std, runs, shared_prefix, split_sizes,
+                                     stage_digests, write_report, UPSTREAM)
 
 
-def _results():
+def _results(levels: dict, seeds=range(5), n=200, spread=0.01):
+    """Hand-made run records: arm -> level of the shape task (count fixed), seeds with a little noise."""
     rng = np.random.default_rng(0)
     out = []
-    for name, level in (("baseline", 0.3), ("better", 0.5), ("same", 0.3)):
-        for seed in range(3):
-            main = {"synthetic_shape": level + 0.01 * rng.standard_normal(), "synthetic_count": 0.4 + 0.01 * seed}
-            out.append({"config": name, "seed": seed, "main": main, "mean_main": statistics.fmean(main.values()),
-                        "chance": {"synthetic_shape": 0.25, "synthetic_count": 0.333}})
+    for arm, level in levels.items():
+        for seed in seeds:
+            main = {"synthetic_shape": level + spread * rng.standard_normal(), "synthetic_count": 0.4 + 0.01 * seed}
+            out.append({"arm": arm, "seed": seed, "main": main, "mean_main": statistics.fmean(main.values()),
+                        "chance": {"synthetic_shape": 0.25, "synthetic_count": 0.333},
+                        "eval_n": {"synthetic_shape": n, "synthetic_count": n}, "mechanisms": {}})
     return out
 
 
-def test_aggregate_mean_std_and_welch_test():
-    from scipy import stats
+def test_holm_on_known_p_values():
+    # sorted 0.005, 0.01, 0.03, 0.04 (m = 4): x4 = 0.02, x3 = 0.03, x2 = 0.06, x1 = 0.04 -> max so far 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.01, None, 0.5]) == [pytest.approx(0.02), None, pytest.approx(0.5)]  # None: not in the family
+    assert holm([0.6, 0.7]) == [1.0, 1.0]
+    assert holm([]) == []
 
-    res = _results()
-    rep = aggregate(res, "baseline", "quick")
-    for name in ("baseline", "better", "same"):
-        vals = [r["main"]["synthetic_shape"] for r in res if r["config"] == name]
-        got = rep["configs"][name]["tasks"]["synthetic_shape"]
+
+def test_minimum_detectable_difference_by_hand():
+    # 5 seeds per arm, pooled std 0.02: df = 8, t_0.975 = 2.306004, t_0.80 = 0.888890 (t tables)
+    want = (2.306004 + 0.888890) * 0.02 * math.sqrt(1 / 5 + 1 / 5)
+    assert min_detectable_difference(0.02, 5, 5) == pytest.approx(want, rel=1e-5)
+    # 3 seeds: df = 4, t_0.975 = 2.776445, t_0.80 = 0.940965
+    assert min_detectable_difference(0.023, 3, 3) == pytest.approx((2.776445 + 0.940965) * 0.023 * math.sqrt(2 / 3),
+                                                                   rel=1e-5)
+    assert min_detectable_difference(0.02, 1, 1) == math.inf
+    assert pooled_std([1, 2, 3], [2, 4, 6]) == pytest.approx(math.sqrt((2 * 1 + 2 * 4) / 4))
+
+
+def test_binomial_sampling_error():
+    assert binomial_se(0.5, 100) == pytest.approx(0.05)
+    assert binomial_se(0.9, 400) == pytest.approx(0.015)
+    assert mean_se([0.03, 0.04]) == pytest.approx(0.025)  # sqrt(0.03^2 + 0.04^2) / 2
+
+
+def test_split_sizes_count_the_keys_of_the_shards(tmp_path):
+    d = tmp_path / "eval" / "synthetic_shape" / "test"
+    d.mkdir(parents=True)
+    with tarfile.open(d / "000000.tar", "w") as tar:
+        for key in ("a", "b", "c"):
+            for ext in ("png", "cls"):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = 1
+                tar.addfile(info, io.BytesIO(b"x"))
+    assert split_sizes(tmp_path, ["synthetic_shape", "synthetic_vqa"]) == {"synthetic_shape": 3}
+
+
+def test_mechanisms_from_the_metrics_files(tmp_path):
+    train, pl = tmp_path / "train.json", tmp_path / "pseudo_labels.json"
+    assert mechanisms(train, pl) == {}  # no files: absent, never an error
+    train.write_text(json.dumps({"final_loss": 1.0, "mechanisms": {
+        "fff_mining": {"steps": [10, 20], "precision": [0.2, 0.6], "recall": [0.5, 0.7]},
+        "hn_true_negative_weight_share": {"steps": [10], "i2t": [0.9], "t2i": [0.8]}}}))
+    pl.write_text(json.dumps({"omitted_concepts": {"precision": 0.4, "recall": 0.3, "n_omitted": 12}}))
+    got = mechanisms(train, pl)
+    assert got["fff_mining"]["precision"] == {"final": 0.6, "mean": pytest.approx(0.4)}
+    assert got["hn_true_negative_weight_share"]["t2i"]["final"] == 0.8
+    assert got["omitted_concepts"] == {"precision": 0.4, "recall": 0.3, "n_omitted": 12.0}
+
+
+def _tests():
+    return [{"comparison": "X", "kind": "comparison", "world": "premise on", "value": None, "baseline": "base",
+             "component": "better"},
+            {"comparison": "X", "kind": "comparison", "world": "premise off", "value": None, "baseline": "base off",
+             "component": "same off"},
+            {"comparison": "S", "kind": "sweep", "world": None, "value": 2, "default": 1, "key": "cat_filter.min_complexity",
+             "baseline": "base", "component": "same"}]
+
+
+def test_aggregate_welch_holm_mdd_and_sampling():
+    res = _results({"base": 0.3, "better": 0.5, "same": 0.3, "base off": 0.3, "same off": 0.3})
+    for r in res:  # one arm measured its mechanisms
+        if r["arm"] == "better":
+            r["mechanisms"] = {"fff_mining": {"precision": {"final": 0.5 + 0.1 * r["seed"], "mean": 0.4}}}
+    rep = aggregate(res, _tests(), "quick")
+    for name in ("base", "better"):
+        vals = [r["main"]["synthetic_shape"] for r in res if r["arm"] == name]
+        got = rep["arms"][name]["tasks"]["synthetic_shape"]
         assert got["mean"] == pytest.approx(np.mean(vals)) and got["std"] == pytest.approx(np.std(vals, ddof=1))
-    base = [r["mean_main"] for r in res if r["config"] == "baseline"]
-    better = [r["mean_main"] for r in res if r["config"] == "better"]
-    assert rep["configs"]["better"]["p_vs_baseline"] == pytest.approx(stats.ttest_ind(better, base, equal_var=False).pvalue)
-    assert rep["noise_check"]["significant_vs_baseline_p05"] == ["better"]
-    assert rep["configs"]["baseline"]["p_vs_baseline"] is None
-    assert "| better | 3 |" in rep["table"] and "| chance |" in rep["table"]
+        assert got["eval_se"] == pytest.approx(math.sqrt(got["mean"] * (1 - got["mean"]) / 200))
+    a = rep["arms"]["better"]
+    se = math.sqrt(a["tasks"]["synthetic_shape"]["eval_se"] ** 2 + a["tasks"]["synthetic_count"]["eval_se"] ** 2) / 2
+    assert a["sampling"]["eval_se_of_mean"] == pytest.approx(se)
+    # 200 items give SE ~0.017 per task: not well below a seed spread of ~0.005
+    assert a["sampling"]["eval_se_not_well_below_seed_std"] is True
+    assert a["mechanisms"]["fff_mining"]["precision"]["final"] == pytest.approx(0.7)  # mean over 5 seeds
+    assert a["mechanisms"]["omitted_concepts"] == "absent"
+    assert rep["arms"]["base"]["mechanisms"]["fff_mining"] == "absent"
+    x = rep["comparisons"]["X"]
+    on, off = x["premise on"], x["premise off"]
+    base = [r["mean_main"] for r in res if r["arm"] == "base"]
+    better = [r["mean_main"] for r in res if r["arm"] == "better"]
+    assert on["delta"] == pytest.approx(np.mean(better) - np.mean(base))
+    assert on["p"] == pytest.approx(stats.ttest_ind(better, base, equal_var=False).pvalue)
+    ps = [on["p"], off["p"], rep["sweeps"]["S"]["points"][0]["p"]]
+    assert [on["p_holm"], off["p_holm"], rep["sweeps"]["S"]["points"][0]["p_holm"]] == pytest.approx(holm(ps))
+    assert on["mdd"] == pytest.approx(min_detectable_difference(pooled_std(better, base), 5, 5))
+    assert x["better_with_premise"] and x["vanishes_without_premise"]
+    assert rep["tests"] == 3 and rep["correction"] == "holm"
+    assert "**X** (beats its baseline with the premise (Holm p < 0.05): yes; difference vanishes without it: yes)" \
+        in rep["table"]
+    assert "| premise off | base off" in rep["table"] and "| chance |" in rep["table"]
 
 
-def test_grid_and_its_params_are_validated():
+def test_report_files(tmp_path):
+    rep = aggregate(_results({"base": 0.3, "better": 0.5, "same": 0.3, "base off": 0.3, "same off": 0.3}), _tests(),
+                    "quick")
+    paths = write_report(rep, tmp_path / "m" / "ablation.json", tmp_path / "p" / "ablation")
+    assert [p.name for p in paths] == ["ablation.json", "ablation.csv", "ablation.png", "ablation_effects.png"]
+    assert json.loads(paths[0].read_text())["comparisons"]["X"]["premise on"]["p_holm"] is not None
+    assert all(p.stat().st_size > 0 for p in paths)
+    assert paths[1].read_text().count("\n") == 1 + 5 * 2 + 5  # header, arm x task, arm means
+
+
+def test_a_control_world_that_keeps_the_effect_does_not_vanish():
+    res = _results({"base": 0.3, "better": 0.5, "base off": 0.3, "same off": 0.45, "same": 0.3})
+    rep = aggregate(res, _tests(), "quick")
+    assert not rep["comparisons"]["X"]["vanishes_without_premise"]
+    res = _results({"base": 0.5, "better": 0.3, "same": 0.3, "base off": 0.3, "same off": 0.3})
+    assert not aggregate(res, _tests(), "quick")["comparisons"]["X"]["better_with_premise"]  # significant, but worse
+    rep = aggregate(_results({"base": 0.3, "better": 0.5, "same": 0.3, "base off": 0.3, "same off": 0.3}, n=100_000),
+                    _tests(), "quick")
+    assert rep["arms"]["base"]["sampling"]["eval_se_not_well_below_seed_std"] is False  # 10^5 items: tiny SE
+
+
+def test_plan_every_comparison_in_both_worlds_and_the_sweeps():
     p = validate_params(tiny_params())
-    names = [n for n, _ in grid(p)]
-    assert names[:5] == ["baseline", "cat", "cat+distill", "diht", "fff"] and "diht beta=0.25" in names
-    assert dict(grid(p))["diht beta=0.25"]["hn_beta"] == 0.25 and dict(grid(p))["diht beta=0.25"]["loss"] == "hn-nce"
+    arms, tests = plan(p)
+    pairs = {(t["comparison"], t["world"]): (t["baseline"], t["component"]) for t in tests if t["kind"] == "comparison"}
+    assert pairs[("CAT", "premise on")] == ("baseline", "cat")
+    assert pairs[("CAT", "premise off")] == ("baseline [uninformative=false]", "cat [uninformative=false]")
+    assert pairs[("distillation", "premise on")] == ("cat", "cat+distill")
+    assert pairs[("FFF mining", "premise off")] == ("sigmoid-2caps [same_scene_rate=0]", "fff [same_scene_rate=0]")
+    assert len(pairs) == 2 * len(p.ablation.comparisons)
+    assert arms["cat [uninformative=false]"]["overrides"]["download"] == {"world": {"uninformative": False}}
+    sweeps = [t for t in tests if t["kind"] == "sweep"]
+    complexity = [t for t in sweeps if t["comparison"] == "CAT complexity"]
+    assert [(t["value"], t["default"], t["component"]) for t in complexity] == [
+        (2, 1, "cat [min_complexity=2]"), (3, 1, "cat [min_complexity=3]")]  # C1 is the default: `cat` itself
+    assert arms["cat [min_complexity=3]"]["overrides"]["cat_filter"] == {"min_complexity": 3}
+    topk = [t["value"] for t in sweeps if t["comparison"] == "pseudo-label top-k"]
+    assert topk == [3, 5, 20] and all(t["baseline"] == "cat+distill" for t in sweeps if t["comparison"] == "pseudo-label top-k")
+    assert arms["cat+hn-nce [hn_beta=1]"]["overrides"]["train"]["hn_beta"] == 1.0
+    assert "diht" in arms  # also_run
+    # the default world's arms are shared: `cat` is the baseline of distillation, HN-NCE and the complexity sweep
+    assert sum(1 for t in tests if t["baseline"] == "cat") == 2 + 2
+
+
+def test_runs_share_an_upstream_per_distinct_upstream(tmp_path):
+    p = validate_params(tiny_params())
+    rs = runs(p, {}, tmp_path)
+    arms, _ = plan(p)
+    assert len(rs) == len(arms) * len(p.ablation.seeds)
+    by_arm = {r["arm"]: r["upstream_digest"] for r in rs}
+    assert by_arm["cat"] == by_arm["baseline"] == by_arm["cat+hn-nce [hn_beta=1]"] == by_arm["fff"]
+    assert by_arm["cat [uninformative=false]"] == by_arm["baseline [uninformative=false]"] != by_arm["cat"]
+    assert by_arm["cat [min_complexity=2]"] != by_arm["cat"]
+    # default world, 4 control worlds, C2, C3, top-k 3, 5, 20
+    assert len(set(by_arm.values())) == 1 + 4 + 2 + 3
+    order = [r["upstream_digest"] for r in rs]
+    assert order == sorted(order, key=order.index)  # grouped: each upstream's runs together
+    r = next(r for r in rs if r["arm"] == "cat [omit_prob=0]" and r["seed"] == 1)
+    assert r["overrides"]["paths"]["data"] == str(tmp_path / "upstream" / r["upstream_digest"] / "data")
+    assert r["overrides"]["train"]["seed"] == 1 and r["overrides"]["download"]["world"] == {"omit_prob": 0.0}
+    assert validate_params(deep_merge(tiny_params(), r["overrides"])).download.world.omit_prob == 0.0
+
+
+def test_upstreams_share_their_leading_stages():
+    raw = tiny_params()
+    base = stage_digests(validate_params(raw))
+    shared = lambda ov: shared_prefix(base, stage_digests(validate_params(deep_merge(raw, ov))))
+    assert shared({}) == len(UPSTREAM)
+    assert shared({"pseudo_labels": {"top_k": 3}}) == 4      # everything but pseudo_labels
+    assert shared({"cat_filter": {"min_complexity": 2}}) == 1  # the download only
+    assert shared({"download": {"world": {"omit_prob": 0.0}}}) == 0
+
+
+def test_quick_grid_exercises_every_path_with_two_value_sweeps():
+    p = validate_params(deep_merge(tiny_params(), tiny_params()["ablation"]["quick"]))
+    arms, tests = plan(p)
+    assert len(p.ablation.seeds) == 2
+    assert {(t["comparison"], t["world"]) for t in tests if t["kind"] == "comparison"} == {
+        (c, w) for c in p.ablation.comparisons for w in ("premise on", "premise off")}
+    assert {t["comparison"] for t in tests if t["kind"] == "sweep"} == set(p.ablation.sweeps)
+    assert all(len(s.values) == 2 for s in p.ablation.sweeps.values())
+
+
+@pytest.mark.parametrize("path, value, match", [
+    (("configs", "fff"), {"loss": "infonce", "captions_per_image": 2}, "ablation.*configs.fff"),
+    (("configs", "cat"), {"no_such_knob": 1}, "configs.cat"),
+    (("comparisons", "CAT"), {"baseline": "nope"}, "comparisons.CAT.baseline"),
+    (("comparisons", "CAT"), {"premise_off": {"no_such_premise": True}}, "premise_off"),
+    (("sweeps", "CAT complexity"), {"key": "cat_filter.no_such_key"}, "not a param"),
+    (("sweeps", "pseudo-label top-k"), {"values": [0]}, "not a valid pseudo_labels.top_k"),
+])
+def test_grid_params_are_validated(path, value, match):
     bad = tiny_params()
-    bad["ablation"]["configs"]["fff"]["captions_per_image"] = 2
-    bad["ablation"]["configs"]["fff"]["loss"] = "infonce"
-    with pytest.raises(ParamsError, match="ablation.*configs.fff"):
-        validate_params(bad)
-    bad = tiny_params()
-    bad["ablation"]["configs"]["cat"]["no_such_knob"] = 1
-    with pytest.raises(ParamsError, match="configs.cat"):
-        validate_params(bad)
-    bad = tiny_params()
-    bad["ablation"]["baseline"] = "nope"
-    with pytest.raises(ParamsError, match="baseline"):
+    bad["ablation"][path[0]][path[1]].update(value)
+    with pytest.raises(ParamsError, match=match):
         validate_params(bad)
 
 
 def test_dvc_queue_commands_set_every_override():
     p = validate_params(tiny_params())
     cmds = dvc_queue_commands(p)
-    assert len(cmds) == len(grid(p)) * len(p.ablation.seeds)
+    assert len(cmds) == len(plan(p)[0]) * len(p.ablation.seeds)
     first = cmds[0]
     assert first[:6] == ["dvc", "exp", "run", "--queue", "-n", "baseline-s0"]
     sets = [first[i + 1] for i, a in enumerate(first) if a == "-S"]
     assert "train.source=raw" in sets and "train.seed=0" in sets and f"train.steps={p.ablation.steps}" in sets
+    off = next(c for c in cmds if c[5] == "cat-uninformative-false-s0")
+    assert "download.world.uninformative=false" in off
+    c2 = next(c for c in cmds if c[5] == "cat-min_complexity-2-s0")
+    assert "cat_filter.min_complexity=2" in c2
+    assert len({c[5] for c in cmds}) == len(cmds)  # experiment names are unique
 
 
 @pytest.mark.slow
 def test_dvc_experiments_queue_in_a_git_repo(tiny_project):
+    raw = tiny_params()  # the grid with the quick sweeps and one seed: one experiment per arm
+    raw["ablation"] = deep_merge(raw["ablation"], {"seeds": [0], "sweeps": raw["ablation"]["quick"]["ablation"]["sweeps"]})
+    (tiny_project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     env = project_env(tiny_project)
     run = lambda *a: subprocess.run(a, cwd=tiny_project, env=env, capture_output=True, text=True, timeout=300)
     for cmd in (["git", "init", "-q"], ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q",
@@ -85,12 +258,13 @@ def test_dvc_experiments_queue_in_a_git_repo(tiny_project):
     assert out.returncode == 0, out.stderr[-2000:]
     status = run("dvc", "queue", "status")
     assert status.returncode == 0 and status.stdout.count("Queued") == len(dvc_queue_commands(
-        validate_params(tiny_params()))), status.stdout
+        validate_params(raw))), status.stdout
+    assert "cat-uninformative-false-s0" in status.stdout
 
 
 @pytest.mark.slow
 def test_quick_ablation_flow_end_to_end(tiny_project):
-    """--quick: upstream once, every config x 2 seeds, the report in JSON/plot/MLflow/Prefect; a rerun resumes."""
+    """--quick: each upstream once, every arm x 2 seeds, the report in JSON/plot/MLflow/Prefect; a rerun resumes."""
     import mlflow
 
     env = project_env(tiny_project)
@@ -99,19 +273,28 @@ def test_quick_ablation_flow_end_to_end(tiny_project):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rep = json.loads((tiny_project / "metrics" / "ablation_quick.json").read_text())
     p = validate_params(yaml.safe_load((tiny_project / "params.yaml").read_text()))
-    n_configs = len(p.ablation.configs) + len(p.ablation.quick["ablation"]["beta_sweep"])
-    assert len(rep["configs"]) == n_configs
-    assert all(c["mean_main"]["n"] == 2 for c in rep["configs"].values())
+    quick = validate_params(deep_merge(p.model_dump(), p.ablation.quick))
+    arms, tests = plan(quick)
+    n_configs = len(arms)
+    assert set(rep["arms"]) == set(arms) and all(a["mean_main"]["n"] == 2 for a in rep["arms"].values())
+    assert all(set(c) >= {"premise on", "premise off"} for c in rep["comparisons"].values())
+    assert set(rep["comparisons"]) == set(quick.ablation.comparisons) and set(rep["sweeps"]) == set(quick.ablation.sweeps)
+    assert rep["tests"] == len(tests)
+    for a in rep["arms"].values():  # the eval splits were counted; mechanisms measured or reported absent
+        assert a["sampling"]["eval_se_of_mean"] > 0 and set(a["mechanisms"]) >= {"fff_mining", "omitted_concepts"}
+    assert len(list((tiny_project / "ablation" / "quick" / "upstream").iterdir())) == len(
+        {r["upstream_digest"] for r in runs(quick, {}, tiny_project)})
     assert (tiny_project / "plots" / "ablation_quick.png").stat().st_size > 0
-    assert "| baseline | 2 |" in proc.stdout
+    assert (tiny_project / "plots" / "ablation_quick_effects.png").stat().st_size > 0
+    assert "| baseline | 2 |" in proc.stdout and "**CAT** (beats its baseline" in proc.stdout
     mlflow.set_tracking_uri(f"sqlite:///{tiny_project / '.state' / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["diht"], output_format="list")
-    parent = [r for r in runs if r.data.tags.get("diht.ablation") == "quick"]
+    mruns = mlflow.search_runs(experiment_names=["diht"], output_format="list")
+    parent = [r for r in mruns if r.data.tags.get("diht.ablation") == "quick"]
     assert len(parent) == 1
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id
+    children = [r for r in mruns if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id
                 and "diht.ablation.config" in r.data.tags]
     assert len(children) == 2 * n_configs
-    trains = [r for r in runs if r.data.tags.get("diht.stage") == "train"]
+    trains = [r for r in mruns if r.data.tags.get("diht.stage") == "train"]
     assert {r.data.tags["mlflow.parentRunId"] for r in trains} == {c.info.run_id for c in children}
     art = subprocess.run(["prefect", "artifact", "inspect", "ablation-quick"], cwd=tiny_project,
                          env={**env, "COLUMNS": "200"}, capture_output=True, text=True, timeout=120)
@@ -119,5 +302,5 @@ def test_quick_ablation_flow_end_to_end(tiny_project):
     # a rerun keeps every finished run: no new training
     proc = subprocess.run(cmd, cwd=tiny_project, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = mlflow.search_runs(experiment_names=["diht"], output_format="list")
-    assert len([r for r in runs if r.data.tags.get("diht.stage") == "train"]) == len(trains)
+    mruns = mlflow.search_runs(experiment_names=["diht"], output_format="list")
+    assert len([r for r in mruns if r.data.tags.get("diht.stage") == "train"]) == len(trains)

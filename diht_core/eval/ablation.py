@@ -1,12 +1,15 @@
-"""The ablation study (the DiHT paper's ablation table in miniature): the grid of runs, its statistics (mean +- std
-over seeds, Welch's t-test against the baseline, the smallest difference the seeds can resolve) and its report."""
+"""The ablation study with power: each component against its own baseline, in the world where its premise holds
+and in its control world; the paper's sweeps; the statistics (mean +- std over seeds, Welch's t-test, Holm's
+correction over every test, the minimum detectable difference, the evaluation's own sampling error) and the report."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import re
 import statistics
+import tarfile
 from pathlib import Path
 
 from scipy import stats as sps
@@ -16,37 +19,120 @@ from ..data.files import atomic_write_text
 from ..plots import pyplot, save_figure
 
 UPSTREAM = ("download", "cat_filter", "concepts", "teacher", "pseudo_labels")
+UPSTREAM_SECTIONS = ("seed", "download", "cat_filter", "concepts", "teacher", "pseudo_labels")
+STAGE_READS = {"download": ("seed", "download"), "cat_filter": ("cat_filter",), "concepts": ("concepts",),
+               "teacher": ("teacher",), "pseudo_labels": ("pseudo_labels",)}  # the sections each stage adds
+MECHANISMS = ("fff_mining", "hn_true_negative_weight_share", "omitted_concepts")
+WELL_BELOW = 0.5  # the evaluation's sampling error is "well below" the seed spread when under half of it
 
 
-def grid(params: Params) -> list[tuple[str, dict]]:
-    """(config name, overrides of train) for every config, then the beta sweep."""
+def nested(key: str, value) -> dict:
+    """{"a": {"b": value}} of the dotted key "a.b"."""
+    *parents, leaf = key.split(".")
+    out: dict = {leaf: value}
+    for part in reversed(parents):
+        out = {part: out}
+    return out
+
+
+def lookup(tree: dict, key: str):
+    for part in key.split("."):
+        tree = tree[part]
+    return tree
+
+
+def fmt(v) -> str:
+    return json.dumps(v) if isinstance(v, bool) or v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def plan(params: Params) -> tuple[dict[str, dict], list[dict]]:
+    """The grid: (arms, tests). An arm is a config in a world (or at a sweep value): name -> {"config", "overrides"
+    of the whole params}; arms of the same config and resolved params are one arm, named by the config and what
+    differs from the defaults. A test compares two arms: {"comparison", "kind": "comparison" | "sweep", "world":
+    "premise on" | "premise off" | None, "value", "baseline", "component"} (arm names)."""
     a = params.ablation
-    runs = [(name, dict(ov)) for name, ov in a.configs.items()]
-    for beta in a.beta_sweep:
-        runs.append((f"{a.beta_sweep_of} beta={beta:g}", {**a.configs[a.beta_sweep_of], "hn_beta": beta}))
-    return runs
+    dump = params.model_dump()
+    arms: dict[str, dict] = {}
+
+    def arm(config: str, world: dict | None = None, key: str | None = None, value=None) -> str:
+        ov = {"train": dict(a.configs[config])}
+        differs = [f"{k}={fmt(v)}" for k, v in (world or {}).items() if dump["download"]["world"][k] != v]
+        if differs:
+            ov = deep_merge(ov, {"download": {"world": dict(world)}})
+        if key is not None and lookup(deep_merge(dump, ov), key) != value:
+            ov, differs = deep_merge(ov, nested(key, value)), differs + [f"{key.split('.')[-1]}={fmt(value)}"]
+        name = config + (f" [{', '.join(differs)}]" if differs else "")
+        arms.setdefault(name, {"config": config, "overrides": ov})
+        return name
+
+    tests = []
+    for name, c in a.comparisons.items():
+        for world, premise in (("premise on", c.premise_on), ("premise off", c.premise_off)):
+            tests.append({"comparison": name, "kind": "comparison", "world": world, "value": None,
+                          "baseline": arm(c.baseline, premise), "component": arm(c.component, premise)})
+    for name, sw in a.sweeps.items():
+        default = lookup(deep_merge(dump, {"train": dict(a.configs[sw.config])}), sw.key)
+        base = arm(sw.config)
+        for v in sw.values:
+            if v != default:
+                tests.append({"comparison": name, "kind": "sweep", "world": None, "value": v, "default": default,
+                              "key": sw.key, "baseline": base, "component": arm(sw.config, key=sw.key, value=v)})
+    for config in a.also_run:
+        arm(config)
+    return arms, tests
 
 
-def runs(params: Params, base_overrides: dict, root: Path) -> list[tuple[str, int, dict]]:
-    """(config, seed, overrides of the whole params) of every run: the upstream outputs shared under root, each
-    run's models, metrics and plots in root/runs/<config>/seed<k>/."""
+def runs(params: Params, base_overrides: dict, root: Path) -> list[dict]:
+    """Every run of the grid, grouped by upstream: {"arm", "seed", "overrides" (of the whole params), "upstream"
+    (the overrides its upstream stages run with), "upstream_digest"}. Each distinct upstream writes under
+    root/upstream/<digest>/; each run its models, metrics and plots under root/runs/<arm>/seed<k>/."""
     a = params.ablation
-    return [(name, seed, deep_merge(base_overrides, {
-        "train": {**ov, "steps": a.steps, "batch_size": a.batch_size, "seed": seed},
-        "paths": {k: str(root / "runs" / slug(name) / f"seed{seed}" / k) for k in ("models", "metrics", "plots")},
-        "benchmark": {"checkpoint": None}, "mlflow": {"registered_model": False}}))
-        for name, ov in grid(params) for seed in a.seeds]
+    arms, _ = plan(params)
+    if len({slug(n) for n in arms}) < len(arms):
+        raise ValueError(f"ablation: two arms share a folder name: {sorted(slug(n) for n in arms)}")
+    dump = params.model_dump()
+    out = []
+    for name, arm in arms.items():
+        up_ov = {k: v for k, v in arm["overrides"].items() if k in UPSTREAM_SECTIONS}
+        up = digest({k: v for k, v in deep_merge(dump, up_ov).items() if k in UPSTREAM_SECTIONS})
+        up_dir = root / "upstream" / up
+        upstream = deep_merge(deep_merge(base_overrides, up_ov),
+                              {"paths": {k: str(up_dir / k) for k in ("data", "models", "metrics", "plots")}})
+        for seed in a.seeds:
+            train = {**arm["overrides"]["train"], "steps": a.steps, "batch_size": a.batch_size, "seed": seed}
+            ov = deep_merge(upstream, {
+                "train": train, "benchmark": {"checkpoint": None}, "mlflow": {"registered_model": False},
+                "paths": {k: str(root / "runs" / slug(name) / f"seed{seed}" / k) for k in ("models", "metrics", "plots")}})
+            out.append({"arm": name, "seed": seed, "overrides": ov, "upstream": upstream, "upstream_digest": up})
+    order = list(dict.fromkeys(r["upstream_digest"] for r in out))
+    return sorted(out, key=lambda r: order.index(r["upstream_digest"]))
 
 
 def upstream_digest(params: Params) -> str:
-    """The identity of the upstream stages' outputs: the params they read."""
+    """The identity of the upstream stages' outputs: the params they read (not where they write them)."""
     dump = params.model_dump()
-    return digest({k: dump[k] for k in ("seed", "paths", "download", "cat_filter", "concepts", "teacher",
-                                        "pseudo_labels")})
+    return digest({k: dump[k] for k in UPSTREAM_SECTIONS})
+
+
+def stage_digests(params: Params) -> list[str]:
+    """Per upstream stage, the digest of the params it and the stages before it read: two upstreams whose
+    digests agree up to stage k have the same outputs up to stage k (a top-k sweep shares everything but
+    pseudo_labels)."""
+    dump, read, out = params.model_dump(), [], []
+    for stage in UPSTREAM:
+        read += STAGE_READS[stage]
+        out.append(digest({k: dump[k] for k in read}))
+    return out
+
+
+def shared_prefix(a: list[str], b: list[str]) -> int:
+    """How many leading stages two upstreams share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in name).replace("=", "")
+    """A file and MLflow metric name of an arm's or a test's name (letters, digits, - _ . only)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def digest(obj) -> str:
@@ -58,117 +144,328 @@ def _stats(values: list[float]) -> dict:
             "n": len(values), "values": values}
 
 
-def aggregate(results: list[dict], baseline: str, mode: str, params: Params | None = None) -> dict:
-    """Mean +- std per config and task, Welch's t-test of each config's mean_main against the baseline, and
-    a noise check: how far apart the configs are, in units of the seeds' spread."""
-    configs: dict[str, dict] = {}
-    for name in dict.fromkeys(r["config"] for r in results):
-        rs = [r for r in results if r["config"] == name]
-        tasks = sorted({t for r in rs for t in r["main"]})
-        configs[name] = {"tasks": {t: _stats([r["main"][t] for r in rs if t in r["main"]]) for t in tasks},
-                         "mean_main": _stats([r["mean_main"] for r in rs]), "seeds": [r["seed"] for r in rs]}
-    base = configs[baseline]["mean_main"]["values"]
-    for name, c in configs.items():
-        vals = c["mean_main"]["values"]
-        c["delta_vs_baseline"] = c["mean_main"]["mean"] - statistics.fmean(base)
-        if name != baseline and len(vals) > 1 and len(base) > 1 and (statistics.pvariance(vals) + statistics.pvariance(base)) > 0:
-            c["p_vs_baseline"] = float(sps.ttest_ind(vals, base, equal_var=False).pvalue)
-        else:
-            c["p_vs_baseline"] = None
-    means = [c["mean_main"]["mean"] for c in configs.values()]
-    seed_std = statistics.fmean([c["mean_main"]["std"] for c in configs.values()])
-    spread = max(means) - min(means)
+def holm(pvalues: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of a family of p-values (None: no test, left out of the family):
+    the i-th smallest of m becomes max over j <= i of min(1, (m - j + 1) p_(j))."""
+    idx = sorted((i for i, p in enumerate(pvalues) if p is not None), key=lambda i: pvalues[i])
+    out: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (len(idx) - rank) * pvalues[i]))
+        out[i] = running
+    return out
+
+
+def welch_p(a: list[float], b: list[float]) -> float | None:
+    """Welch's two-sided t-test of two samples' means; None when it cannot be computed (a sample of one, or no
+    spread in either)."""
+    if len(a) < 2 or len(b) < 2 or statistics.pvariance(a) + statistics.pvariance(b) == 0:
+        return None
+    return float(sps.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def pooled_std(a: list[float], b: list[float]) -> float:
+    """The seeds' pooled standard deviation: sqrt(((n_a - 1) s_a^2 + (n_b - 1) s_b^2) / (n_a + n_b - 2))."""
+    df = len(a) + len(b) - 2
+    if df < 1:
+        return math.nan
+    var = lambda x: statistics.variance(x) if len(x) > 1 else 0.0
+    return math.sqrt(((len(a) - 1) * var(a) + (len(b) - 1) * var(b)) / df)
+
+
+def min_detectable_difference(sd: float, n_a: int, n_b: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true difference of two means that a two-sided t-test at `alpha` detects with probability
+    `power`: MDD = (t_{1-alpha/2, df} + t_{power, df}) * sd * sqrt(1/n_a + 1/n_b), df = n_a + n_b - 2, sd the
+    pooled seed std (the normal approximation with t quantiles for the few seeds)."""
+    df = n_a + n_b - 2
+    if df < 1 or not math.isfinite(sd):
+        return math.inf
+    return float((sps.t.ppf(1 - alpha / 2, df) + sps.t.ppf(power, df)) * sd * math.sqrt(1 / n_a + 1 / n_b))
+
+
+def binomial_se(p: float, n: int) -> float:
+    """The sampling error of an accuracy p measured on n items: sqrt(p (1 - p) / n)."""
+    return math.sqrt(max(p * (1 - p), 0.0) / n)
+
+
+def mean_se(ses: list[float]) -> float:
+    """The standard error of the mean of independent task scores: sqrt(sum se_t^2) / T."""
+    return math.sqrt(sum(s * s for s in ses)) / len(ses) if ses else math.nan
+
+
+def split_sizes(data_dir: Path, tasks) -> dict[str, int]:
+    """task -> number of samples of its synthetic test split (distinct keys of the wds shards under
+    <data>/eval/<task>/test); tasks without such a split are left out."""
+    out = {}
+    for t in tasks:
+        keys = set()
+        for shard in sorted((Path(data_dir) / "eval" / t / "test").glob("*.tar")):
+            with tarfile.open(shard) as tar:
+                keys.update(m.name.rsplit("/", 1)[-1].split(".", 1)[0] for m in tar.getmembers() if m.isfile())
+        if keys:
+            out[t] = len(keys)
+    return out
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def mechanisms(train_json: Path, pseudo_labels_json: Path) -> dict:
+    """The mechanism measurements of one run: each step series of metrics/train.json's `mechanisms` as its final
+    value and its mean over the logged steps, and metrics/pseudo_labels.json's `omitted_concepts` numbers.
+    What the files do not hold is absent."""
+    out = {}
+    for name, series in (_read_json(train_json).get("mechanisms") or {}).items():
+        vals = {k: v for k, v in series.items() if k != "steps" and isinstance(v, list) and v}
+        out[name] = {k: {"final": float(v[-1]), "mean": statistics.fmean(v)} for k, v in vals.items()}
+    omitted = _read_json(pseudo_labels_json).get("omitted_concepts")
+    if omitted:
+        out["omitted_concepts"] = {k: float(v) for k, v in omitted.items()
+                                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return out
+
+
+def _mean_mechanisms(records: list[dict]) -> dict:
+    """Each measurement's values averaged over the seeds that have it; "absent" where no seed has it."""
+    out: dict = {}
+    for name in MECHANISMS + tuple(sorted({n for r in records for n in r.get("mechanisms", {})} - set(MECHANISMS))):
+        got = [r["mechanisms"][name] for r in records if name in r.get("mechanisms", {})]
+        if not got:
+            out[name] = "absent"
+            continue
+        leaves: dict = {}
+        for m in got:
+            for k, v in m.items():
+                for stat, x in (v.items() if isinstance(v, dict) else [("value", v)]):
+                    leaves.setdefault(k, {}).setdefault(stat, []).append(x)
+        out[name] = {k: {stat: statistics.fmean(xs) for stat, xs in st.items()} for k, st in leaves.items()}
+        out[name]["seeds"] = len(got)
+    return out
+
+
+def _arm_stats(rs: list[dict]) -> dict:
+    tasks = sorted({t for r in rs for t in r["main"]})
+    arm = {"tasks": {t: _stats([r["main"][t] for r in rs if t in r["main"]]) for t in tasks},
+           "mean_main": _stats([r["mean_main"] for r in rs]), "seeds": [r["seed"] for r in rs]}
+    sizes = {t: n for r in rs for t, n in (r.get("eval_n") or {}).items()}
+    ses = {t: binomial_se(min(max(arm["tasks"][t]["mean"], 0.0), 1.0), sizes[t]) for t in tasks if t in sizes}
+    for t, se in ses.items():
+        arm["tasks"][t].update({"eval_n": sizes[t], "eval_se": se})
+    se = mean_se(list(ses.values())) if ses and len(ses) == len(tasks) else None
+    seed_std = arm["mean_main"]["std"]
+    arm["sampling"] = {"eval_se_of_mean": se, "seed_std_of_mean": seed_std,
+                       "eval_se_not_well_below_seed_std": None if se is None else bool(se >= WELL_BELOW * seed_std)}
+    arm["mechanisms"] = _mean_mechanisms(rs)
+    return arm
+
+
+def _test(t: dict, arms: dict) -> dict:
+    base, comp = arms[t["baseline"]]["mean_main"], arms[t["component"]]["mean_main"]
+    sd = pooled_std(comp["values"], base["values"])
+    return {**t, "baseline_mean": base["mean"], "component_mean": comp["mean"], "delta": comp["mean"] - base["mean"],
+            "p": welch_p(comp["values"], base["values"]), "pooled_seed_std": sd,
+            "mdd": min_detectable_difference(sd, comp["n"], base["n"])}
+
+
+def aggregate(results: list[dict], tests: list[dict], mode: str, params: Params | None = None) -> dict:
+    """Per arm: mean +- std over seeds per task and of the task mean, the evaluation's sampling error beside the
+    seed spread, the mechanism measurements. Per test (comparisons in both worlds, sweep points): the difference of
+    means, Welch's p, Holm's p over every test reported, the minimum detectable difference (80% power, alpha 0.05
+    two-sided). Per comparison: whether the effect is significant with the premise on and vanishes with it off."""
+    arms = {name: _arm_stats([r for r in results if r["arm"] == name])
+            for name in dict.fromkeys(r["arm"] for r in results)}
+    done = [_test(t, arms) for t in tests if t["baseline"] in arms and t["component"] in arms]
+    for t, ph in zip(done, holm([t["p"] for t in done])):
+        t["p_holm"] = ph
+    comparisons: dict = {}
+    for t in done:
+        if t["kind"] == "comparison":
+            comparisons.setdefault(t["comparison"], {})[t["world"]] = t
+    for c in comparisons.values():
+        on, off = c.get("premise on"), c.get("premise off")
+        c["better_with_premise"] = bool(on and on["delta"] > 0 and on["p_holm"] is not None and on["p_holm"] < 0.05)
+        # "vanishes": no significant difference in the control world (raw p, the stricter reading), and one
+        # no larger than the control could detect
+        c["vanishes_without_premise"] = bool(off and (off["p"] is None or off["p"] >= 0.05)
+                                             and abs(off["delta"]) < off["mdd"])
+    sweeps: dict = {}
+    for t in done:
+        if t["kind"] == "sweep":
+            sweeps.setdefault(t["comparison"], {"key": t["key"], "default": t["default"], "points": []})["points"].append(t)
     chance = {t: v for r in results for t, v in r["chance"].items() if v is not None}
-    n_seeds = min(c["mean_main"]["n"] for c in configs.values())
-    pooled = math.sqrt(statistics.fmean([c["mean_main"]["std"] ** 2 for c in configs.values()]))
-    # the smallest difference of two configs' means that a t-test at p < 0.05 could resolve with these seeds
-    mdd = float(sps.t.ppf(0.975, 2 * (n_seeds - 1)) * pooled * math.sqrt(2 / n_seeds)) if n_seeds > 1 else math.inf
-    noise = {"mean_seed_std": seed_std, "pooled_seed_std": pooled, "min_detectable_difference": mdd,
-             "config_range": spread,
-             "range_over_seed_std": spread / seed_std if seed_std > 0 else math.inf,
-             "significant_vs_baseline_p05": sorted(n for n, c in configs.items()
-                                                   if c["p_vs_baseline"] is not None and c["p_vs_baseline"] < 0.05)}
-    report = {"mode": mode, "baseline": baseline, "configs": configs, "chance": chance, "noise_check": noise}
+    flagged = sorted(n for n, a in arms.items() if a["sampling"]["eval_se_not_well_below_seed_std"])
+    report = {"mode": mode, "arms": arms, "comparisons": comparisons, "sweeps": sweeps, "chance": chance,
+              "tests": len(done), "correction": "holm",
+              "sampling_check": {"arms_with_eval_se_not_well_below_seed_std": flagged, "threshold": WELL_BELOW},
+              "formulas": FORMULAS}
     if params is not None:
         report["samples_seen"] = params.ablation.steps * params.ablation.batch_size
     report["table"] = markdown(report)
     return report
 
 
+FORMULAS = {
+    "delta": "mean over seeds of the component's task mean minus the baseline's",
+    "p": "Welch's two-sided t-test of the seeds' task means (scipy.stats.ttest_ind, equal_var=False)",
+    "p_holm": "Holm's step-down correction over every test reported (comparisons in both worlds, sweep points)",
+    "mdd": "(t_{0.975,df} + t_{0.80,df}) * s_pooled * sqrt(1/n_a + 1/n_b), df = n_a + n_b - 2: the difference "
+           "detected with 80% power at alpha 0.05 two-sided",
+    "eval_se": "per task sqrt(p (1 - p) / n), n the eval split's size; of the task mean sqrt(sum se_t^2) / T",
+    "flag": f"eval_se_of_mean >= {WELL_BELOW} * seed std of the task mean",
+}
+
+
+def _p(p) -> str:
+    return "–" if p is None else f"{p:.3g}"
+
+
 def markdown(report: dict) -> str:
-    configs = report["configs"]
-    tasks = sorted({t for c in configs.values() for t in c["tasks"]})
-    short = {t: t.replace("synthetic_", "") for t in tasks}
-    head = "| config | seeds | " + " | ".join(short[t] for t in tasks) + " | mean | Δ mean vs baseline (p) |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for name, c in configs.items():
-        cells = [f"{c['tasks'][t]['mean']:.3f} ± {c['tasks'][t]['std']:.3f}" if t in c["tasks"] else "–"
-                 for t in tasks]
-        p = c["p_vs_baseline"]
-        delta = "" if name == report["baseline"] else f"{c['delta_vs_baseline']:+.3f}" + (f" (p={p:.2f})" if p is not None else "")
-        lines.append(f"| {name} | {c['mean_main']['n']} | " + " | ".join(cells)
-                     + f" | {c['mean_main']['mean']:.3f} ± {c['mean_main']['std']:.3f} | {delta} |")
+    """One table per comparison (premise on | off), one per sweep, the arms (tasks, seed std, eval SE) and the
+    mechanism measurements."""
+    out = []
+    head = "| world | baseline | component | Δ | p | p_holm | MDD |\n|---|---|---|---|---|---|---|"
+    for name, c in report["comparisons"].items():
+        rows = [f"| {w} | {t['baseline']} {t['baseline_mean']:.3f} | {t['component']} {t['component_mean']:.3f} "
+                f"| {t['delta']:+.3f} | {_p(t['p'])} | {_p(t['p_holm'])} | {t['mdd']:.3f} |"
+                for w, t in c.items() if isinstance(t, dict)]
+        verdict = (f"beats its baseline with the premise (Holm p < 0.05): {'yes' if c['better_with_premise'] else 'no'}; "
+                   f"difference vanishes without it: {'yes' if c['vanishes_without_premise'] else 'no'}")
+        out += [f"**{name}** ({verdict})", "", head, *rows, ""]
+    for name, s in report["sweeps"].items():
+        out += [f"**{name}** ({s['key']}, vs {fmt(s['default'])})", "",
+                "| value | Δ | p | p_holm | MDD |", "|---|---|---|---|---|"]
+        out += [f"| {fmt(t['value'])} | {t['delta']:+.3f} | {_p(t['p'])} | {_p(t['p_holm'])} | {t['mdd']:.3f} |"
+                for t in s["points"]]
+        out.append("")
+    arms = report["arms"]
+    tasks = sorted({t for a in arms.values() for t in a["tasks"]})
+    head = ("| arm | seeds | " + " | ".join(t.replace("synthetic_", "") for t in tasks)
+            + " | mean | eval SE of mean | flag |")
+    out += [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, a in arms.items():
+        cells = [f"{a['tasks'][t]['mean']:.3f} ± {a['tasks'][t]['std']:.3f}" if t in a["tasks"] else "–" for t in tasks]
+        se = a["sampling"]["eval_se_of_mean"]
+        flag = "SE ≥ spread/2" if a["sampling"]["eval_se_not_well_below_seed_std"] else ""
+        out.append(f"| {name} | {a['mean_main']['n']} | " + " | ".join(cells)
+                   + f" | {a['mean_main']['mean']:.3f} ± {a['mean_main']['std']:.3f} | "
+                   + ("–" if se is None else f"{se:.3f}") + f" | {flag} |")
     if report["chance"]:
-        lines.append("| chance | | " + " | ".join(f"{report['chance'].get(t, float('nan')):.3f}" for t in tasks)
-                     + " | | |")
-    return "\n".join(lines)
+        out.append("| chance | | " + " | ".join(f"{report['chance'].get(t, float('nan')):.3f}" for t in tasks)
+                   + " | | | |")
+    out += ["", "| arm | " + " | ".join(MECHANISMS) + " |", "|---|" + "---|" * len(MECHANISMS)]
+    for name, a in arms.items():
+        out.append(f"| {name} | " + " | ".join(_mechanism_cell(a["mechanisms"].get(m, "absent")) for m in MECHANISMS)
+                   + " |")
+    return "\n".join(out)
+
+
+def _mechanism_cell(m) -> str:
+    if m == "absent":
+        return "absent"
+    return ", ".join(f"{k} {v.get('final', v.get('value', math.nan)):.3f}" for k, v in m.items() if isinstance(v, dict))
 
 
 def write_report(report: dict, json_path: Path, plot_stem: Path) -> list[Path]:
-    """metrics JSON, a CSV for DVC plots and a PNG (mean +- std per config, one panel per task + the mean)."""
+    """metrics JSON, a CSV for DVC plots, a PNG per arm (mean +- std, one panel per task + the mean) and a PNG of
+    the tests (Δ of each comparison in both worlds and of each sweep point, with its MDD)."""
     json_path.parent.mkdir(parents=True, exist_ok=True)
     plot_stem.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
-    configs = report["configs"]
-    tasks = sorted({t for c in configs.values() for t in c["tasks"]})
-    rows = ["config,task,mean,std"] + [f"{n},{t},{c['tasks'][t]['mean']:.6f},{c['tasks'][t]['std']:.6f}"
-                                       for n, c in configs.items() for t in tasks if t in c["tasks"]]
-    rows += [f"{n},mean,{c['mean_main']['mean']:.6f},{c['mean_main']['std']:.6f}" for n, c in configs.items()]
+    arms = report["arms"]
+    tasks = sorted({t for a in arms.values() for t in a["tasks"]})
+    rows = ["arm,task,mean,std"] + [f"\"{n}\",{t},{a['tasks'][t]['mean']:.6f},{a['tasks'][t]['std']:.6f}"
+                                    for n, a in arms.items() for t in tasks if t in a["tasks"]]
+    rows += [f"\"{n}\",mean,{a['mean_main']['mean']:.6f},{a['mean_main']['std']:.6f}" for n, a in arms.items()]
     csv = plot_stem.with_suffix(".csv")
     atomic_write_text(csv, "\n".join(rows) + "\n")
+    png = plot_stem.with_suffix(".png")
+    save_figure(_arms_figure(report, tasks), png)
+    effects = plot_stem.with_name(plot_stem.name + "_effects.png")
+    save_figure(_effects_figure(report), effects)
+    return [json_path, csv, png, effects]
+
+
+def _arms_figure(report: dict, tasks: list[str]):
     plt = pyplot()
+    arms = report["arms"]
     panels = tasks + ["mean"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.6), sharey=False)
-    names = list(configs)
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.8 * len(panels), 4.2), sharey=False)
+    names = list(arms)
     for ax, t in zip(axes, panels):
-        st = [configs[n]["mean_main"] if t == "mean" else configs[n]["tasks"].get(t) for n in names]
+        st = [arms[n]["mean_main"] if t == "mean" else arms[n]["tasks"].get(t) for n in names]
         ax.bar(range(len(names)), [s["mean"] if s else 0 for s in st], yerr=[s["std"] if s else 0 for s in st],
-               capsize=3, color="tab:blue", alpha=0.7)
+               capsize=2, color="tab:blue", alpha=0.7)
         for i, s in enumerate(st):
             if s:
-                ax.plot([i] * len(s["values"]), s["values"], "k.", ms=3)
+                ax.plot([i] * len(s["values"]), s["values"], "k.", ms=2)
         if t in report["chance"]:
             ax.axhline(report["chance"][t], color="gray", ls="--", lw=1)
         ax.set_title(t.replace("synthetic_", ""))
-        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        ax.set_xticks(range(len(names)), names, rotation=75, ha="right", fontsize=5)
     fig.suptitle(f"ablation ({report['mode']}): mean ± std over seeds (dots: seeds; dashed: chance)", fontsize=9)
-    png = plot_stem.with_suffix(".png")
-    save_figure(fig, png)
-    return [json_path, csv, png]
+    return fig
+
+
+def _effects_figure(report: dict):
+    """Δ of the task mean per test, ± its MDD (grey); filled: Holm p < 0.05."""
+    plt = pyplot()
+    tests = [t for c in report["comparisons"].values() for w, t in c.items() if isinstance(t, dict)]
+    tests += [t for s in report["sweeps"].values() for t in s["points"]]
+    labels = [f"{t['comparison']}: {t['world']}" if t["kind"] == "comparison" else f"{t['comparison']} = {fmt(t['value'])}"
+              for t in tests]
+    fig, ax = plt.subplots(figsize=(6.5, 0.35 * len(tests) + 1.2))
+    for i, t in enumerate(tests):
+        mdd = t["mdd"] if math.isfinite(t["mdd"]) else 0.0
+        ax.barh(i, 2 * mdd, left=-mdd, color="0.85", height=0.6)
+        sig = t["p_holm"] is not None and t["p_holm"] < 0.05
+        ax.plot(t["delta"], i, "o", color="tab:red" if sig else "tab:blue", mfc=None if sig else "white")
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(tests)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("Δ task mean vs baseline (grey: ± minimum detectable difference; red: Holm p < 0.05)")
+    fig.suptitle(f"ablation ({report['mode']}): effects", fontsize=9)
+    return fig
 
 
 def dvc_queue_commands(params: Params) -> list[list[str]]:
-    """`dvc exp run --queue -n <config>-s<seed> -S train.<key>=<value> ...` for every run of the grid
-    (then `dvc queue start` or `dvc exp run --run-all`; `dvc exp show` compares them)."""
+    """`dvc exp run --queue -n <arm>-s<seed> -S <key>=<value> ...` for every run of the grid: its train overrides
+    and its world / upstream overrides (download.world.*, cat_filter.*, pseudo_labels.*), so DVC reruns the
+    upstream stages an arm changes (then `dvc queue start` or `dvc exp run --run-all`; `dvc exp show`)."""
     a = params.ablation
+    arms, _ = plan(params)
     cmds = []
-    for name, ov in grid(params):
+    for name, arm in arms.items():
         for seed in a.seeds:
-            sets = {**ov, "steps": a.steps, "batch_size": a.batch_size, "seed": seed}
-            cmd = ["dvc", "exp", "run", "--queue", "-n", f"{slug(name).replace('+', '-')}-s{seed}"]
-            for k, v in sets.items():
-                cmd += ["-S", f"train.{k}={json.dumps(v) if not isinstance(v, str) else v}"]
+            ov = deep_merge(arm["overrides"], {"train": {"steps": a.steps, "batch_size": a.batch_size, "seed": seed}})
+            cmd = ["dvc", "exp", "run", "--queue", "-n", f"{dvc_name(name)}-s{seed}"]
+            for k, v in flat(ov):
+                cmd += ["-S", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
             cmds.append(cmd)
     return cmds
 
 
+def dvc_name(arm: str) -> str:
+    """An experiment name (a git ref) of an arm's name."""
+    return re.sub(r"[^A-Za-z0-9._]+", "-", arm).strip("-")
 
 
-def run_record(name: str, seed: int, overrides: dict, trained: dict, bench: dict, run_id: str) -> dict:
-    """What the report keeps of one run (and what marks it done: the digest of its overrides)."""
-    return {"config": name, "seed": seed, "digest": digest(overrides), "main": main_metrics(bench),
+def flat(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, value) of every leaf of nested overrides."""
+    out = []
+    for k, v in tree.items():
+        out += flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+    return out
+
+
+def run_record(name: str, seed: int, overrides: dict, trained: dict, bench: dict, run_id: str,
+               eval_n: dict | None = None, measured: dict | None = None) -> dict:
+    """What the report keeps of one run (and what marks it done: the digest of its overrides): the benchmark's
+    main metrics, the eval splits' sizes, the mechanism measurements."""
+    return {"arm": name, "seed": seed, "digest": digest(overrides), "main": main_metrics(bench),
             "mean_main": bench["mean_main"], "chance": {t: r.get("chance") for t, r in bench["tasks"].items()},
-            "final_loss": trained["final_loss"], "run_id": run_id}
+            "final_loss": trained["final_loss"], "run_id": run_id, "eval_n": eval_n or {},
+            "mechanisms": measured or {}}
 
 
 def main_metrics(bench: dict) -> dict:
