@@ -76,11 +76,13 @@ def test_mechanisms_from_the_metrics_files(tmp_path):
     train, pl = tmp_path / "train.json", tmp_path / "pseudo_labels.json"
     assert mechanisms(train, pl) == {}  # no files: absent, never an error
     train.write_text(json.dumps({"final_loss": 1.0, "mechanisms": {
-        "fff_mining": {"steps": [10, 20], "precision": [0.2, 0.6], "recall": [0.5, 0.7]},
+        "fff_mining": {"steps": [10, 20, 30], "precision": [0.2, 0.6, None], "recall": [0.5, 0.7, None],
+                       "mined_pairs": [None, None, None]},  # None: nothing to measure at that step (the loop's)
         "hn_true_negative_weight_share": {"steps": [10], "i2t": [0.9], "t2i": [0.8]}}}))
     pl.write_text(json.dumps({"omitted_concepts": {"precision": 0.4, "recall": 0.3, "n_omitted": 12}}))
     got = mechanisms(train, pl)
     assert got["fff_mining"]["precision"] == {"final": 0.6, "mean": pytest.approx(0.4)}
+    assert "mined_pairs" not in got["fff_mining"]  # never defined: absent
     assert got["hn_true_negative_weight_share"]["t2i"]["final"] == 0.8
     assert got["omitted_concepts"] == {"precision": 0.4, "recall": 0.3, "n_omitted": 12.0}
 

@@ -213,12 +213,13 @@ def _read_json(path: Path) -> dict:
 
 def mechanisms(train_json: Path, pseudo_labels_json: Path) -> dict:
     """The mechanism measurements of one run: each step series of metrics/train.json's `mechanisms` as its final
-    value and its mean over the logged steps, and metrics/pseudo_labels.json's `omitted_concepts` numbers.
-    What the files do not hold is absent."""
+    value and its mean over the logged steps where it was defined (a step with nothing to measure, e.g. nothing
+    mined, holds None), and metrics/pseudo_labels.json's `omitted_concepts` numbers. What the files do not hold is
+    absent."""
     out = {}
     for name, series in (_read_json(train_json).get("mechanisms") or {}).items():
-        vals = {k: v for k, v in series.items() if k != "steps" and isinstance(v, list) and v}
-        out[name] = {k: {"final": float(v[-1]), "mean": statistics.fmean(v)} for k, v in vals.items()}
+        vals = {k: [x for x in v if x is not None] for k, v in series.items() if k != "steps" and isinstance(v, list)}
+        out[name] = {k: {"final": float(v[-1]), "mean": statistics.fmean(v)} for k, v in vals.items() if v}
     omitted = _read_json(pseudo_labels_json).get("omitted_concepts")
     if omitted:
         out["omitted_concepts"] = {k: float(v) for k, v in omitted.items()
