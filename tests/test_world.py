@@ -15,7 +15,8 @@ from diht_core.cat.shards import filter_shard, merge_decisions
 from diht_core.config import (BenchmarkParams, CatFilterParams, DownloadParams, EvalSplitParams, NoiseParams,
                               WorldParams)
 from diht_core.data.captions import JUNK, VERB_FORMS
-from diht_core.data.scenes import COLOURS, SHAPES, SIZES, Shape, side_of
+from diht_core.data.scenes import COLOURS, SHAPES, SIZES, Scene, Shape, side_of
+from diht_core.data.scenes import description as description_of
 from diht_core.data.shards import read_samples, shard_paths
 from diht_core.data.synthetic import teacher_samples, train_samples, write_source
 from diht_core.eval.registry import default_tasks, get_task
@@ -159,22 +160,28 @@ def test_same_scene_pairs_share_description_and_captions(worlds):
     groups: dict[int, list] = {}
     for s in samples:
         groups.setdefault(s["json"]["scene_id"], []).append(s)
-    copies = [s for s in samples if s["json"]["scene_id"] != int(s["json"]["key"])]
+    by_key = {int(s["json"]["key"]): s for s in samples}
+    copies = [s for s in samples if s["json"]["copy_of"] is not None]
     assert len(copies) == round(WEB.same_scene_rate * N)
     assert summary["world"]["same_scene_copies"] == pytest.approx(len(copies) / N)
-    for scene_id, group in groups.items():
-        assert int(group[0]["json"]["key"]) == scene_id  # the first of a group is its original
-        if len(group) == 1:
-            continue
-        first = group[0]["json"]
-        for other in group[1:]:
-            m = other["json"]
-            assert m["noise"] == "clean" and first["noise"] == "clean"
-            assert m["captions"] == first["captions"]
-            assert description(m) == description(first)
-            assert other["image_bytes"] != group[0]["image_bytes"]
-            assert [(s["x"], s["y"]) for s in m["shapes"]] != [(s["x"], s["y"]) for s in first["shapes"]]
-    assert all(s["json"]["scene_id"] == int(s["json"]["key"]) for s in worlds["off"][1])
+    for other in copies:  # a re-render: its original's description and captions, new pixels and positions
+        m, first = other["json"], by_key[other["json"]["copy_of"]]["json"]
+        original = by_key[other["json"]["copy_of"]]
+        assert m["noise"] == "clean" and first["noise"] == "clean"
+        assert m["captions"] == first["captions"] and m["scene_id"] == first["scene_id"]
+        assert description(m) == description(first)
+        assert other["image_bytes"] != original["image_bytes"]
+        assert [(s["x"], s["y"]) for s in m["shapes"]] != [(s["x"], s["y"]) for s in first["shapes"]]
+    for scene_id, group in groups.items():  # one id per description: re-renders and descriptions drawn alike
+        assert int(group[0]["json"]["key"]) == scene_id  # the first of a group names it
+        assert len({canonical(s["json"]) for s in group}) == 1
+    assert len({canonical(s["json"]) for s in samples}) == len(groups)  # and one description per id
+    assert all(s["json"]["copy_of"] is None for s in worlds["off"][1])
+
+
+def canonical(m: dict) -> tuple:
+    """scenes.description of a sample's json."""
+    return description_of(Scene([Shape(**s) for s in m["shapes"]], m["relation"]))
 
 
 def shared_caption_rate(samples) -> float:

@@ -64,6 +64,16 @@ def side_of(s: Shape) -> str:
     return _side(s.x, s.y)
 
 
+def description(scene: Scene) -> tuple:
+    """What a scene's captions can say of it: each shape's shape, colour, size and side of the canvas, the relation
+    with its roles (subject, object); shapes in no relation in any order. Two images of one description are the
+    same scene to a caption (the true positives of each other), whatever their exact positions."""
+    spec = [(s.shape, s.colour, s.size, side_of(s)) for s in scene.shapes]
+    rel = scene.relation
+    roles = (rel["type"], spec[rel["subject"]], spec[rel["object"]]) if rel else None
+    return roles, tuple(sorted(spec))
+
+
 def _free(rng, r, placed, margin=0.04, tries=200, side=None):
     """A centre clear of the placed shapes (and on `side` of the canvas, when given); None if none is found."""
     for _ in range(tries):

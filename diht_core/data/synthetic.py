@@ -15,7 +15,7 @@ from ..config import DownloadParams, WorldParams
 from .files import atomic_write_text
 from .captions import (VERB_FORMS, caption, junk_caption, junk_noun_phrase, omitted_concepts, painted_slogan,
                        painted_words, paraphrases, product_listing, relation_clause, with_article)
-from .scenes import COLOURS, COUNT_WORDS, RELATIONS, SHAPES, Scene, relayout, render, sample_scene
+from .scenes import COLOURS, COUNT_WORDS, RELATIONS, SHAPES, Scene, description, relayout, render, sample_scene
 from .shards import encode_jpg, read_samples, shard_paths, write_shard
 
 NOISE_KINDS = ("clean", "junk", "text_in_image", "mismatched")
@@ -116,29 +116,33 @@ def train_samples(d: DownloadParams, seed: int):
     ``clean``, ``junk`` (a caption that says little of the image, of ``junk_kind`` noun_phrase, product_listing,
     painted_text_only or template), ``text_in_image`` (caption words painted into the image) and ``mismatched``
     (another image's caption). A share of clean pairs carries several paraphrased captions (``captions``, for FFF).
-    The world's premises (``d.world``) are planted with their truth: ``scene_id`` (equal for re-renders of one scene
-    description, which share its captions), ``omitted`` (the concepts shown that no caption names).
+    The world's premises (``d.world``) are planted with their truth: ``scene_id`` (the index of the first image of
+    the same scene description, ``scenes.description``: equal for every two images a caption cannot tell apart,
+    re-rendered or drawn alike by chance), ``copy_of`` (a re-render: the index of the pair whose description and
+    captions it shares; null otherwise), ``omitted`` (the concepts shown that no caption names).
     """
     w = d.world
     kinds = _noise_kinds(d, rng_for(seed, "train"))
     junk = iter(_junk_kinds(w, kinds.count("junk"), rng_for(seed, "train/junk_kinds")))
     copies = _same_scene_sources(kinds, w.same_scene_rate, rng_for(seed, "train/same_scene"))
-    described: dict[int, tuple[Scene, list[str], int]] = {}  # clean pair -> (scene, captions, scene_id)
+    described: dict[int, tuple[Scene, list[str]]] = {}  # clean pair -> (scene, captions)
+    first_of: dict[tuple, int] = {}  # scene description -> the index of its first image
     for i, kind in enumerate(kinds):
         rs, rc = sample_rngs(seed, i)
         junk_kind = next(junk) if kind == "junk" else None
         if i in copies:
-            source, caps, scene_id = described[copies[i]]
+            source, caps = described[copies[i]]
             scene = relayout(source, rs) or Scene(source.shapes, source.relation)  # None: practically unreachable
         else:
-            scene, scene_id = sample_scene(rs), i
+            scene = sample_scene(rs)
             caps = _captions(kind, junk_kind, scene, d, rc)
+        scene_id = first_of.setdefault(description(scene), i)
         if kind == "clean":
-            described[i] = (scene, caps, scene_id)
+            described[i] = (scene, caps)
         img = render(scene, d.image_size, rs)
         key = f"{i:09d}"
         meta = {"key": key, "caption": caps[0], "captions": caps, "noise": kind, "junk_kind": junk_kind,
-                "multi_caption": len(caps) > 1, "scene_id": scene_id, "omitted": omitted_concepts(scene, caps),
+                "multi_caption": len(caps) > 1, "scene_id": scene_id, "copy_of": copies.get(i), "omitted": omitted_concepts(scene, caps),
                 "status": "success", "width": d.image_size, "height": d.image_size, **scene.to_json()}
         yield {"__key__": key, "jpg": encode_jpg(img), "txt": caps[0], "json": json.dumps(meta).encode()}
 
@@ -350,7 +354,7 @@ def noise_summary(metas: list[dict], n: int) -> tuple[dict[str, float], float]:
 
 def planted_world(metas: list[dict]) -> dict:
     """The world's planted truth read back from the training samples' json: the junk kinds' shares of the junk,
-    the share of re-rendered scenes and of pairs in a same-scene group, the omitted concepts of the pairs whose
+    the share of re-rendered scenes and of pairs in a same-scene group (re-renders and descriptions drawn alike), the omitted concepts of the pairs whose
     captions describe their own image (clean, text_in_image), and how often distinct scenes share a caption."""
     junk = Counter(m["junk_kind"] for m in metas if m["noise"] == "junk")
     groups = Counter(m["scene_id"] for m in metas)
@@ -362,7 +366,7 @@ def planted_world(metas: list[dict]) -> dict:
     clean = [m for m in metas if m["noise"] == "clean"]
     return {
         "junk_kind_fraction": {k: v / max(1, sum(junk.values())) for k, v in sorted(junk.items())},
-        "same_scene_copies": sum(m["scene_id"] != int(m["key"]) for m in metas) / max(1, len(metas)),
+        "same_scene_copies": sum(m.get("copy_of") is not None for m in metas) / max(1, len(metas)),
         "in_same_scene_group": sum(groups[m["scene_id"]] > 1 for m in metas) / max(1, len(metas)),
         "omitted_any": sum(bool(m["omitted"]) for m in own) / max(1, len(own)),
         "omitted_per_pair": sum(len(m["omitted"]) for m in own) / max(1, len(own)),
