@@ -289,7 +289,7 @@ def aggregate(results: list[dict], tests: list[dict], mode: str, params: Params 
         # "vanishes": no significant difference in the control world (raw p, the stricter reading), and one
         # no larger than the control could detect
         c["vanishes_without_premise"] = bool(off and (off["p"] is None or off["p"] >= 0.05)
-                                             and abs(off["delta"]) < off["mdd"])
+                                             and abs(off["delta"]) <= off["mdd"])  # <=: identical arms (MDD 0) vanish
     sweeps: dict = {}
     for t in done:
         if t["kind"] == "sweep":
