@@ -14,6 +14,7 @@ from conftest import ROOT, project_env
 from diht_core.config import ParamsError, RecaptionParams, load_params, validate_params
 from diht_core.data.recaption import DONE, output_dir, recaption_shards
 from diht_core.data.shards import iter_shard, read_samples
+from diht_core.models.captioners import Blip2Captioner
 from test_bad_data import BAD, make_corpus
 
 K = 3
@@ -154,6 +155,14 @@ def test_params_fff_config_and_model_path_required():
         validate_params({"recaption": {"kind": "llava"}})
     fff = load_params(ROOT / "configs" / "fff.yaml")
     assert fff.recaption.enabled and fff.train.loss == "sigmoid" and fff.train.captions_per_image > 1
+
+
+def test_a_hub_name_is_refused_never_downloaded(tmp_path):
+    """recaption.model_path must be a local folder of save_pretrained files: a Hub id is refused before transformers
+    is asked for anything (nothing can be downloaded at run time)."""
+    for path in ("Salesforce/blip2-opt-2.7b", str(tmp_path)):  # a Hub id; a folder without config.json
+        with pytest.raises(FileNotFoundError, match="recaption.model_path"):
+            Blip2Captioner(RecaptionParams(enabled=True, model_path=path))
 
 
 @pytest.mark.slow  # a subprocess: imports mlflow, open_clip and transformers (about 30 s on 2 idle cores)
