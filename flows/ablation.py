@@ -50,10 +50,12 @@ def ablation(params_path: str = "params.yaml", overrides: dict | None = None, qu
                            "samples_seen": params.ablation.steps * params.ablation.batch_size})
         results = []
         for r, p in zip(grid, loaded):
-            if not is_done(r["overrides"], p):
+            record = done_record(r["overrides"], p)
+            if record is None:
                 ensure_upstream(upstreams[r["upstream_digest"]], parent.info.run_id)
-            results.append(one_run(r["arm"], r["seed"], r["overrides"], p, upstreams[r["upstream_digest"]],
-                                   parent.info.run_id, experiment_id))
+                record = one_run(r["arm"], r["seed"], r["overrides"], p, upstreams[r["upstream_digest"]],
+                                 parent.info.run_id, experiment_id)
+            results.append(record)
         report = A.aggregate(results, tests, mode, params)
         suffix = "" if mode == "full" else "_quick"
         paths = A.write_report(report, Path(params.paths.metrics) / f"ablation{suffix}.json",
@@ -73,8 +75,8 @@ def ensure_upstream(upstream, parent_id: str) -> None:
     """Run the upstream stages into their own folder unless it already holds them (same params digest). The
     leading stages another finished upstream shares (same params up to them) are copied from it, not rerun."""
     folder = Path(upstream.paths.data).parent
-    marker, stages = folder / "upstream.json", A.stage_digests(upstream)
-    if marker.exists() and json.loads(marker.read_text()).get("digest") == A.upstream_digest(upstream):
+    marker, stages, digest = folder / "upstream.json", A.stage_digests(upstream), A.upstream_digest(upstream)
+    if marker.exists() and json.loads(marker.read_text()).get("digest") == digest:
         return
     donors = [(A.shared_prefix(stages, json.loads(m.read_text()).get("stages", [])), m.parent)
               for m in folder.parent.glob("*/upstream.json") if m.parent != folder]
@@ -86,7 +88,7 @@ def ensure_upstream(upstream, parent_id: str) -> None:
         print(f"[ablation] upstream {folder.name}: {', '.join(A.UPSTREAM[:shared])} copied from {donor.name}")
     for stage in A.UPSTREAM[shared:]:
         TASKS[stage](upstream, parent_id)
-    atomic_write_text(marker, json.dumps({"digest": A.upstream_digest(upstream), "stages": stages}))
+    atomic_write_text(marker, json.dumps({"digest": digest, "stages": stages}))
 
 
 def log_summary(report: dict) -> None:
@@ -110,16 +112,19 @@ def log_summary(report: dict) -> None:
     mlflow.log_metrics(metrics)
 
 
-def is_done(ov: dict, p) -> bool:
-    done = Path(p.paths.metrics) / "ablation_run.json"
-    return done.exists() and json.loads(done.read_text()).get("digest") == A.digest(ov)
+def _record_path(p) -> Path:
+    return Path(p.paths.metrics) / "ablation_run.json"
+
+
+def done_record(ov: dict, p) -> dict | None:
+    """The record of this run when it is already done with these overrides (its digest), else None."""
+    done = _record_path(p)
+    record = json.loads(done.read_text()) if done.exists() else None
+    return record if record is not None and record.get("digest") == A.digest(ov) else None
 
 
 def one_run(name: str, seed: int, ov: dict, p, upstream, parent_id: str, experiment_id: str) -> dict:
-    """Train + benchmark one arm and seed in a child MLflow run; kept when already done with these overrides."""
-    done = Path(p.paths.metrics) / "ablation_run.json"
-    if is_done(ov, p):
-        return json.loads(done.read_text())
+    """Train + benchmark one arm and seed in a child MLflow run (the caller skips the runs already done)."""
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{name} seed={seed}", parent_run_id=parent_id,
                           nested=True, tags={"diht.ablation.config": name, "diht.ablation.seed": str(seed),
                                              **run_tags(p)}) as child:
@@ -135,7 +140,7 @@ def one_run(name: str, seed: int, ov: dict, p, upstream, parent_id: str, experim
                             Path(upstream.paths.metrics) / "pseudo_labels.json")
     record = A.run_record(name, seed, ov, trained, bench, child.info.run_id,
                           A.split_sizes(Path(p.paths.data), p.benchmark.tasks), measured)
-    atomic_write_text(done, json.dumps(record, indent=1))
+    atomic_write_text(_record_path(p), json.dumps(record, indent=1))
     return record
 
 
