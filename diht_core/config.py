@@ -448,6 +448,10 @@ class AblationParams(_Strict):
         "HN-NCE beta": SweepParams(config="cat+hn-nce", key="train.hn_beta", values=[0.1, 0.25, 0.5, 1.0]),
     }
     also_run: list[str] = ["diht"]                 # configs run in the default world alone (reported, not tested)
+    full: dict = {                                 # overrides of the whole params for the full grid (not --quick):
+        "download": {"eval": {"per_class": 160, "retrieval_images": 800, "vqa_questions": 1200,  # eval splits 4x
+                              "compositional_items": 1600}},  # the demo's: half its sampling error
+    }
     quick: dict = {                                # overrides of the whole params for `--quick` (CI)
         "download": {"num_train": 240, "shard_size": 80, "teacher_samples": 160,
                      "eval": {"per_class": 6, "retrieval_images": 20, "vqa_questions": 20, "fewshot_per_class": 4,

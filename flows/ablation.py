@@ -32,8 +32,9 @@ def ablation(params_path: str = "params.yaml", overrides: dict | None = None, qu
     set_env()
     params = load_params(params_path, overrides)  # validated before any work starts
     mode = "quick" if quick else "full"
-    base_ov = deep_merge(overrides or {}, params.ablation.quick) if quick else dict(overrides or {})
-    params = load_params(params_path, base_ov) if quick else params
+    base_ov = (deep_merge(overrides or {}, params.ablation.quick) if quick
+               else deep_merge(params.ablation.full, overrides or {}))  # a --set wins over `full`
+    params = load_params(params_path, base_ov)
     root = Path("ablation") / mode
     _, tests = A.plan(params)
     grid = A.runs(params, base_ov, root)
@@ -172,8 +173,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     set_env()
     params = params_or_exit(args)
-    if args.quick:
-        params_or_exit(args, params.ablation.quick)
+    params_or_exit(args, params.ablation.quick if args.quick else params.ablation.full)
     if args.dvc_queue:
         for cmd in A.dvc_queue_commands(params):
             cmd += [x for item in args.sets for x in ("-S", item)]  # --set is DVC's -S

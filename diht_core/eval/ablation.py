@@ -438,7 +438,8 @@ def dvc_queue_commands(params: Params) -> list[list[str]]:
     cmds = []
     for name, arm in arms.items():
         for seed in a.seeds:
-            ov = deep_merge(arm["overrides"], {"train": {"steps": a.steps, "batch_size": a.batch_size, "seed": seed}})
+            ov = deep_merge(deep_merge(a.full, arm["overrides"]),
+                            {"train": {"steps": a.steps, "batch_size": a.batch_size, "seed": seed}})
             cmd = ["dvc", "exp", "run", "--queue", "-n", f"{dvc_name(name)}-s{seed}"]
             for k, v in flat(ov):
                 cmd += ["-S", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
