@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -242,6 +243,18 @@ def test_dvc_queue_commands_set_every_override():
     c2 = next(c for c in cmds if c[5] == "cat-min_complexity-2-s0")
     assert "cat_filter.min_complexity=2" in c2
     assert len({c[5] for c in cmds}) == len(cmds)  # experiment names are unique
+    eval_sets = {f"download.eval.{k}={v}" for k, v in p.ablation.full["download"]["eval"].items()}
+    assert all(eval_sets <= set(c) for c in cmds)  # the full grid's own eval splits (ablation.full)
+
+
+def test_full_grid_evaluates_on_its_larger_eval_splits():
+    """ablation.full (eval splits 4x the demo's) is in every run of the full grid and in its upstream digests."""
+    p = validate_params(tiny_params())
+    grown = validate_params(deep_merge(p.model_dump(), p.ablation.full))
+    assert grown.download.eval.retrieval_images == 4 * validate_params({}).download.eval.retrieval_images
+    plain, full = runs(p, {}, Path("a")), runs(grown, p.ablation.full, Path("a"))
+    assert all(r["overrides"]["download"]["eval"] == p.ablation.full["download"]["eval"] for r in full)
+    assert {r["upstream_digest"] for r in plain}.isdisjoint(r["upstream_digest"] for r in full)
 
 
 @pytest.mark.slow

@@ -84,7 +84,7 @@ def pretrain(model, pre: Preprocess, images: torch.Tensor, targets: torch.Tensor
     images normalised by ``pre``. Returns the loss per epoch."""
     epochs, batch_size, lr = t.pretrain_epochs, t.batch_size, t.lr
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, fused=True)  # one pass per tensor
     steps = epochs * max(1, len(images) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps))
     model.train()
