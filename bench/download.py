@@ -28,6 +28,7 @@ from collections import Counter
 from pathlib import Path
 
 import pandas as pd
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -83,16 +84,56 @@ def warm(urls: pd.DataFrame) -> None:
         urllib.request.urlopen(url, timeout=60).read()
 
 
+def run_tracked(cmd: list[str], **kwargs) -> tuple[str, float]:
+    """subprocess.run(cmd, capture_output=True, text=True, check=True)'s stdout, and the CPU seconds (user + system)
+    of the command's whole process tree: every process is sampled each 50 ms, as long as it lives, by pid (rusage
+    does not reach the workers of a forkserver, which are not the command's children)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    root, cpu = psutil.Process(proc.pid), {}
+
+    def sample():
+        try:
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        for p in tree:
+            try:
+                cpu[p.pid] = max(cpu.get(p.pid, 0.0), sum(p.cpu_times()[:2]))
+            except psutil.NoSuchProcess:
+                pass
+    while True:
+        sample()
+        try:
+            out, err = proc.communicate(timeout=0.05)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd, out, err)
+    return out, sum(cpu.values())
+
+
+def measured(run):
+    """run(lst, out, a) -> (its result, the CPU seconds of the tool's processes); returns the result plus `cpu` and
+    `server_cpu`, the loopback server's CPU seconds meanwhile: both independent of how busy the machine is."""
+    def wrapped(lst: Path, out: Path, a, server: psutil.Process) -> dict:
+        s0 = sum(server.cpu_times()[:2])
+        result, cpu = run(lst, out, a)
+        return {**result, "cpu": cpu, "server_cpu": sum(server.cpu_times()[:2]) - s0}
+    return wrapped
+
+
+@measured
 def run_ours(lst: Path, out: Path, a) -> dict:
     t = time.perf_counter()
-    res = subprocess.run([sys.executable, "-c", OURS, str(lst), str(out), str(a.processes), str(a.threads),
-                          str(a.shard_size), str(a.timeout), str(a.image_size), a.resize_mode], cwd=ROOT,
-                         capture_output=True, text=True, check=True)
+    stdout, cpu = run_tracked([sys.executable, "-c", OURS, str(lst), str(out), str(a.processes), str(a.threads),
+                               str(a.shard_size), str(a.timeout), str(a.image_size), a.resize_mode], cwd=ROOT)
     wall = time.perf_counter() - t
-    stats = json.loads(res.stdout.strip().splitlines()[-1])
-    return {"wall": wall, "seconds": stats["seconds"], "ok": stats["successes"], "reasons": stats["reasons"]}
+    stats = json.loads(stdout.strip().splitlines()[-1])
+    return {"wall": wall, "seconds": stats["seconds"], "ok": stats["successes"], "reasons": stats["reasons"]}, cpu
 
 
+@measured
 def run_img2dataset(lst: Path, out: Path, a) -> dict:
     cmd = [a.img2dataset, f"--url_list={lst}", "--input_format=parquet", "--url_col=url", "--caption_col=caption",
            f"--output_folder={out}", "--output_format=webdataset", f"--thread_count={a.threads}",
@@ -100,13 +141,13 @@ def run_img2dataset(lst: Path, out: Path, a) -> dict:
            f"--resize_mode={a.resize_mode}", f"--number_sample_per_shard={a.shard_size}", "--enable_wandb=False",
            "--distributor=multiprocessing", f"--max_image_area={a.max_pixels}"]
     t = time.perf_counter()
-    subprocess.run(cmd, capture_output=True, text=True, check=True)
+    _, cpu = run_tracked(cmd)
     wall = time.perf_counter() - t
     stats = [json.loads(p.read_text()) for p in out.glob("*_stats.json")]
     rows = pd.concat([pd.read_parquet(p) for p in out.glob("*.parquet")])
     reasons = Counter(i2d_reason(m) for m in rows.error_message)
     seconds = max(s["end_time"] for s in stats) - min(s["start_time"] for s in stats)  # its shards run in parallel
-    return {"wall": wall, "seconds": seconds, "ok": reasons["ok"], "reasons": dict(reasons)}
+    return {"wall": wall, "seconds": seconds, "ok": reasons["ok"], "reasons": dict(reasons)}, cpu
 
 
 def table(results: dict, expected: dict[str, Counter]) -> str:
@@ -121,6 +162,9 @@ def table(results: dict, expected: dict[str, Counter]) -> str:
     row("download time, s (the tool's own timer)", [f"{r['seconds']:.1f}" for r in results.values()])
     row("**images/s** (ok / download time)", [f"**{r['ok'] / r['seconds']:.0f}**" for r in results.values()])
     row("images/s (ok / wall time)", [f"{r['ok'] / r['wall']:.0f}" for r in results.values()])
+    row("CPU s of the tool, all its processes", [f"{r['cpu']:.1f}" for r in results.values()])
+    row("**CPU ms per image** (ok)", [f"**{1000 * r['cpu'] / r['ok']:.2f}**" for r in results.values()])
+    row("CPU s of the loopback server meanwhile", [f"{r['server_cpu']:.1f}" for r in results.values()])
     known = {k for c in expected.values() for k in c}
     reasons = sorted(known | {k for r in results.values() for k in r["reasons"]}, key=lambda k: (k != "ok", k))
     for k in reasons:
@@ -129,7 +173,7 @@ def table(results: dict, expected: dict[str, Counter]) -> str:
     return "\n".join(lines)
 
 
-def run_list(base: str, a, bombs: float) -> tuple[dict, Counter]:
+def run_list(base: str, a, bombs: float, server: psutil.Process) -> tuple[dict, Counter]:
     """Both tools on one mixed list with `bombs` as the share of decompression bombs."""
     mix = {**MIX, "bomb": bombs, "good_jpg": MIX["good_jpg"] + MIX["bomb"] - bombs}
     urls = mixed_url_list(base, a.urls, mix, slow_ms=a.slow_ms)
@@ -137,9 +181,9 @@ def run_list(base: str, a, bombs: float) -> tuple[dict, Counter]:
     with tempfile.TemporaryDirectory() as tmp:
         lst = Path(tmp) / "list.parquet"
         urls[["url", "caption"]].to_parquet(lst)
-        results = {"ours": run_ours(lst, Path(tmp) / "ours", a)}
+        results = {"ours": run_ours(lst, Path(tmp) / "ours", a, server)}
         if Path(a.img2dataset).exists():
-            results["img2dataset"] = run_img2dataset(lst, Path(tmp) / "img2dataset", a)
+            results["img2dataset"] = run_img2dataset(lst, Path(tmp) / "img2dataset", a, server)
         else:
             print(f"(img2dataset not found at {a.img2dataset}: skipped)")
     return results, Counter(urls.expected)
@@ -165,7 +209,7 @@ def main() -> None:
     try:
         for bombs in [float(f) for f in a.bomb_fractions.split(",")]:
             label = "" if bombs else ", no bombs"
-            res, expected[label] = run_list(base, a, bombs)
+            res, expected[label] = run_list(base, a, bombs, psutil.Process(server.pid))
             results.update({f"{tool}{label}": r for tool, r in res.items()})
     finally:
         server.terminate()
@@ -179,7 +223,8 @@ def main() -> None:
         ours, theirs = results.get(f"ours{label}"), results.get(f"img2dataset{label}")
         if theirs:
             print(f"\nours / img2dataset{label}: {ours['ok'] / ours['seconds'] / (theirs['ok'] / theirs['seconds']):.2f}x"
-                  f" images/s, {ours['ok']} vs {theirs['ok']} successes")
+                  f" images/s, {theirs['cpu'] / theirs['ok'] / (ours['cpu'] / ours['ok']):.2f}x less CPU per image, "
+                  f"{ours['ok']} vs {theirs['ok']} successes")
 
 
 if __name__ == "__main__":

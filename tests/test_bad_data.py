@@ -20,7 +20,8 @@ from conftest import project_env
 from diht_core.config import TeacherParams, TrainParams
 from diht_core.data.loader import make_loader
 from diht_core.data.scenes import render, sample_scene
-from diht_core.data.shards import encode_jpg, iter_shard, load_split, read_samples, write_shard
+from diht_core.data.images import load_split
+from diht_core.data.shards import encode_jpg, iter_shard, read_samples, write_shard
 from diht_core.models import create_model
 
 MAX_PIXELS = 89_478_485  # download.url_list.max_pixels

@@ -16,7 +16,8 @@ from PIL import Image
 
 from diht_core.config import BenchmarkParams
 from diht_core.data.eval_datasets import load_imagefolder
-from diht_core.data.shards import Faults, load_split, parse_sample, write_shard
+from diht_core.data.images import load_split
+from diht_core.data.shards import Faults, parse_sample, write_shard
 from diht_core.eval import catalog
 from diht_core.eval.registry import check_available, get_task
 from diht_core.eval.runner import run_benchmark

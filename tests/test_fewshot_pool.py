@@ -11,7 +11,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 from diht_core.config import FewshotParams
-from diht_core.data.shards import Faults, iter_shard, load_split, write_shard
+from diht_core.data.images import load_split
+from diht_core.data.shards import Faults, iter_shard, write_shard
 from diht_core.eval import fewshot_pool
 from diht_core.eval.encoders import encode_images, text_encoder
 from diht_core.eval.fewshot import fewshot_curve, run_fewshot

@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from ..config import TeacherParams
 from ..data.files import atomic_savez
-from ..data.shards import Faults, load_split, read_decoded
+from ..data.images import load_split, read_decoded
+from ..data.shards import Faults
 from ..launch import destroy, init_distributed, rank_share, sum_counts
 from .preprocess import Preprocess
 from .teacher import features, load_frozen_teacher

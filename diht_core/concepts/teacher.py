@@ -11,8 +11,8 @@ from sklearn.metrics import average_precision_score
 from tqdm import tqdm
 
 from ..config import TeacherParams
-from ..data.images import to_device
-from ..data.shards import Faults, read_decoded, shard_paths
+from ..data.images import read_decoded, to_device
+from ..data.shards import Faults, shard_paths
 from .labels import LABELS, label_vector
 from .preprocess import Preprocess
 from .soft_targets import SoftTargetCrossEntropy

@@ -13,9 +13,9 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from .images import load_split
 from .shards import (BAD_LABEL, Faults, SampleFault, as_integer, check_image, decode_image, image_ext, iter_shard,
-                     load_split, no_sample_left, parse_sample, pixel_limit, sample_captions, shard_paths,
-                     skip_or_fail)
+                     no_sample_left, parse_sample, pixel_limit, sample_captions, shard_paths, skip_or_fail)
 
 IMG_FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff")
 

@@ -9,17 +9,12 @@ import sys
 import tarfile
 import warnings
 import zlib
-from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterator
 
-import torch
-import webdataset as wds
 from PIL import Image
-from webdataset.tariterators import base_plus_ext
 
 from .files import atomic_path
-from .images import image_to_uint8
 
 
 def shard_paths(directory: str | Path) -> list[Path]:
@@ -39,10 +34,37 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def write_shard(path: str | Path, samples: list[dict]) -> None:
-    """Write samples ({"__key__", ext: bytes|str|dict}) atomically to one tar."""
-    with atomic_path(path) as tmp, wds.TarWriter(str(tmp), mtime=0.0) as sink:  # fixed mtime: same bytes
+    """Write samples ({"__key__", ext: bytes | str | dict | int}) atomically to one tar, byte for byte what
+    webdataset's ``TarWriter(mtime=0.0)`` writes (members in sorted extension order, mode 0444, owner "bigdata",
+    a fixed mtime: the same samples give the same bytes); written here so that writing a shard needs no torch."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w|") as tar:
         for s in samples:
-            sink.write(s)
+            key = s["__key__"]
+            for ext in sorted(k for k in s if not k.startswith("_")):
+                data = _member_bytes(s[ext], ext)
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0.0, 0o444, "bigdata", "bigdata"
+                tar.addfile(info, io.BytesIO(data))
+
+
+def _member_bytes(value, ext: str) -> bytes:
+    """A sample's value as the bytes of its tar member (webdataset's encoding of these types)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, (dict, list)) and ext in ("json", "jsn"):
+        return json.dumps(value).encode("utf-8")
+    if isinstance(value, int) and ext in ("cls", "cls2", "class", "count", "index", "inx", "id"):
+        return str(value).encode("ascii")
+    raise ValueError(f"{ext}: cannot store a {type(value).__name__} in a shard (bytes, str, json dict, int cls)")
+
+
+def base_plus_ext(name: str) -> tuple[str | None, str | None]:
+    """A member name split into (sample key, extensions) at the first dot of its last path part, as webdataset
+    groups members; (None, None) for a name without extension."""
+    match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
+    return (match.group(1), match.group(2)) if match else (None, None)
 
 
 # What makes one sample unusable, checked in this order: its json, its caption, its image (the header size first)
@@ -290,41 +312,6 @@ def read_samples(path: str | Path, max_pixels: int | None = None, need_caption: 
     """The samples of one shard, parsed (``parse_sample``), a truncation record last if the shard is cut."""
     for raw in iter_shard(path):
         yield parse_sample(raw, max_pixels, need_caption, need_label, check_only)
-
-
-def read_decoded(paths: Iterable[str | Path], image_size: int | Callable[[Image.Image], torch.Tensor],
-                 max_pixels: int, need_caption: bool = False, need_label: bool = False) -> Iterator[dict]:
-    """The samples of these shards (as ``read_samples``); those without a fault with ``image``: uint8
-    [3, S, S] at ``image_size`` (squashed to the square), or what ``image_size`` makes of the PIL image when it is a
-    function (a teacher's own resize and crop). The caller skips and counts the faults (``Faults``), or fails."""
-    to_uint8 = image_size if callable(image_size) else partial(image_to_uint8, size=image_size)
-    for path in paths:
-        for s in read_samples(path, max_pixels, need_caption, need_label):
-            if s["fault"] is None:
-                s["image"] = to_uint8(s.pop("pil"))
-            yield s
-
-
-def load_split(directory: str | Path, image_size: int | Callable[[Image.Image], torch.Tensor],
-               max_pixels: int | None = None, faults: Faults | None = None, need_label: bool = False) -> dict:
-    """A whole split of generated data in memory: images (uint8 at image_size, as ``read_decoded``), cls (-1 where
-    none; need_label: a missing or non-integer cls is the fault BAD_LABEL), txt and json of every sample. A bad
-    sample or a truncated shard is skipped and counted in ``faults`` (an error when no sample is left); without
-    ``faults`` any fault is an error naming the shard, the key and the reason. max_pixels: None, PIL's own bomb
-    limit only."""
-    paths = shard_paths(directory)
-    if not paths:
-        raise FileNotFoundError(f"no shards in {directory}")
-    images, cls, txt, meta = [], [], [], []
-    for s in read_decoded(paths, image_size, pixel_limit(max_pixels), need_label=need_label):
-        if skip_or_fail(s, faults):
-            continue
-        images.append(s["image"])
-        cls.append(s.get("cls", -1))
-        txt.append(s.get("txt", ""))
-        meta.append(s.get("json", {}))
-    no_sample_left(images, directory, faults)
-    return {"images": torch.stack(images), "cls": torch.tensor(cls), "txt": txt, "json": meta}
 
 
 def no_sample_left(kept, where, faults: Faults | None) -> None:

@@ -14,12 +14,12 @@ from typing import Callable
 import torch
 
 from ..config import Params, Paths, PseudoLabelParams, TrainParams
-from ..data.images import to_device
+from ..data.images import read_decoded, to_device
 from ..data.loader import make_loader
 from ..data.planted import NO_SCENE, scene_id
 from ..data.pseudo_labels import SparsePseudoLabels, load_all
 from ..data.recaption import input_dir, output_dir
-from ..data.shards import Faults, count_samples, read_decoded, shard_paths
+from ..data.shards import Faults, count_samples, shard_paths
 
 
 @dataclass
