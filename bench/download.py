@@ -113,27 +113,15 @@ def run_tracked(cmd: list[str], **kwargs) -> tuple[str, float]:
     return out, sum(cpu.values())
 
 
-def measured(run):
-    """run(lst, out, a) -> (its result, the CPU seconds of the tool's processes); returns the result plus `cpu` and
-    `server_cpu`, the loopback server's CPU seconds meanwhile: both independent of how busy the machine is."""
-    def wrapped(lst: Path, out: Path, a, server: psutil.Process) -> dict:
-        s0 = sum(server.cpu_times()[:2])
-        result, cpu = run(lst, out, a)
-        return {**result, "cpu": cpu, "server_cpu": sum(server.cpu_times()[:2]) - s0}
-    return wrapped
-
-
-@measured
 def run_ours(lst: Path, out: Path, a) -> dict:
     t = time.perf_counter()
     stdout, cpu = run_tracked([sys.executable, "-c", OURS, str(lst), str(out), str(a.processes), str(a.threads),
                                str(a.shard_size), str(a.timeout), str(a.image_size), a.resize_mode], cwd=ROOT)
     wall = time.perf_counter() - t
     stats = json.loads(stdout.strip().splitlines()[-1])
-    return {"wall": wall, "seconds": stats["seconds"], "ok": stats["successes"], "reasons": stats["reasons"]}, cpu
+    return {"wall": wall, "seconds": stats["seconds"], "ok": stats["successes"], "reasons": stats["reasons"], "cpu": cpu}
 
 
-@measured
 def run_img2dataset(lst: Path, out: Path, a) -> dict:
     cmd = [a.img2dataset, f"--url_list={lst}", "--input_format=parquet", "--url_col=url", "--caption_col=caption",
            f"--output_folder={out}", "--output_format=webdataset", f"--thread_count={a.threads}",
@@ -147,7 +135,7 @@ def run_img2dataset(lst: Path, out: Path, a) -> dict:
     rows = pd.concat([pd.read_parquet(p) for p in out.glob("*.parquet")])
     reasons = Counter(i2d_reason(m) for m in rows.error_message)
     seconds = max(s["end_time"] for s in stats) - min(s["start_time"] for s in stats)  # its shards run in parallel
-    return {"wall": wall, "seconds": seconds, "ok": reasons["ok"], "reasons": dict(reasons)}, cpu
+    return {"wall": wall, "seconds": seconds, "ok": reasons["ok"], "reasons": dict(reasons), "cpu": cpu}
 
 
 def table(results: dict, expected: dict[str, Counter]) -> str:
@@ -181,11 +169,15 @@ def run_list(base: str, a, bombs: float, server: psutil.Process) -> tuple[dict, 
     with tempfile.TemporaryDirectory() as tmp:
         lst = Path(tmp) / "list.parquet"
         urls[["url", "caption"]].to_parquet(lst)
-        results = {"ours": run_ours(lst, Path(tmp) / "ours", a, server)}
+        tools = {"ours": run_ours}
         if Path(a.img2dataset).exists():
-            results["img2dataset"] = run_img2dataset(lst, Path(tmp) / "img2dataset", a, server)
+            tools["img2dataset"] = run_img2dataset
         else:
             print(f"(img2dataset not found at {a.img2dataset}: skipped)")
+        results = {}
+        for name, run in tools.items():  # each with the loopback server's CPU seconds meanwhile
+            s0 = sum(server.cpu_times()[:2])
+            results[name] = {**run(lst, Path(tmp) / name, a), "server_cpu": sum(server.cpu_times()[:2]) - s0}
     return results, Counter(urls.expected)
 
 
