@@ -19,9 +19,15 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: install demo test test-fast serve worker run-full ui repro dvc-record check-baseline docker-check compose-up clean ablation ablation-quick ablation-dvc
 
+# uv installs the same packages as pip from the same sources (tools/uv_install_args.py passes pip's configuration on)
+# in seconds where pip's resolver takes minutes; pip itself where uv cannot be installed.
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
+	@if $(PY) -m pip install --disable-pip-version-check -q uv==0.13.9; then \
+	  echo "env \$$($(PY) tools/uv_install_args.py) --python $(PY) -q -e '.[dev]'"; \
+	  env $$($(PY) tools/uv_install_args.py) --python $(PY) -q -e '.[dev]'; \
+	else echo "uv could not be installed: pip installs"; \
+	  $(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'; fi
 	@touch $@
 
 install: $(VENV)/.installed
