@@ -278,6 +278,8 @@ class TeacherParams(_Strict):
     feature_batch_size: int = Field(default=256, ge=1)  # images per teacher forward pass
     launcher: Literal["none", "torchrun"] = "none"   # torchrun: nproc_per_node ranks, shard i on rank i % world
     nproc_per_node: int | Literal["auto"] = "auto"   # auto: one rank per GPU, else one per CPU core
+    nnodes: int = Field(default=1, ge=1)  # machines of the launch; the others start the same torchrun by hand
+    rdzv_endpoint: str | None = None      # host:port of this machine, where the others meet it (nnodes > 1)
 
     @field_validator("nproc_per_node")
     @classmethod
@@ -285,6 +287,13 @@ class TeacherParams(_Strict):
         if v != "auto" and v < 1:
             raise ValueError("must be >= 1 or auto")
         return v
+
+    @model_validator(mode="after")
+    def _nodes(self):
+        if self.nnodes > 1 and (self.launcher != "torchrun" or not self.rdzv_endpoint):
+            raise ValueError(f"nnodes={self.nnodes} needs launcher: torchrun and rdzv_endpoint (host:port of this "
+                             f"machine)")
+        return self
 
 
 class PseudoLabelParams(_Strict):

@@ -98,9 +98,11 @@ def local_world_size(nproc_per_node: int | str, device: str) -> int:
 
 
 def launch_torchrun(p: Params, module: str, nproc_per_node: int, workdir: Path, env: dict,
-                    stage: str | None = None) -> dict:
+                    stage: str | None = None, nnodes: int = 1, rdzv_endpoint: str | None = None) -> dict:
     """`torchrun --standalone --nproc-per-node N -m <module> --params <the same file> --overrides <the same>`:
-    every rank validates the same params; rank 0 hands its metrics back through a file (``--result``)."""
+    every rank validates the same params; this machine's first rank hands its metrics back through a file
+    (``--result``). With ``nnodes`` > 1, a c10d rendezvous at ``rdzv_endpoint`` instead of ``--standalone``: the
+    ranks start when the other machines' torchrun (started by hand, same module and params) have joined."""
     stage = stage or module.rpartition(".")[2]
     if p.source is None:
         raise ValueError(f"{stage}: launcher torchrun needs params loaded from a file (load_params)")
@@ -109,7 +111,9 @@ def launch_torchrun(p: Params, module: str, nproc_per_node: int, workdir: Path, 
     result = workdir / f"result-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"  # this launch's own
     project = str(Path(__file__).resolve().parents[1])  # where tasks/ and diht_core/ are
     env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join(filter(None, [project, os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
+    nodes = (["--standalone"] if nnodes == 1 else
+             [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", *nodes, f"--nproc-per-node={nproc_per_node}",
            "-m", module, "--params", str(path), "--overrides", json.dumps(overrides), "--result", str(result)]
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0 or not result.exists():

@@ -30,6 +30,8 @@ def rank_args(stage: str) -> tuple[Params, str | None]:
 
 
 def write_result(result: str | None, metrics: dict) -> None:
-    """Rank 0's metrics to the launch's result file (other ranks, and torchrun started by hand, write nothing)."""
-    if result and os.environ.get("RANK", "0") == "0":
+    """The launching machine's first rank writes its metrics to the launch's result file (rank 0 on one machine;
+    other ranks, and torchrun started by hand, write nothing). Several machines: the teacher stages' counts, summed
+    over every rank."""
+    if result and os.environ.get("LOCAL_RANK", "0") == "0":
         atomic_write_text(result, json.dumps(metrics, indent=2))

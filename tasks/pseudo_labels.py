@@ -28,7 +28,8 @@ def body(p, run) -> dict:
     remove_stale(features, out)
     if t.launcher == "torchrun":
         ranks = local_world_size(t.nproc_per_node, t.device)
-        counts = launch_torchrun(p, "tasks.pseudo_labels", ranks, STATE_DIR / "torchrun", {})
+        counts = launch_torchrun(p, "tasks.pseudo_labels", ranks, STATE_DIR / "torchrun", {}, nnodes=t.nnodes,
+                                 rdzv_endpoint=t.rdzv_endpoint)
         where = f"on {ranks} torchrun ranks"
     else:
         counts, where = label_shards(heads, sorted(features.glob("*.npz")), out, pl.top_k, classifiers), "here"

@@ -51,7 +51,8 @@ def body(p, run) -> dict:
     shards = shard_paths(data / "filtered")
     if t.launcher == "torchrun":
         ranks = local_world_size(t.nproc_per_node, t.device)
-        counts = launch_torchrun(p, "tasks.teacher", ranks, STATE_DIR / "torchrun", {})
+        counts = launch_torchrun(p, "tasks.teacher", ranks, STATE_DIR / "torchrun", {}, nnodes=t.nnodes,
+                                 rdzv_endpoint=t.rdzv_endpoint)
         print(f"[teacher] features on {ranks} torchrun ranks: {counts['extracted']} shards extracted, "
               f"{counts['reused']} reused from the cache")
     model.to(pick_device(t.device, 0, "teacher.device"))

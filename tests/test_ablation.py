@@ -20,7 +20,7 @@ from scipy import stats
 from diht_core.config import ParamsError, deep_merge, validate_params
 from diht_core.eval.ablation import (aggregate, binomial_se, dvc_queue_commands, holm, mean_se, mechanisms,
                                      min_detectable_difference, plan, pooled_std, runs, shared_prefix, split_sizes,
-                                     stage_digests, write_report, UPSTREAM)
+                                     stage_digests, upstream_digest, write_report, UPSTREAM)
 
 
 def _results(levels: dict, seeds=range(5), n=200, spread=0.01):
@@ -193,6 +193,17 @@ def test_runs_share_an_upstream_per_distinct_upstream(tmp_path):
     assert r["overrides"]["paths"]["data"] == str(tmp_path / "upstream" / r["upstream_digest"] / "data")
     assert r["overrides"]["train"]["seed"] == 1 and r["overrides"]["download"]["world"] == {"omit_prob": 0.0}
     assert validate_params(deep_merge(tiny_params(), r["overrides"])).download.world.omit_prob == 0.0
+
+
+def test_upstream_digest_ignores_the_engine_not_what_is_written():
+    """A grid resumed with its upstream stages on other engines (Dask, torchrun ranks, several machines) reuses
+    its upstreams; a param that changes what they write does not."""
+    base = upstream_digest(validate_params(tiny_params()))
+    engines = {"cat_filter": {"task_runner": "dask", "workers": 4},
+               "teacher": {"launcher": "torchrun", "nproc_per_node": 8, "nnodes": 2, "rdzv_endpoint": "head:29500"}}
+    assert upstream_digest(validate_params(deep_merge(tiny_params(), engines))) == base
+    assert upstream_digest(validate_params(deep_merge(tiny_params(), {"teacher": {"device": "cuda"}}))) != base
+    assert upstream_digest(validate_params(deep_merge(tiny_params(), {"cat_filter": {"min_complexity": 2}}))) != base
 
 
 def test_upstreams_share_their_leading_stages():

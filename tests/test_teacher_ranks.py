@@ -77,7 +77,8 @@ def test_params_of_teacher_inference():
     from diht_core.config import ParamsError, validate_params
 
     assert validate_params({"teacher": {"nproc_per_node": 4}}).teacher.nproc_per_node == 4
-    for bad in ({"nproc_per_node": 0}, {"launcher": "dask"}, {"device": "gpu"}, {"feature_batch_size": 0}):
+    for bad in ({"nproc_per_node": 0}, {"launcher": "dask"}, {"device": "gpu"}, {"feature_batch_size": 0},
+                {"nnodes": 2, "launcher": "torchrun"}, {"nnodes": 2, "rdzv_endpoint": "head:29500"}):
         with pytest.raises(ParamsError, match="teacher"):
             validate_params({"teacher": bad})
 
@@ -138,4 +139,54 @@ def test_two_cpu_ranks_write_the_files_of_one_process(tmp_path):
     assert _files(two / "teacher" / "features") == _files(one / "teacher" / "features")
     counts = launch_torchrun(p, "tasks.pseudo_labels", 2, tmp_path / "runs", {})
     assert counts == {"written": 5, "reused": 0}
+    assert _files(two / "pseudo_labels") == _files(one / "pseudo_labels")
+
+
+@pytest.mark.slow
+def test_two_machines_write_the_files_of_one_process(tmp_path):
+    """teacher.nnodes: 2: the stage's launch on this machine (c10d rendezvous at teacher.rdzv_endpoint) and a
+    torchrun started by hand as on another machine (here a second launch on this one, meeting at a loopback
+    endpoint, one CPU rank each) extract the features, then the pseudo-labels, of the shared shards: each machine
+    its share, the counts summed over both, the files byte for byte one process's."""
+    import socket
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    one = _data(tmp_path / "one")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _one_process(one, TeacherParams(**{**TEACHER, "launcher": "none"}))
+    finally:
+        torch.set_num_threads(threads)
+    two = tmp_path / "two"
+    shutil.copytree(one / "filtered", two / "filtered")
+    shutil.copytree(one / "teacher", two / "teacher", ignore=shutil.ignore_patterns("features"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"127.0.0.1:{s.getsockname()[1]}"
+    params = tiny_params()
+    params["paths"] = {k: str(tmp_path / k) for k in ("models", "metrics", "plots")} | {"data": str(two)}
+    params["teacher"].update({**TEACHER, "nnodes": 2, "rdzv_endpoint": endpoint})
+    params["pseudo_labels"]["top_k"] = 3
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    p = load_params(tmp_path / "params.yaml")
+    project = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [project, os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}  # the one process's threads (torchrun sets it only for several ranks a machine)
+
+    def on_two_machines(module: str) -> dict:
+        other = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                                  "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "-m", module,
+                                  "--params", str(tmp_path / "params.yaml")], env=env, cwd=project)
+        with ThreadPoolExecutor(1) as pool:
+            head = pool.submit(launch_torchrun, p, module, 1, tmp_path / "runs", {"OMP_NUM_THREADS": "1"},
+                               nnodes=2, rdzv_endpoint=endpoint)
+            assert other.wait(timeout=600) == 0
+            return head.result(timeout=600)
+
+    assert on_two_machines("tasks.teacher") == {"extracted": 5, "reused": 0}
+    assert _files(two / "teacher" / "features") == _files(one / "teacher" / "features")
+    assert on_two_machines("tasks.pseudo_labels") == {"written": 5, "reused": 0}
     assert _files(two / "pseudo_labels") == _files(one / "pseudo_labels")

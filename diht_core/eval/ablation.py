@@ -4,6 +4,7 @@ correction over every test, the minimum detectable difference, the evaluation's 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -22,6 +23,11 @@ UPSTREAM = ("download", "cat_filter", "concepts", "teacher", "pseudo_labels")
 UPSTREAM_SECTIONS = ("seed", "download", "cat_filter", "concepts", "teacher", "pseudo_labels")
 STAGE_READS = {"download": ("seed", "download"), "cat_filter": ("cat_filter",), "concepts": ("concepts",),
                "teacher": ("teacher",), "pseudo_labels": ("pseudo_labels",)}  # the sections each stage adds
+# params that choose where and on how many processes a stage runs, not what it writes (tested equal across engines):
+# left out of the upstream digests, so a grid resumed on another engine or cluster reuses its upstreams
+ENGINE_KEYS = {"download.url_list": ("threads", "task_runner", "processes", "dask_address"),
+               "cat_filter": ("workers", "task_runner", "dask_address"),
+               "teacher": ("launcher", "nproc_per_node", "nnodes", "rdzv_endpoint")}
 MECHANISMS = ("fff_mining", "hn_true_negative_weight_share", "omitted_concepts")
 WELL_BELOW = 0.5  # the evaluation's sampling error is "well below" the seed spread when under half of it
 
@@ -90,7 +96,7 @@ def runs(params: Params, base_overrides: dict, root: Path) -> list[dict]:
     arms, _ = plan(params)
     if len({slug(n) for n in arms}) < len(arms):
         raise ValueError(f"ablation: two arms share a folder name: {sorted(slug(n) for n in arms)}")
-    dump = params.model_dump()
+    dump = what_is_written(params.model_dump())
     out = []
     for name, arm in arms.items():
         up_ov = {k: v for k, v in arm["overrides"].items() if k in UPSTREAM_SECTIONS}
@@ -108,9 +114,20 @@ def runs(params: Params, base_overrides: dict, root: Path) -> list[dict]:
     return sorted(out, key=lambda r: order.index(r["upstream_digest"]))
 
 
+def what_is_written(dump: dict) -> dict:
+    """The params dump without ENGINE_KEYS."""
+    out = copy.deepcopy(dump)
+    for section, keys in ENGINE_KEYS.items():
+        d = lookup(out, section)
+        for k in keys:
+            d.pop(k, None)
+    return out
+
+
 def upstream_digest(params: Params) -> str:
-    """The identity of the upstream stages' outputs: the params they read (not where they write them)."""
-    dump = params.model_dump()
+    """The identity of the upstream stages' outputs: the params they read (not where they write them, nor on
+    which engine)."""
+    dump = what_is_written(params.model_dump())
     return digest({k: dump[k] for k in UPSTREAM_SECTIONS})
 
 
@@ -118,7 +135,7 @@ def stage_digests(params: Params) -> list[str]:
     """Per upstream stage, the digest of the params it and the stages before it read: two upstreams whose
     digests agree up to stage k have the same outputs up to stage k (a top-k sweep shares everything but
     pseudo_labels)."""
-    dump, read, out = params.model_dump(), [], []
+    dump, read, out = what_is_written(params.model_dump()), [], []
     for stage in UPSTREAM:
         read += STAGE_READS[stage]
         out.append(digest({k: dump[k] for k in read}))
