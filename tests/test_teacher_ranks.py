@@ -60,6 +60,21 @@ def _one_process(data: Path, t: TeacherParams) -> None:
     label_shards(heads, features, data / "pseudo_labels", 3, data / "teacher" / "classifiers.pt")
 
 
+def _reference_and_inputs(tmp_path: Path) -> tuple[Path, Path]:
+    """(one: the files of one process on as many threads as a CPU rank, two: the same inputs without features)."""
+    one = _data(tmp_path / "one")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what torchrun gives each CPU rank: CPU kernels may round differently on 2 threads
+    try:
+        _one_process(one, TeacherParams(**{**TEACHER, "launcher": "none"}))
+    finally:
+        torch.set_num_threads(threads)
+    two = tmp_path / "two"
+    shutil.copytree(one / "filtered", two / "filtered")
+    shutil.copytree(one / "teacher", two / "teacher", ignore=shutil.ignore_patterns("features"))
+    return one, two
+
+
 def _files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.glob("*.npz"))}
 
@@ -115,16 +130,7 @@ def test_two_cpu_ranks_write_the_files_of_one_process(tmp_path):
     """teacher.launcher: torchrun on 2 CPU ranks (gloo): the features and pseudo-labels of 5 shards (3 on rank 0, 2
     on rank 1; one valid cache and one stale cache already there) are byte for byte the files of one process on
     as many threads as a rank (torchrun's OMP_NUM_THREADS=1)."""
-    one = _data(tmp_path / "one")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # what torchrun gives each CPU rank: CPU kernels may round differently on 2 threads
-    try:
-        _one_process(one, TeacherParams(**{**TEACHER, "launcher": "none"}))
-    finally:
-        torch.set_num_threads(threads)
-    two = tmp_path / "two"
-    shutil.copytree(one / "filtered", two / "filtered")
-    shutil.copytree(one / "teacher", two / "teacher", ignore=shutil.ignore_patterns("features"))
+    one, two = _reference_and_inputs(tmp_path)
     (two / "teacher" / "features").mkdir()
     shutil.copy(one / "teacher" / "features" / "00003.npz", two / "teacher" / "features")  # done before a kill
     shutil.copy(one / "teacher" / "features" / "00001.npz", two / "teacher" / "features" / "00000.npz")  # stale
@@ -153,16 +159,7 @@ def test_two_machines_write_the_files_of_one_process(tmp_path):
     import sys
     from concurrent.futures import ThreadPoolExecutor
 
-    one = _data(tmp_path / "one")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _one_process(one, TeacherParams(**{**TEACHER, "launcher": "none"}))
-    finally:
-        torch.set_num_threads(threads)
-    two = tmp_path / "two"
-    shutil.copytree(one / "filtered", two / "filtered")
-    shutil.copytree(one / "teacher", two / "teacher", ignore=shutil.ignore_patterns("features"))
+    one, two = _reference_and_inputs(tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         endpoint = f"127.0.0.1:{s.getsockname()[1]}"
