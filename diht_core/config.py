@@ -329,6 +329,9 @@ class TrainParams(_Strict):
     seed: int | None = Field(default=None, ge=0)      # model init and data order; null: the global seed
     resample: bool = False              # webdataset: draw shards with replacement (required with torchrun)
     captions_per_image: int = Field(default=1, ge=1)  # sigmoid: K captions of each image in a batch, all positives
+    # distinct_scenes: no two images of one planted scene description in a batch (FFF's control world: no false
+    # negatives at all; the synthetic data's scene ids, loader memory)
+    batch_sampler: Literal["random", "distinct_scenes"] = "random"
     compile: bool = False               # torch.compile the model
     device: Literal["auto", "cpu", "cuda"] = "auto"
     launcher: Literal["none", "torchrun"] = "none"    # torchrun: the stage starts nproc_per_node ranks
@@ -345,6 +348,8 @@ class TrainParams(_Strict):
                              f"(several positives per image), got loss: {self.loss}")
         if self.launcher == "torchrun" and self.batch_size % self.nproc_per_node:
             raise ValueError(f"batch_size={self.batch_size} must be divisible by nproc_per_node={self.nproc_per_node}")
+        if self.batch_sampler == "distinct_scenes" and self.loader != "memory":
+            raise ValueError("batch_sampler: distinct_scenes needs loader: memory (the scene ids of the whole set)")
         if self.launcher == "torchrun" and self.loader == "webdataset" and not self.resample:
             raise ValueError("loader: webdataset with launcher: torchrun needs resample: true "
                              "(ranks must see the same number of batches)")
@@ -405,17 +410,25 @@ _NO_TRAIN = {"lambda_obj": 0, "lambda_attr": 0}
 _SIGMOID = {"loss": "sigmoid", "sigmoid_bias_init": -5.0, "captions_per_image": 2, **_NO_TRAIN}
 
 
+def split_premise(premise: dict) -> tuple[dict, dict]:
+    """A comparison's premise: (overrides of download.world, overrides of train from its "train.<key>" keys)."""
+    train = {k.removeprefix("train."): v for k, v in premise.items() if k.startswith("train.")}
+    return {k: v for k, v in premise.items() if not k.startswith("train.")}, train
+
+
 class ComparisonParams(_Strict):
     """A component against its baseline, in the world where its premise holds and in its control world."""
     component: str                      # a config of ablation.configs
     baseline: str                       # ... the same without the component
-    premise_on: dict = {}               # overrides of download.world where the premise holds
-    premise_off: dict                   # ... the control world: the premise switched off
+    premise_on: dict = {}               # overrides of download.world where the premise holds ("train.<key>": of
+    premise_off: dict                   # both arms' training, e.g. a batch sampler); premise_off: the control world
 
     @field_validator("premise_on", "premise_off")
     @classmethod
     def _world(cls, v):
-        WorldParams.model_validate(v)   # known keys, valid values
+        world, train = split_premise(v)
+        WorldParams.model_validate(world)   # known keys, valid values
+        TrainParams.model_validate(train)
         return v
 
 
@@ -449,7 +462,7 @@ class AblationParams(_Strict):
         "HN-NCE": ComparisonParams(component="cat+hn-nce", baseline="cat", premise_on={"diverse_captions": True},
                                    premise_off={"diverse_captions": False}),
         "FFF mining": ComparisonParams(component="fff", baseline="sigmoid-2caps", premise_on={"same_scene_rate": 0.1},
-                                       premise_off={"same_scene_rate": 0.0}),
+                                       premise_off={"same_scene_rate": 0.0, "train.batch_sampler": "distinct_scenes"}),
     }
     sweeps: dict[str, SweepParams] = {
         "CAT complexity": SweepParams(config="cat", key="cat_filter.min_complexity", values=[1, 2, 3]),

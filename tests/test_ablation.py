@@ -160,7 +160,10 @@ def test_plan_every_comparison_in_both_worlds_and_the_sweeps():
     assert pairs[("CAT", "premise on")] == ("baseline", "cat")
     assert pairs[("CAT", "premise off")] == ("baseline [uninformative=false]", "cat [uninformative=false]")
     assert pairs[("distillation", "premise on")] == ("cat", "cat+distill")
-    assert pairs[("FFF mining", "premise off")] == ("sigmoid-2caps [same_scene_rate=0]", "fff [same_scene_rate=0]")
+    off = "[same_scene_rate=0, batch_sampler=distinct_scenes]"  # a premise can set both arms' training too
+    assert pairs[("FFF mining", "premise off")] == (f"sigmoid-2caps {off}", f"fff {off}")
+    assert arms[f"fff {off}"]["overrides"]["train"]["batch_sampler"] == "distinct_scenes"
+    assert "batch_sampler" not in arms["fff"]["overrides"]["train"]
     assert len(pairs) == 2 * len(p.ablation.comparisons)
     assert arms["cat [uninformative=false]"]["overrides"]["download"] == {"world": {"uninformative": False}}
     sweeps = [t for t in tests if t["kind"] == "sweep"]

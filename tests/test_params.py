@@ -154,3 +154,14 @@ def test_exponent_floats_are_numbers(tmp_path):
     path.write_text("train:\n  lr: 1e-3\n  weight_decay: 5E-2\n")
     p = load_params(path)
     assert (p.train.lr, p.train.weight_decay) == (0.001, 0.05)
+
+
+def test_a_comparison_premise_takes_world_keys_and_train_keys():
+    from diht_core.config import ParamsError, validate_params
+
+    ok = {"component": "fff", "baseline": "sigmoid-2caps", "premise_off": {"same_scene_rate": 0.0,
+                                                                            "train.batch_sampler": "distinct_scenes"}}
+    assert validate_params({"ablation": {"comparisons": {"F": ok}}})
+    for bad in ({"same_scene_rte": 0.0}, {"train.batch_sampler": "fancy"}, {"train.no_such_key": 1}):
+        with pytest.raises(ParamsError, match="ablation"):
+            validate_params({"ablation": {"comparisons": {"F": {**ok, "premise_off": bad}}}})

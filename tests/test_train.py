@@ -260,3 +260,39 @@ def test_torch_compile_trains_like_eager(tmp_path):
         return [h["loss"] for h in train(model, data, cfg, tmp_path / f"ck{kw}")["history"]]
 
     assert np.allclose(losses(compile=True), losses(), rtol=1e-4, atol=1e-4)
+
+
+def test_distinct_scene_batches_hold_no_scene_twice():
+    """batch_sampler distinct_scenes: every image once an epoch, no scene twice in a batch (batches across two
+    epochs included) where the random order repeats scenes; NO_SCENE never clashes; a pure function of the seed."""
+    from diht_core.data.planted import NO_SCENE
+    from diht_core.train.data import DistinctSceneOrder
+
+    rng = np.random.default_rng(0)
+    scenes = rng.integers(0, 40, size=203).tolist()  # ~5 images a scene: random batches of 16 repeat scenes
+    scenes[:10] = [NO_SCENE] * 10
+    n, b = len(scenes), 16
+    order = DistinctSceneOrder(scenes, b, seed=3)
+    steps = 3 * n // b  # 3 epochs, batches across their ends
+    batches = [batch_indices(s, n, b, 3, order).tolist() for s in range(steps)]
+    flat = [i for bt in batches for i in bt]
+    for e in range(2):
+        assert sorted(flat[e * n:(e + 1) * n]) == list(range(n))
+    known = [[scenes[i] for i in bt if scenes[i] != NO_SCENE] for bt in batches]
+    assert sum(len(k) - len(set(k)) for k in known) == order.clashes <= 3 * 3  # at most 3 an epoch, at its end
+    plain = [[scenes[i] for i in batch_indices(s, n, b, 3).tolist() if scenes[i] != NO_SCENE] for s in range(steps)]
+    assert sum(len(k) - len(set(k)) for k in plain) > 20
+    assert batches == [batch_indices(s, n, b, 3, DistinctSceneOrder(scenes, b, 3)).tolist() for s in range(steps)]
+
+
+def test_distinct_scene_batches_need_scene_ids_and_the_memory_loader():
+    from diht_core.config import ParamsError, validate_params
+    from diht_core.train.data import TrainSet
+
+    with pytest.raises(ParamsError, match="train.*batch_sampler"):
+        validate_params({"train": {"batch_sampler": "distinct_scenes", "loader": "webdataset"}})
+    data = TrainSet(["a", "b"], torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(2, 4, dtype=torch.long),
+                    [[0], [1]])
+    cfg = validate_params({"train": {"batch_sampler": "distinct_scenes", "steps": 1, "batch_size": 2}}).train
+    with pytest.raises(ValueError, match="distinct_scenes needs the planted scene ids"):
+        next(data.batches(cfg, 0))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from scipy import stats as sps
 
-from ..config import Params, deep_merge
+from ..config import Params, deep_merge, split_premise
 from ..data.files import atomic_write_text
 from ..plots import pyplot, save_figure
 
@@ -60,11 +60,13 @@ def plan(params: Params) -> tuple[dict[str, dict], list[dict]]:
     dump = params.model_dump()
     arms: dict[str, dict] = {}
 
-    def arm(config: str, world: dict | None = None, key: str | None = None, value=None) -> str:
-        ov = {"train": dict(a.configs[config])}
-        differs = [f"{k}={fmt(v)}" for k, v in (world or {}).items() if dump["download"]["world"][k] != v]
+    def arm(config: str, premise: dict | None = None, key: str | None = None, value=None) -> str:
+        world, train = split_premise(premise or {})
+        ov = {"train": {**a.configs[config], **train}}
+        differs = [f"{k}={fmt(v)}" for k, v in world.items() if dump["download"]["world"][k] != v]
         if differs:
             ov = deep_merge(ov, {"download": {"world": dict(world)}})
+        differs += [f"{k}={fmt(v)}" for k, v in train.items() if a.configs[config].get(k, dump["train"][k]) != v]
         if key is not None and lookup(deep_merge(dump, ov), key) != value:
             ov, differs = deep_merge(ov, nested(key, value)), differs + [f"{key.split('.')[-1]}={fmt(value)}"]
         name = config + (f" [{', '.join(differs)}]" if differs else "")

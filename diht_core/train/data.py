@@ -45,8 +45,14 @@ class TrainSet:
         (seed, step). With K = cfg.captions_per_image the texts are K captions per image, image-major; with
         ``scene_id`` (int64, NO_SCENE where absent) when the data carry the planted scene ids."""
         k = cfg.captions_per_image
+        scene_order = None
+        if cfg.batch_sampler == "distinct_scenes":
+            if self.scene_ids is None:
+                raise ValueError("train.batch_sampler: distinct_scenes needs the planted scene ids of the synthetic "
+                                 "data; these shards carry none")
+            scene_order = DistinctSceneOrder(self.scene_ids.tolist(), cfg.batch_size, cfg.seed)
         for step in range(start, cfg.steps):
-            full = batch_indices(step, len(self), cfg.batch_size, cfg.seed)
+            full = batch_indices(step, len(self), cfg.batch_size, cfg.seed, scene_order)
             g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
             rows = []
             for i in full.tolist():
@@ -121,16 +127,70 @@ def load_train_set(shard_dir: str | Path, image_size: int, tokenizer, max_pixels
     return ts
 
 
-def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
-    """Indices of the batch at a global step: epoch-wise permutations seeded by (seed, epoch)."""
+def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int, order=None) -> torch.Tensor:
+    """Indices of the batch at a global step: epoch-wise permutations seeded by (seed, epoch), or ``order(epoch)``
+    (a ``DistinctSceneOrder``)."""
     start = step * batch_size
     out = []
     while len(out) < batch_size:
         epoch, offset = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        perm = order(epoch) if order is not None else epoch_permutation(n, seed, epoch)
         take = min(batch_size - len(out), n - offset)
-        out.extend(perm[offset:offset + take].tolist())
+        out.extend(perm[offset:offset + take])
     return torch.tensor(out)
+
+
+class DistinctSceneOrder:
+    """train.batch_sampler: distinct_scenes. Each epoch's permutation reordered so that no batch holds two images
+    of one planted scene description (FFF's control: no false negatives in a batch). Every image still comes once
+    an epoch; one whose scene is already in the batch waits for the next batch. The batches are the global
+    positions step * batch_size, so a batch across two epochs counts the previous epoch's tail. A pure function of
+    (seed, epoch); ``clashes``: batches' repeats that could not be avoided (the epoch's last images)."""
+
+    def __init__(self, scene_ids: list[int], batch_size: int, seed: int):
+        self.scenes, self.batch_size, self.seed = scene_ids, batch_size, seed
+        self.orders: list[list[int]] = []
+        self.clashes = 0
+
+    def __call__(self, epoch: int) -> list[int]:
+        n = len(self.scenes)
+        while len(self.orders) <= epoch:
+            e = len(self.orders)
+            fill = e * n % self.batch_size  # positions of the first batch taken by the previous epoch's tail
+            tail = self.orders[-1][n - fill:] if fill else []
+            self.orders.append(self._reorder(epoch_permutation(n, self.seed, e), tail))
+        return self.orders[epoch]
+
+    def _reorder(self, perm: list[int], tail: list[int]) -> list[int]:
+        out, waiting, stream = [], [], iter(perm)
+        batch = {self.scenes[i] for i in tail} - {NO_SCENE}
+        fill = len(tail)
+
+        def fits(i: int) -> bool:
+            return self.scenes[i] == NO_SCENE or self.scenes[i] not in batch
+
+        while len(out) < len(perm):
+            pick = next((j for j, i in enumerate(waiting) if fits(i)), None)
+            if pick is not None:
+                i = waiting.pop(pick)
+            else:
+                i = next(stream, None)
+                while i is not None and not fits(i):
+                    waiting.append(i)
+                    i = next(stream, None)
+                if i is None:  # nothing left fits this batch
+                    i = waiting.pop(0)
+                    self.clashes += 1
+            out.append(i)
+            batch.add(self.scenes[i])
+            fill += 1
+            if fill == self.batch_size:
+                batch, fill = set(), 0
+        return out
 
 
 class StreamingData:
