@@ -23,11 +23,10 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # in seconds where pip's resolver takes minutes; pip itself where uv cannot be installed.
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@if $(PY) -m pip install --disable-pip-version-check -q uv==0.13.9; then \
-	  echo "env \$$($(PY) tools/uv_install_args.py) --python $(PY) -q -e '.[dev]'"; \
-	  env $$($(PY) tools/uv_install_args.py) --python $(PY) -q -e '.[dev]'; \
-	else echo "uv could not be installed: pip installs"; \
-	  $(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'; fi
+	@$(PY) -m pip install --disable-pip-version-check -q uv==0.13.9 \
+	  && $(PY) tools/uv_install_args.py --python $(PY) -q -e '.[dev]' \
+	  || { echo "uv did not install the project: pip installs it"; \
+	       $(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'; }
 	@touch $@
 
 install: $(VENV)/.installed

@@ -279,7 +279,8 @@ class TeacherParams(_Strict):
     launcher: Literal["none", "torchrun"] = "none"   # torchrun: nproc_per_node ranks, shard i on rank i % world
     nproc_per_node: int | Literal["auto"] = "auto"   # auto: one rank per GPU, else one per CPU core
     nnodes: int = Field(default=1, ge=1)  # machines of the launch; the others start the same torchrun by hand
-    rdzv_endpoint: str | None = None      # host:port of this machine, where the others meet it (nnodes > 1)
+    rdzv_endpoint: str | None = Field(default=None, pattern=r"^[^:\s]+:\d+$")  # host:port of this machine,
+                                                                                # where the others meet it
 
     @field_validator("nproc_per_node")
     @classmethod
@@ -428,8 +429,13 @@ class ComparisonParams(_Strict):
     def _world(cls, v):
         world, train = split_premise(v)
         WorldParams.model_validate(world)   # known keys, valid values
-        TrainParams.model_validate(train)
-        return v
+        fixed = {"steps", "batch_size", "seed"} & set(train)  # the ablation's own for every run
+        if fixed:
+            raise ValueError(f"train.{sorted(fixed)[0]} is the ablation's own (ablation.steps, batch_size, seeds)")
+        unknown = set(train) - set(TrainParams.model_fields)
+        if unknown:
+            raise ValueError(f"train.{sorted(unknown)[0]}: not a train param")
+        return v   # the values: with each arm's config in AblationParams
 
 
 class SweepParams(_Strict):
@@ -491,11 +497,15 @@ class AblationParams(_Strict):
 
     @model_validator(mode="after")
     def _configs(self):
-        for name, ov in self.configs.items():
+        runs = [(f"configs.{name}", ov) for name, ov in self.configs.items()]
+        runs += [(f"comparisons.{n}.{world}", {**self.configs[config], **split_premise(getattr(c, world))[1]})
+                 for n, c in self.comparisons.items() for world in ("premise_on", "premise_off")
+                 for config in (c.component, c.baseline) if config in self.configs]
+        for where, ov in runs:  # each arm's training as it runs
             try:
                 TrainParams.model_validate({**ov, "steps": self.steps, "batch_size": self.batch_size})
             except ValidationError as err:
-                raise ValueError(f"configs.{name}: {err.errors()[0]['loc']} {err.errors()[0]['msg']}") from None
+                raise ValueError(f"{where}: {err.errors()[0]['loc']} {err.errors()[0]['msg']}") from None
         named = [(f"comparisons.{n}.{role}", getattr(c, role)) for n, c in self.comparisons.items()
                  for role in ("component", "baseline")]
         named += [(f"sweeps.{n}.config", s.config) for n, s in self.sweeps.items()]

@@ -111,8 +111,8 @@ def launch_torchrun(p: Params, module: str, nproc_per_node: int, workdir: Path, 
     result = workdir / f"result-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"  # this launch's own
     project = str(Path(__file__).resolve().parents[1])  # where tasks/ and diht_core/ are
     env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join(filter(None, [project, os.environ.get("PYTHONPATH")]))}
-    nodes = (["--standalone"] if nnodes == 1 else
-             [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"])
+    nodes = (["--standalone"] if nnodes == 1 else  # this machine hosts the rendezvous (is_host) whatever its name
+             [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", "--rdzv-conf=is_host=1"])
     cmd = [sys.executable, "-m", "torch.distributed.run", *nodes, f"--nproc-per-node={nproc_per_node}",
            "-m", module, "--params", str(path), "--overrides", json.dumps(overrides), "--result", str(result)]
     proc = subprocess.run(cmd, env=env)

@@ -16,8 +16,8 @@ from ._stage import seed_everything, set_env
 
 def rank_args(stage: str) -> tuple[Params, str | None]:
     """On a rank of `python -m tasks.<stage>` under torchrun: (the params, loaded from the same file with the same
-    overrides as the launching stage; the file rank 0 writes its result to, None when torchrun was started by
-    hand)."""
+    overrides as the launching stage; the file the launching machine's first rank writes its result to, None when
+    torchrun was started by hand)."""
     parser = argparse.ArgumentParser(prog=f"python -m tasks.{stage}")
     add_params_args(parser)  # --set too: a torchrun started by hand takes the stage CLI's command line
     parser.add_argument("--overrides", default="{}", help="JSON of nested overrides of the params file")

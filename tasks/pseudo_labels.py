@@ -30,7 +30,7 @@ def body(p, run) -> dict:
         ranks = local_world_size(t.nproc_per_node, t.device)
         counts = launch_torchrun(p, "tasks.pseudo_labels", ranks, STATE_DIR / "torchrun", {}, nnodes=t.nnodes,
                                  rdzv_endpoint=t.rdzv_endpoint)
-        where = f"on {ranks} torchrun ranks"
+        where = f"on torchrun ranks ({ranks} a machine x {t.nnodes})"
     else:
         counts, where = label_shards(heads, sorted(features.glob("*.npz")), out, pl.top_k, classifiers), "here"
     print(f"[pseudo_labels] {where}: {counts['written']} shards written, {counts['reused']} reused")

@@ -53,8 +53,8 @@ def body(p, run) -> dict:
         ranks = local_world_size(t.nproc_per_node, t.device)
         counts = launch_torchrun(p, "tasks.teacher", ranks, STATE_DIR / "torchrun", {}, nnodes=t.nnodes,
                                  rdzv_endpoint=t.rdzv_endpoint)
-        print(f"[teacher] features on {ranks} torchrun ranks: {counts['extracted']} shards extracted, "
-              f"{counts['reused']} reused from the cache")
+        print(f"[teacher] features on torchrun ranks ({ranks} a machine x {t.nnodes}): {counts['extracted']} shards "
+              f"extracted, {counts['reused']} reused from the cache")
     model.to(pick_device(t.device, 0, "teacher.device"))
     keys, feats, reused, faults = cached_features(model, shards, out / "features", out / "teacher.pt", t, max_pixels)
     if t.launcher == "none":

@@ -199,12 +199,16 @@ def test_runs_share_an_upstream_per_distinct_upstream(tmp_path):
 
 
 def test_upstream_digest_ignores_the_engine_not_what_is_written():
-    """A grid resumed with its upstream stages on other engines (Dask, torchrun ranks, several machines) reuses
-    its upstreams; a param that changes what they write does not."""
+    """A grid resumed with its upstream stages on other engines (Dask, a process pool) reuses its upstreams; a
+    param that changes what they write does not, nor the teacher's ranks (their threads can round differently)."""
     base = upstream_digest(validate_params(tiny_params()))
     engines = {"cat_filter": {"task_runner": "dask", "workers": 4},
-               "teacher": {"launcher": "torchrun", "nproc_per_node": 8, "nnodes": 2, "rdzv_endpoint": "head:29500"}}
+               "download": {"url_list": {"task_runner": "process", "processes": 4, "threads": 8}}}
     assert upstream_digest(validate_params(deep_merge(tiny_params(), engines))) == base
+    ranks = {"launcher": "torchrun", "nproc_per_node": 8, "nnodes": 2}
+    two_heads = [upstream_digest(validate_params(deep_merge(tiny_params(), {"teacher": {**ranks, "rdzv_endpoint": e}})))
+                 for e in ("head:29500", "other:29400")]
+    assert two_heads[0] == two_heads[1] != base
     assert upstream_digest(validate_params(deep_merge(tiny_params(), {"teacher": {"device": "cuda"}}))) != base
     assert upstream_digest(validate_params(deep_merge(tiny_params(), {"cat_filter": {"min_complexity": 2}}))) != base
 

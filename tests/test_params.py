@@ -162,6 +162,14 @@ def test_a_comparison_premise_takes_world_keys_and_train_keys():
     ok = {"component": "fff", "baseline": "sigmoid-2caps", "premise_off": {"same_scene_rate": 0.0,
                                                                             "train.batch_sampler": "distinct_scenes"}}
     assert validate_params({"ablation": {"comparisons": {"F": ok}}})
-    for bad in ({"same_scene_rte": 0.0}, {"train.batch_sampler": "fancy"}, {"train.no_such_key": 1}):
+    for bad in ({"same_scene_rte": 0.0}, {"train.batch_sampler": "fancy"}, {"train.no_such_key": 1},
+                {"train.steps": 5}):
         with pytest.raises(ParamsError, match="ablation"):
             validate_params({"ablation": {"comparisons": {"F": {**ok, "premise_off": bad}}}})
+    # a train key is validated with each arm's config: 3 captions suit the sigmoid arms, not InfoNCE's
+    assert validate_params({"ablation": {"comparisons": {"F": {**ok, "premise_off": {"train.captions_per_image": 3}}}}})
+    with pytest.raises(ParamsError, match="comparisons.F.premise_off.*needs loss: sigmoid"):
+        validate_params({"ablation": {"comparisons": {"F": {**ok, "component": "cat",
+                                                             "premise_off": {"train.captions_per_image": 3}}}}})
+    with pytest.raises(ParamsError, match="rdzv_endpoint"):
+        validate_params({"teacher": {"launcher": "torchrun", "nnodes": 2, "rdzv_endpoint": "head"}})

@@ -279,7 +279,8 @@ def test_distinct_scene_batches_hold_no_scene_twice():
     for e in range(2):
         assert sorted(flat[e * n:(e + 1) * n]) == list(range(n))
     known = [[scenes[i] for i in bt if scenes[i] != NO_SCENE] for bt in batches]
-    assert sum(len(k) - len(set(k)) for k in known) == order.clashes <= 3 * 3  # at most 3 an epoch, at its end
+    # clashes counts every epoch built, the unused end of the last one too; at most 3 an epoch, at its end
+    assert sum(len(k) - len(set(k)) for k in known) <= order.clashes <= 3 * 3
     plain = [[scenes[i] for i in batch_indices(s, n, b, 3).tolist() if scenes[i] != NO_SCENE] for s in range(steps)]
     assert sum(len(k) - len(set(k)) for k in plain) > 20
     assert batches == [batch_indices(s, n, b, 3, DistinctSceneOrder(scenes, b, 3)).tolist() for s in range(steps)]

@@ -23,11 +23,12 @@ UPSTREAM = ("download", "cat_filter", "concepts", "teacher", "pseudo_labels")
 UPSTREAM_SECTIONS = ("seed", "download", "cat_filter", "concepts", "teacher", "pseudo_labels")
 STAGE_READS = {"download": ("seed", "download"), "cat_filter": ("cat_filter",), "concepts": ("concepts",),
                "teacher": ("teacher",), "pseudo_labels": ("pseudo_labels",)}  # the sections each stage adds
-# params that choose where and on how many processes a stage runs, not what it writes (tested equal across engines):
-# left out of the upstream digests, so a grid resumed on another engine or cluster reuses its upstreams
+# params that choose where and on how many processes a stage runs, not what it writes (tested byte-equal across
+# engines): left out of the upstream digests, so a grid resumed on another engine or cluster reuses its upstreams.
+# The teacher's launcher and ranks stay in: a rank's thread count can change the features' fp16 rounding.
 ENGINE_KEYS = {"download.url_list": ("threads", "task_runner", "processes", "dask_address"),
                "cat_filter": ("workers", "task_runner", "dask_address"),
-               "teacher": ("launcher", "nproc_per_node", "nnodes", "rdzv_endpoint")}
+               "teacher": ("rdzv_endpoint",)}
 MECHANISMS = ("fff_mining", "hn_true_negative_weight_share", "omitted_concepts")
 WELL_BELOW = 0.5  # the evaluation's sampling error is "well below" the seed spread when under half of it
 

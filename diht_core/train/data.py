@@ -127,8 +127,8 @@ def load_train_set(shard_dir: str | Path, image_size: int, tokenizer, max_pixels
     return ts
 
 
-def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int, order=None) -> torch.Tensor:
@@ -138,9 +138,11 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int, order=None) -> 
     out = []
     while len(out) < batch_size:
         epoch, offset = divmod(start + len(out), n)
-        perm = order(epoch) if order is not None else epoch_permutation(n, seed, epoch)
         take = min(batch_size - len(out), n - offset)
-        out.extend(perm[offset:offset + take])
+        if order is None:
+            out.extend(epoch_permutation(n, seed, epoch)[offset:offset + take].tolist())
+        else:
+            out.extend(order(epoch)[offset:offset + take])
     return torch.tensor(out)
 
 
@@ -152,6 +154,9 @@ class DistinctSceneOrder:
     (seed, epoch); ``clashes``: batches' repeats that could not be avoided (the epoch's last images)."""
 
     def __init__(self, scene_ids: list[int], batch_size: int, seed: int):
+        if len(scene_ids) < batch_size:
+            raise ValueError(f"train.batch_sampler: distinct_scenes needs at least a batch of images "
+                             f"({len(scene_ids)} < batch_size {batch_size})")
         self.scenes, self.batch_size, self.seed = scene_ids, batch_size, seed
         self.orders: list[list[int]] = []
         self.clashes = 0
@@ -162,7 +167,7 @@ class DistinctSceneOrder:
             e = len(self.orders)
             fill = e * n % self.batch_size  # positions of the first batch taken by the previous epoch's tail
             tail = self.orders[-1][n - fill:] if fill else []
-            self.orders.append(self._reorder(epoch_permutation(n, self.seed, e), tail))
+            self.orders.append(self._reorder(epoch_permutation(n, self.seed, e).tolist(), tail))
         return self.orders[epoch]
 
     def _reorder(self, perm: list[int], tail: list[int]) -> list[int]:
