@@ -174,8 +174,11 @@ def test_two_machines_write_the_files_of_one_process(tmp_path):
            "OMP_NUM_THREADS": "1"}  # the one process's threads (torchrun sets it only for several ranks a machine)
 
     def on_two_machines(module: str) -> dict:
+        # is_host=0: what torchrun infers on another machine (its host name is not the endpoint's); here, on the
+        # same machine, it would otherwise race head for the rendezvous port
         other = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
-                                  "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "-m", module,
+                                  "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-conf=is_host=0",
+                                  "-m", module,
                                   "--params", str(tmp_path / "params.yaml")], env=env, cwd=project)
         with ThreadPoolExecutor(1) as pool:
             head = pool.submit(launch_torchrun, p, module, 1, tmp_path / "runs", {"OMP_NUM_THREADS": "1"},
