@@ -198,6 +198,18 @@ def test_runs_share_an_upstream_per_distinct_upstream(tmp_path):
     assert validate_params(deep_merge(tiny_params(), r["overrides"])).download.world.omit_prob == 0.0
 
 
+def test_a_run_is_the_same_run_whatever_the_grid_around_it(tmp_path):
+    """`--set ablation.seeds=[0,1,2]` then the default 5 seeds: the first three seeds' runs have the same
+    overrides (their identity), so a grown grid reuses them."""
+    three = runs(validate_params(deep_merge(tiny_params(), {"ablation": {"seeds": [0, 1, 2]}})),
+                 {"ablation": {"seeds": [0, 1, 2]}, "download": {"num_train": 50}}, tmp_path)
+    five = runs(validate_params(deep_merge(tiny_params(), {"ablation": {"seeds": [0, 1, 2, 3, 4]}})),
+                {"download": {"num_train": 50}}, tmp_path)
+    key = {(r["arm"], r["seed"]): r["overrides"] for r in five}
+    assert all(key[(r["arm"], r["seed"])] == r["overrides"] for r in three)
+    assert all("ablation" not in r["overrides"] for r in three)
+
+
 def test_upstream_digest_ignores_the_engine_not_what_is_written():
     """A grid resumed with its upstream stages on other engines (Dask, a process pool) reuses its upstreams; a
     param that changes what they write does not, nor the teacher's ranks (their threads can round differently)."""

@@ -100,12 +100,13 @@ def runs(params: Params, base_overrides: dict, root: Path) -> list[dict]:
     if len({slug(n) for n in arms}) < len(arms):
         raise ValueError(f"ablation: two arms share a folder name: {sorted(slug(n) for n in arms)}")
     dump = what_is_written(params.model_dump())
+    run_overrides = {k: v for k, v in base_overrides.items() if k != "ablation"}  # the grid's shape is no run's
     out = []
     for name, arm in arms.items():
         up_ov = {k: v for k, v in arm["overrides"].items() if k in UPSTREAM_SECTIONS}
         up = digest({k: v for k, v in deep_merge(dump, up_ov).items() if k in UPSTREAM_SECTIONS})
         up_dir = root / "upstream" / up
-        upstream = deep_merge(deep_merge(base_overrides, up_ov),
+        upstream = deep_merge(deep_merge(run_overrides, up_ov),
                               {"paths": {k: str(up_dir / k) for k in ("data", "models", "metrics", "plots")}})
         for seed in a.seeds:
             train = {**arm["overrides"]["train"], "steps": a.steps, "batch_size": a.batch_size, "seed": seed}
