@@ -333,6 +333,9 @@ class TrainParams(_Strict):
     # distinct_scenes: no two images of one planted scene description in a batch (FFF's control world: no false
     # negatives at all; the synthetic data's scene ids, loader memory)
     batch_sampler: Literal["random", "distinct_scenes"] = "random"
+    # an oracle filter (a diagnostic of the ablation, synthetic data only): the training pairs of these planted
+    # noise kinds are left out, counted as oracle_<kind> (loader memory)
+    drop_planted: list[Literal["junk", "text_in_image", "mismatched"]] = []
     compile: bool = False               # torch.compile the model
     device: Literal["auto", "cpu", "cuda"] = "auto"
     launcher: Literal["none", "torchrun"] = "none"    # torchrun: the stage starts nproc_per_node ranks
@@ -351,6 +354,8 @@ class TrainParams(_Strict):
             raise ValueError(f"batch_size={self.batch_size} must be divisible by nproc_per_node={self.nproc_per_node}")
         if self.batch_sampler == "distinct_scenes" and self.loader != "memory":
             raise ValueError("batch_sampler: distinct_scenes needs loader: memory (the scene ids of the whole set)")
+        if self.drop_planted and self.loader != "memory":
+            raise ValueError("drop_planted needs loader: memory (an oracle filter of the in-memory set)")
         if self.launcher == "torchrun" and self.loader == "webdataset" and not self.resample:
             raise ValueError("loader: webdataset with launcher: torchrun needs resample: true "
                              "(ranks must see the same number of batches)")
@@ -422,11 +427,14 @@ class ComparisonParams(_Strict):
     component: str                      # a config of ablation.configs
     baseline: str                       # ... the same without the component
     premise_on: dict = {}               # overrides of download.world where the premise holds ("train.<key>": of
-    premise_off: dict                   # both arms' training, e.g. a batch sampler); premise_off: the control world
+    premise_off: dict | None            # both arms' training, e.g. a batch sampler); premise_off: the control world,
+                                        # given; null: none (a diagnostic, e.g. an oracle filter, run where it holds)
 
     @field_validator("premise_on", "premise_off")
     @classmethod
     def _world(cls, v):
+        if v is None:
+            return v
         world, train = split_premise(v)
         WorldParams.model_validate(world)   # known keys, valid values
         fixed = {"steps", "batch_size", "seed"} & set(train)  # the ablation's own for every run
@@ -459,6 +467,11 @@ class AblationParams(_Strict):
         "diht": {"loss": "hn-nce", "hn_beta": 0.5, "lambda_obj": 0.5, "lambda_attr": 0.5},
         "sigmoid-2caps": dict(_SIGMOID),
         "fff": {**_SIGMOID, "fff_mining_start": 100, "fff_tt_threshold": 0.95, "fff_ii_threshold": 0.98},
+        # oracle filters (diagnostics of CAT, configs/ablation_cat_oracle.yaml): the raw pairs less planted kinds
+        "oracle-cat": {"source": "raw", "drop_planted": ["junk", "text_in_image"], "loss": "infonce", **_NO_TRAIN},
+        "oracle-aligned": {"source": "raw", "drop_planted": ["mismatched"], "loss": "infonce", **_NO_TRAIN},
+        "oracle-clean": {"source": "raw", "drop_planted": ["junk", "text_in_image", "mismatched"], "loss": "infonce",
+                         **_NO_TRAIN},
     }
     comparisons: dict[str, ComparisonParams] = {
         "CAT": ComparisonParams(component="cat", baseline="baseline", premise_on={"uninformative": True},
@@ -500,7 +513,7 @@ class AblationParams(_Strict):
         runs = [(f"configs.{name}", ov) for name, ov in self.configs.items()]
         runs += [(f"comparisons.{n}.{world}", {**self.configs[config], **split_premise(getattr(c, world))[1]})
                  for n, c in self.comparisons.items() for world in ("premise_on", "premise_off")
-                 for config in (c.component, c.baseline) if config in self.configs]
+                 for config in (c.component, c.baseline) if config in self.configs and getattr(c, world) is not None]
         for where, ov in runs:  # each arm's training as it runs
             try:
                 TrainParams.model_validate({**ov, "steps": self.steps, "batch_size": self.batch_size})

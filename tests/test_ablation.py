@@ -153,6 +153,26 @@ def test_a_control_world_that_keeps_the_effect_does_not_vanish():
     assert rep["arms"]["base"]["sampling"]["eval_se_not_well_below_seed_std"] is False  # 10^5 items: tiny SE
 
 
+def test_a_comparison_without_a_control_world_is_tested_where_its_premise_holds():
+    """premise_off: null (a diagnostic such as an oracle filter): no control-world arms, no test there, and the
+    report says there is no control world rather than that the effect does not vanish."""
+    raw = tiny_params()
+    raw["ablation"] = {**raw.get("ablation", {}), "sweeps": {}, "also_run": [], "comparisons": {
+        "O": {"component": "oracle-cat", "baseline": "baseline", "premise_on": {"uninformative": True},
+              "premise_off": None}}}  # in place of the default comparisons (deep_merge would add to them)
+    p = validate_params(raw)
+    arms, tests = plan(p)
+    assert list(arms) == ["baseline", "oracle-cat"]
+    assert [(t["comparison"], t["world"]) for t in tests] == [("O", "premise on")]
+    assert arms["oracle-cat"]["overrides"]["train"]["drop_planted"] == ["junk", "text_in_image"]
+    rep = aggregate(_results({"baseline": 0.3, "oracle-cat": 0.5}), tests, "quick")
+    o = rep["comparisons"]["O"]
+    assert o["better_with_premise"] and o["vanishes_without_premise"] is None and "premise off" not in o
+    assert "**O** (beats its baseline with the premise (Holm p < 0.05): yes; no control world)" in rep["table"]
+    with pytest.raises(ParamsError, match="premise_off"):  # still required: null must be said
+        validate_params({"ablation": {"comparisons": {"O": {"component": "cat", "baseline": "baseline"}}}})
+
+
 def test_plan_every_comparison_in_both_worlds_and_the_sweeps():
     p = validate_params(tiny_params())
     arms, tests = plan(p)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from diht_core.concepts.pseudo_labels import omitted_concept_metrics, omitted_concepts, predicted_concepts
-from diht_core.config import Params, TrainParams
+from diht_core.config import Params, ParamsError, TrainParams, validate_params
 from diht_core.data.loader import make_loader
 from diht_core.data.planted import CONCEPTS, NO_SCENE, planted_concepts, read_planted_concepts, scene_id
 from diht_core.data.pseudo_labels import save_shard
@@ -157,8 +157,9 @@ def test_omitted_concepts_precision_and_recall_by_hand():
     assert omitted_concepts([]) is None
 
 
-def _train_shards(directory, n=16, scenes=True, omitted=True):
-    """n samples in 2 shards; with scene ids (pairs of images re-render one scene: scene i // 2) and `omitted`."""
+def _train_shards(directory, n=16, scenes=True, omitted=True, noise=None):
+    """n samples in 2 shards; with scene ids (pairs of images re-render one scene: scene i // 2) and `omitted`;
+    with noise (a list of planted kinds), sample i's is noise[i % len(noise)]."""
     rng = np.random.default_rng(0)
     samples, shared = [], None
     for i in range(n):
@@ -170,6 +171,8 @@ def _train_shards(directory, n=16, scenes=True, omitted=True):
             meta["scene_id"] = i // 2
         if omitted:
             meta["omitted"] = [s.size] + ([s.colour] if i % 2 == 0 else [])
+        if noise:
+            meta["noise"] = noise[i % len(noise)]
         samples.append({"__key__": f"{i:09d}", "jpg": encode_jpg(render(sc, 64, rng)), "txt": meta["captions"][0],
                         "json": json.dumps(meta).encode()})
     write_shard(directory / "0.tar", samples[: n // 2])
@@ -195,6 +198,30 @@ def test_loaders_carry_scene_ids_without_changing_the_batches(tmp_path):
         assert a["key"] == b["key"] and torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])
         assert a["scene_id"].tolist() == [int(k) // 2 for k in a["key"]]
         assert b["scene_id"].tolist() == [NO_SCENE] * len(b["key"])
+
+
+def test_oracle_filter_leaves_out_exactly_the_planted_kinds_and_counts_them(tmp_path):
+    """train.drop_planted: the pairs of those planted noise kinds are left out and counted as oracle_<kind>, the
+    rest kept in order; data without planted noise are refused, not trained on unfiltered."""
+    kinds = ["clean", "junk", "mismatched", "text_in_image"]
+    keys = _train_shards(tmp_path / "noisy", noise=kinds)
+    _train_shards(tmp_path / "plain")
+    model, _, tok = create_model("diht-tiny-vit")
+    size = image_size(model)
+    all_ = load_train_set(tmp_path / "noisy", size, tok, MAX_PIXELS)
+    assert all_.keys == keys and all_.skipped == 0
+    kept = load_train_set(tmp_path / "noisy", size, tok, MAX_PIXELS, drop_planted=("junk", "text_in_image"))
+    assert kept.keys == [k for i, k in enumerate(keys) if kinds[i % 4] in ("clean", "mismatched")]
+    assert kept.faults.by_reason == {"oracle_junk": 4, "oracle_text_in_image": 4}
+    assert len(kept) + kept.skipped == len(keys)  # every sample kept or counted
+    i = keys.index(kept.keys[1])
+    assert torch.equal(kept.images[1], all_.images[i])
+    with pytest.raises(ValueError, match="drop_planted.*carries no planted noise kind"):
+        load_train_set(tmp_path / "plain", size, tok, MAX_PIXELS, drop_planted=("junk",))
+    with pytest.raises(ParamsError, match="train.*drop_planted needs loader: memory"):
+        validate_params({"train": {"drop_planted": ["junk"], "loader": "webdataset"}})
+    with pytest.raises(ParamsError, match="drop_planted"):
+        validate_params({"train": {"drop_planted": ["clean"]}})
 
 
 def test_train_records_mechanisms_and_the_model_is_unchanged(tmp_path):

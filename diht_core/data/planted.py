@@ -19,6 +19,13 @@ def scene_id(meta: dict | None) -> int:
     return sid if sid is not None and sid >= 0 else NO_SCENE
 
 
+def planted_noise(meta: dict | None) -> str | None:
+    """The sample's planted noise kind (``noise``: clean, junk, text_in_image, mismatched); None when its json has
+    none."""
+    kind = (meta or {}).get("noise")
+    return kind if isinstance(kind, str) else None
+
+
 def true_concepts(meta: dict) -> set[str]:
     """The concepts truly in the image: the shape name, colour and size word of each of its shapes."""
     return {s[field] for s in meta.get("shapes") or [] for field in ("shape", "colour", "size") if s.get(field)}

@@ -77,6 +77,8 @@ def plan(params: Params) -> tuple[dict[str, dict], list[dict]]:
     tests = []
     for name, c in a.comparisons.items():
         for world, premise in (("premise on", c.premise_on), ("premise off", c.premise_off)):
+            if premise is None:  # no control world (a diagnostic)
+                continue
             tests.append({"comparison": name, "kind": "comparison", "world": world, "value": None,
                           "baseline": arm(c.baseline, premise), "component": arm(c.component, premise)})
     for name, sw in a.sweeps.items():
@@ -301,16 +303,19 @@ def aggregate(results: list[dict], tests: list[dict], mode: str, params: Params 
     for t, ph in zip(done, holm([t["p"] for t in done])):
         t["p_holm"] = ph
     comparisons: dict = {}
+    controlled = {t["comparison"] for t in tests if t["world"] == "premise off"}
     for t in done:
         if t["kind"] == "comparison":
             comparisons.setdefault(t["comparison"], {})[t["world"]] = t
-    for c in comparisons.values():
+    for name, c in comparisons.items():
         on, off = c.get("premise on"), c.get("premise off")
         c["better_with_premise"] = bool(on and on["delta"] > 0 and on["p_holm"] is not None and on["p_holm"] < 0.05)
         # "vanishes": no significant difference in the control world (raw p, the stricter reading), and one
         # no larger than the control could detect
         c["vanishes_without_premise"] = bool(off and (off["p"] is None or off["p"] >= 0.05)
                                              and abs(off["delta"]) <= off["mdd"])  # <=: identical arms (MDD 0) vanish
+        if name not in controlled:
+            c["vanishes_without_premise"] = None  # no control world planned
     sweeps: dict = {}
     for t in done:
         if t["kind"] == "sweep":
@@ -351,8 +356,10 @@ def markdown(report: dict) -> str:
         rows = [f"| {w} | {t['baseline']} {t['baseline_mean']:.3f} | {t['component']} {t['component_mean']:.3f} "
                 f"| {t['delta']:+.3f} | {_p(t['p'])} | {_p(t['p_holm'])} | {t['mdd']:.3f} |"
                 for w, t in c.items() if isinstance(t, dict)]
+        vanishes = c["vanishes_without_premise"]
         verdict = (f"beats its baseline with the premise (Holm p < 0.05): {'yes' if c['better_with_premise'] else 'no'}; "
-                   f"difference vanishes without it: {'yes' if c['vanishes_without_premise'] else 'no'}")
+                   + ("no control world" if vanishes is None else
+                      f"difference vanishes without it: {'yes' if vanishes else 'no'}"))
         out += [f"**{name}** ({verdict})", "", head, *rows, ""]
     for name, s in report["sweeps"].items():
         out += [f"**{name}** ({s['key']}, vs {fmt(s['default'])})", "",

@@ -16,7 +16,7 @@ import torch
 from ..config import Params, Paths, PseudoLabelParams, TrainParams
 from ..data.images import read_decoded, to_device
 from ..data.loader import make_loader
-from ..data.planted import NO_SCENE, scene_id
+from ..data.planted import NO_SCENE, planted_noise, scene_id
 from ..data.pseudo_labels import SparsePseudoLabels, load_all
 from ..data.recaption import input_dir, output_dir
 from ..data.shards import Faults, count_samples, shard_paths
@@ -88,9 +88,10 @@ def _chunks(items: list, parts: int):
 
 def load_train_set(shard_dir: str | Path, image_size: int, tokenizer, max_pixels: int,
                    pseudo_labels: dict | None = None, missing: str = PseudoLabelParams().missing,
-                   max_captions: int = 8) -> TrainSet:
+                   max_captions: int = 8, drop_planted: tuple[str, ...] = ()) -> TrainSet:
     """Decode the (filtered) shards once into memory and join pseudo-labels by key. A sample with a fault (see
-    data/shards.py FAULTS) or, with missing="skip", without a pseudo-label is skipped and counted by reason."""
+    data/shards.py FAULTS) or, with missing="skip", without a pseudo-label is skipped and counted by reason; one of
+    a planted noise kind in ``drop_planted`` (an oracle filter, train.drop_planted) as ``oracle_<kind>``."""
     keys, images, caps, index, scenes = [], [], [], [], []
     pl_rows = []  # row of each kept sample in the pseudo-label arrays
     faults = Faults()
@@ -101,6 +102,14 @@ def load_train_set(shard_dir: str | Path, image_size: int, tokenizer, max_pixels
         if faults.skip(s):
             continue
         key = s["key"]
+        if drop_planted:
+            kind = planted_noise(s.get("json"))
+            if kind is None:
+                raise ValueError(f"train.drop_planted: sample {key!r} in {shard_dir} carries no planted noise kind "
+                                 "(only the synthetic data do)")
+            if kind in drop_planted:
+                faults.count(f"oracle_{kind}")
+                continue
         if pseudo_labels is not None and key not in pseudo_labels["index"]:
             if missing == "error":
                 raise KeyError(f"no pseudo-label for sample key {key!r} (pseudo_labels.missing=error)")
@@ -287,4 +296,5 @@ def training_data(p: Params, image_size: int, tokenizer, sizes: dict | None):
         return streaming_data(p.resolved_train(), p.pseudo_labels.missing, shards, labels, image_size, tokenizer,
                               sizes, max_pixels)
     pseudo = load_all(labels, sizes["objects"], sizes["attributes"]) if sizes else None
-    return load_train_set(shards, image_size, tokenizer, max_pixels, pseudo, p.pseudo_labels.missing)
+    return load_train_set(shards, image_size, tokenizer, max_pixels, pseudo, p.pseudo_labels.missing,
+                          drop_planted=tuple(p.train.drop_planted))
