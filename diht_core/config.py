@@ -331,8 +331,9 @@ class TrainParams(_Strict):
     resample: bool = False              # webdataset: draw shards with replacement (required with torchrun)
     captions_per_image: int = Field(default=1, ge=1)  # sigmoid: K captions of each image in a batch, all positives
     # distinct_scenes: no two images of one planted scene description in a batch (FFF's control world: no false
-    # negatives at all; the synthetic data's scene ids, loader memory)
-    batch_sampler: Literal["random", "distinct_scenes"] = "random"
+    # negatives at all); swap_families: each image's planted compositional hard negatives in its batch (HN-NCE's
+    # premise); both need the synthetic data's planted scenes and loader memory
+    batch_sampler: Literal["random", "distinct_scenes", "swap_families"] = "random"
     # an oracle filter (a diagnostic of the ablation, synthetic data only): the training pairs of these planted
     # noise kinds are left out, counted as oracle_<kind> (loader memory)
     drop_planted: list[Literal["junk", "text_in_image", "mismatched"]] = []
@@ -352,8 +353,9 @@ class TrainParams(_Strict):
                              f"(several positives per image), got loss: {self.loss}")
         if self.launcher == "torchrun" and self.batch_size % self.nproc_per_node:
             raise ValueError(f"batch_size={self.batch_size} must be divisible by nproc_per_node={self.nproc_per_node}")
-        if self.batch_sampler == "distinct_scenes" and self.loader != "memory":
-            raise ValueError("batch_sampler: distinct_scenes needs loader: memory (the scene ids of the whole set)")
+        if self.batch_sampler != "random" and self.loader != "memory":
+            raise ValueError(f"batch_sampler: {self.batch_sampler} needs loader: memory (the planted scenes of the "
+                             "whole set)")
         if self.drop_planted and self.loader != "memory":
             raise ValueError("drop_planted needs loader: memory (an oracle filter of the in-memory set)")
         if self.launcher == "torchrun" and self.loader == "webdataset" and not self.resample:

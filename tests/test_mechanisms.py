@@ -12,7 +12,8 @@ import torch
 from diht_core.concepts.pseudo_labels import omitted_concept_metrics, omitted_concepts, predicted_concepts
 from diht_core.config import Params, ParamsError, TrainParams, validate_params
 from diht_core.data.loader import make_loader
-from diht_core.data.planted import CONCEPTS, NO_SCENE, planted_concepts, read_planted_concepts, scene_id
+from diht_core.data.planted import (CONCEPTS, NO_SCENE, planted_concepts, read_planted_concepts, scene_id,
+                                   swap_family)
 from diht_core.data.pseudo_labels import save_shard
 from diht_core.data.scenes import render, sample_scene
 from diht_core.data.shards import encode_jpg, write_shard
@@ -20,7 +21,8 @@ from diht_core.models import create_model, image_size
 from diht_core.train import batch_indices, load_train_set, train
 from diht_core.train.distributed import DistInfo
 from diht_core.train.losses import hn_negative_weights, mine_false_negatives
-from diht_core.train.mechanisms import hn_weight_counts, measure, mechanisms_block, mining_counts, ratio
+from diht_core.train.mechanisms import (hard_negative_weight_counts, hn_weight_counts, measure, mechanisms_block,
+                                       mining_counts, ratio)
 
 MAX_PIXELS = 89_478_485  # download.url_list.max_pixels
 ONE = DistInfo(device=torch.device("cpu"))
@@ -118,6 +120,92 @@ def test_measure_records_what_ran_and_nothing_without_scene_ids():
     assert measure(TrainParams(seed=0, loss="infonce"), scenes, img, txt, scale, None, ONE) == {}
 
 
+def _hand_hard_share(logits, scenes, families, beta):
+    """Image anchors: the share of HN-NCE's weight on the true negatives that falls on one family's, by hand."""
+    num = den = 0.0
+    n = len(scenes)
+    for i in range(n):
+        neg = [j for j in range(n) if j != i]
+        z = sum(math.exp(beta * float(logits[i, j])) for j in neg)
+        for j in neg:
+            if scenes[i] == scenes[j]:
+                continue
+            w = (n - 1) * math.exp(beta * float(logits[i, j])) / z
+            den += w
+            num += w * (families[i] == families[j] != NO_SCENE)
+    return num / den
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_hard_negative_share_matches_the_formula(beta):
+    g = torch.Generator().manual_seed(3)
+    img = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    scenes, families = torch.tensor([0, 0, 1, 2, 3, 4]), torch.tensor([5, 5, 5, 7, 7, NO_SCENE])
+    logits = 10.0 * img @ txt.T
+    got = ratio(*hard_negative_weight_counts(logits, torch.arange(6), beta, scenes, scenes, families, families))
+    assert got == pytest.approx(_hand_hard_share(logits, scenes.tolist(), families.tolist(), beta), rel=1e-6)
+    if beta == 0:  # equal weights: hard pairs among the 28 ordered true-negative pairs: (0,2) (1,2) (3,4), both ways
+        assert got == pytest.approx(6 / 28)
+    hn = TrainParams(seed=0, loss="hn-nce", hn_beta=beta)
+    rec = measure(hn, scenes, img, txt, torch.tensor(10.0), None, ONE, families)
+    assert rec["mechanisms/hn_hard_negative_weight_share/i2t"] == pytest.approx(got, rel=1e-5)
+    assert rec["mechanisms/hn_hard_negative_weight_share/uniform"] == pytest.approx(6 / 28)
+    assert not any("hard" in k for k in measure(hn, scenes, img, txt, torch.tensor(10.0), None, ONE))
+
+
+def _two_shape(relation, subject, obj, third=None):
+    shapes = [{"shape": s, "colour": c, "size": "small"} for s, c in (subject, obj, *([third] if third else []))]
+    return {"shapes": shapes, "relation": {"type": relation, "subject": 0, "object": 1}}
+
+
+def test_swap_families_hold_the_same_words_with_roles_or_colours_swapped():
+    red_circle_chases_blue_square = swap_family(_two_shape("chases", ("circle", "red"), ("square", "blue")))
+    assert swap_family(_two_shape("chases", ("square", "blue"), ("circle", "red"))) == red_circle_chases_blue_square
+    assert swap_family(_two_shape("chases", ("circle", "blue"), ("square", "red"))) == red_circle_chases_blue_square
+    assert swap_family(_two_shape("touches", ("circle", "red"), ("square", "blue"))) != red_circle_chases_blue_square
+    assert swap_family(_two_shape("chases", ("circle", "red"), ("star", "blue"))) != red_circle_chases_blue_square
+    assert swap_family(_two_shape("chases", ("circle", "red"), ("square", "blue"), ("star", "green"))) \
+        != red_circle_chases_blue_square
+    assert swap_family({"shapes": [{"shape": "circle", "colour": "red", "size": "small"}], "relation": None}) is None
+    assert swap_family(None) is None and swap_family({"caption": "x"}) is None
+
+
+def test_swap_family_batches_hold_whole_families(tmp_path):
+    """batch_sampler swap_families: every image once an epoch, a family's images one after another, a pure
+    function of the seed; on the synthetic world's scenes a batch holds many times the hard negatives of a random
+    one."""
+    from diht_core.data.scenes import sample_scene as scene
+    from diht_core.train.data import SwapFamilyOrder
+
+    rng = np.random.default_rng(0)
+    metas = [{**scene(rng).to_json()} for _ in range(600)]
+    fams = {}
+    ids = [NO_SCENE if swap_family(m) is None else fams.setdefault(swap_family(m), len(fams)) for m in metas]
+    scenes = [hash(json.dumps(m["shapes"])) % 50 for m in metas]  # made-up scene ids: many repeat in a family
+    n, b = len(ids), 64
+    order = SwapFamilyOrder(ids, scenes, seed=4)
+    for epoch in range(2):
+        perm = order(epoch)
+        assert sorted(perm) == list(range(n))
+        grouped = perm[:len({(ids[i], scenes[i]) if ids[i] != NO_SCENE else i for i in range(n)})]
+        runs = [f for k, f in enumerate(ids[i] for i in grouped) if k == 0 or f != ids[grouped[k - 1]]]
+        runs = [f for f in runs if f != NO_SCENE]
+        assert len(runs) == len(set(runs))  # each family in one run
+        pairs = [(ids[i], scenes[i]) for i in grouped if ids[i] != NO_SCENE]
+        assert len(pairs) == len(set(pairs))  # a family's repeat of a scene waits for the epoch's end
+    assert order(1) != order(0) and SwapFamilyOrder(ids, scenes, seed=4)(1) == order(1)
+
+    def hard_pairs(batches):
+        return sum(sum(1 for x in bt for y in bt if x != y and ids[x] == ids[y] != NO_SCENE
+                       and scenes[x] != scenes[y]) for bt in batches)
+
+    steps = n // b
+    grouped = [batch_indices(s, n, b, 4, order).tolist() for s in range(steps)]
+    plain = [batch_indices(s, n, b, 4).tolist() for s in range(steps)]
+    assert hard_pairs(grouped) > 5 * hard_pairs(plain)
+
+
 def test_mechanisms_block_keeps_steps_aligned():
     history = [{"step": 1, "loss": 1.0},
                {"step": 2, "mechanisms/fff_mining/recall": 0.0, "mechanisms/fff_mining/true_pairs": 2.0,
@@ -187,6 +275,7 @@ def test_loaders_carry_scene_ids_without_changing_the_batches(tmp_path):
     size, cfg = image_size(model), TrainParams(seed=0, steps=3, batch_size=5, workers=0)
     with_ids, without = (load_train_set(tmp_path / d, size, tok, MAX_PIXELS) for d in ("with", "without"))
     assert without.scene_ids is None and with_ids.scene_ids.tolist() == [i // 2 for i in range(16)]
+    assert with_ids.family_ids.tolist() == [NO_SCENE] * 16  # one shape each: no swap family
     assert with_ids.digest() == without.digest()  # the ids are no training input
     for a, b in zip(with_ids.batches(cfg, 0), without.batches(cfg, 0)):
         assert "scene_id" not in b and torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])

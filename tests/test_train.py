@@ -286,14 +286,15 @@ def test_distinct_scene_batches_hold_no_scene_twice():
     assert batches == [batch_indices(s, n, b, 3, DistinctSceneOrder(scenes, b, 3)).tolist() for s in range(steps)]
 
 
-def test_distinct_scene_batches_need_scene_ids_and_the_memory_loader():
+@pytest.mark.parametrize("sampler", ["distinct_scenes", "swap_families"])
+def test_planted_batch_samplers_need_the_planted_scenes_and_the_memory_loader(sampler):
     from diht_core.config import ParamsError, validate_params
     from diht_core.train.data import TrainSet
 
-    with pytest.raises(ParamsError, match="train.*batch_sampler"):
-        validate_params({"train": {"batch_sampler": "distinct_scenes", "loader": "webdataset"}})
+    with pytest.raises(ParamsError, match=f"train.*batch_sampler: {sampler} needs loader: memory"):
+        validate_params({"train": {"batch_sampler": sampler, "loader": "webdataset"}})
     data = TrainSet(["a", "b"], torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(2, 4, dtype=torch.long),
                     [[0], [1]])
-    cfg = validate_params({"train": {"batch_sampler": "distinct_scenes", "steps": 1, "batch_size": 2}}).train
-    with pytest.raises(ValueError, match="distinct_scenes needs the planted scene ids"):
+    cfg = validate_params({"train": {"batch_sampler": sampler, "steps": 1, "batch_size": 2}}).train
+    with pytest.raises(ValueError, match=f"{sampler} needs the planted scene"):
         next(data.batches(cfg, 0))

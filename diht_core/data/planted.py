@@ -26,6 +26,21 @@ def planted_noise(meta: dict | None) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
+def swap_family(meta: dict | None) -> tuple | None:
+    """The compositional hard-negative family of a sample: the relation and the words of its related shapes (their
+    shape names and colours, each as a set), and any third shape's. Two images of one family whose scene ids
+    differ are each other's planted hard negatives: the same words with roles or colours swapped (what the
+    compositional test asks), or the same binding at other sizes or sides. None: no relation (one shape), or no
+    planted scene in the json."""
+    shapes, rel = (meta or {}).get("shapes") or [], (meta or {}).get("relation")
+    if not rel or len(shapes) < 2:
+        return None
+    pair = [shapes[rel["subject"]], shapes[rel["object"]]]
+    rest = tuple(sorted((s["shape"], s["colour"]) for i, s in enumerate(shapes)
+                        if i not in (rel["subject"], rel["object"])))
+    return (rel["type"], tuple(sorted(s["shape"] for s in pair)), tuple(sorted(s["colour"] for s in pair)), rest)
+
+
 def true_concepts(meta: dict) -> set[str]:
     """The concepts truly in the image: the shape name, colour and size word of each of its shapes."""
     return {s[field] for s in meta.get("shapes") or [] for field in ("shape", "colour", "size") if s.get(field)}

@@ -29,7 +29,7 @@ STAGE_READS = {"download": ("seed", "download"), "cat_filter": ("cat_filter",), 
 ENGINE_KEYS = {"download.url_list": ("threads", "task_runner", "processes", "dask_address"),
                "cat_filter": ("workers", "task_runner", "dask_address"),
                "teacher": ("rdzv_endpoint",)}
-MECHANISMS = ("fff_mining", "hn_true_negative_weight_share", "omitted_concepts")
+MECHANISMS = ("fff_mining", "hn_true_negative_weight_share", "hn_hard_negative_weight_share", "omitted_concepts")
 WELL_BELOW = 0.5  # the evaluation's sampling error is "well below" the seed spread when under half of it
 
 

@@ -16,7 +16,7 @@ import torch
 from ..config import Params, Paths, PseudoLabelParams, TrainParams
 from ..data.images import read_decoded, to_device
 from ..data.loader import make_loader
-from ..data.planted import NO_SCENE, planted_noise, scene_id
+from ..data.planted import NO_SCENE, planted_noise, scene_id, swap_family
 from ..data.pseudo_labels import SparsePseudoLabels, load_all
 from ..data.recaption import input_dir, output_dir
 from ..data.shards import Faults, count_samples, shard_paths
@@ -31,6 +31,7 @@ class TrainSet:
     obj_targets: torch.Tensor | None = None   # float [N, V_obj] (dense from sparse top-k)
     attr_targets: torch.Tensor | None = None
     scene_ids: torch.Tensor | None = None     # int64 [N], planted truth (data/planted.py): NO_SCENE where absent
+    family_ids: torch.Tensor | None = None    # int64 [N], planted swap families (hard negatives): NO_SCENE where none
     faults: Faults = field(default_factory=Faults)  # skipped samples by reason, truncated shards
 
     @property
@@ -43,7 +44,7 @@ class TrainSet:
     def batches(self, cfg: TrainParams, start: int, rank: int = 0, world_size: int = 1, position=None):
         """This rank's share of the batch of every global step from `start` on: a pure function of
         (seed, step). With K = cfg.captions_per_image the texts are K captions per image, image-major; with
-        ``scene_id`` (int64, NO_SCENE where absent) when the data carry the planted scene ids."""
+        ``scene_id`` and ``family_id`` (int64, NO_SCENE where absent) when the data carry the planted truth."""
         k = cfg.captions_per_image
         scene_order = None
         if cfg.batch_sampler == "distinct_scenes":
@@ -51,6 +52,11 @@ class TrainSet:
                 raise ValueError("train.batch_sampler: distinct_scenes needs the planted scene ids of the synthetic "
                                  "data; these shards carry none")
             scene_order = DistinctSceneOrder(self.scene_ids.tolist(), cfg.batch_size, cfg.seed)
+        elif cfg.batch_sampler == "swap_families":
+            if self.family_ids is None:
+                raise ValueError("train.batch_sampler: swap_families needs the planted scenes of the synthetic data; "
+                                 "these shards carry none")
+            scene_order = SwapFamilyOrder(self.family_ids.tolist(), self.scene_ids.tolist(), cfg.seed)
         for step in range(start, cfg.steps):
             full = batch_indices(step, len(self), cfg.batch_size, cfg.seed, scene_order)
             g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
@@ -68,6 +74,8 @@ class TrainSet:
                 batch["obj"], batch["attr"] = self.obj_targets[idx], self.attr_targets[idx]
             if self.scene_ids is not None:
                 batch["scene_id"] = self.scene_ids[idx]
+            if self.family_ids is not None:
+                batch["family_id"] = self.family_ids[idx]
             yield batch
 
     def digest(self) -> str:
@@ -92,7 +100,7 @@ def load_train_set(shard_dir: str | Path, image_size: int, tokenizer, max_pixels
     """Decode the (filtered) shards once into memory and join pseudo-labels by key. A sample with a fault (see
     data/shards.py FAULTS) or, with missing="skip", without a pseudo-label is skipped and counted by reason; one of
     a planted noise kind in ``drop_planted`` (an oracle filter, train.drop_planted) as ``oracle_<kind>``."""
-    keys, images, caps, index, scenes = [], [], [], [], []
+    keys, images, caps, index, scenes, families = [], [], [], [], [], []
     pl_rows = []  # row of each kept sample in the pseudo-label arrays
     faults = Faults()
     paths = shard_paths(shard_dir)
@@ -118,6 +126,7 @@ def load_train_set(shard_dir: str | Path, image_size: int, tokenizer, max_pixels
         captions = s["captions"]
         keys.append(key)
         scenes.append(scene_id(s.get("json")))
+        families.append(swap_family(s.get("json")))
         images.append(s["image"])
         index.append(list(range(len(caps), len(caps) + len(captions[:max_captions]))))
         caps.extend(captions[:max_captions])
@@ -129,6 +138,8 @@ def load_train_set(shard_dir: str | Path, image_size: int, tokenizer, max_pixels
     ts = TrainSet(keys, torch.stack(images), tokens, index, faults=faults)
     if any(sid != NO_SCENE for sid in scenes):  # the planted scene ids, for the mechanism measurements only
         ts.scene_ids = torch.tensor(scenes, dtype=torch.long)
+        number = {f: i for i, f in enumerate(dict.fromkeys(f for f in families if f is not None))}
+        ts.family_ids = torch.tensor([NO_SCENE if f is None else number[f] for f in families], dtype=torch.long)
     if pseudo_labels is not None:
         rows = torch.tensor(pl_rows, dtype=torch.long)
         ts.obj_targets = pseudo_labels["objects"][rows]
@@ -205,6 +216,34 @@ class DistinctSceneOrder:
             if fill == self.batch_size:
                 batch, fill = set(), 0
         return out
+
+
+class SwapFamilyOrder:
+    """train.batch_sampler: swap_families (HN-NCE's premise: the hard negatives are in the batch). Each epoch's
+    permutation regrouped so that the images of one planted swap family (``swap_family``: the same words with roles
+    or colours swapped) come one after another, the families (and the images without one, each alone) in the
+    permutation's order of their first image. A batch then holds whole families, as a batch of tens of thousands of
+    web pairs holds near-duplicates. A family's second image of one scene description (a false negative, FFF's
+    premise, not HN-NCE's) is not grouped: it goes to the end of the epoch. Every image once an epoch; a pure
+    function of (seed, epoch)."""
+
+    def __init__(self, family_ids: list[int], scene_ids: list[int], seed: int):
+        self.families, self.scenes, self.seed = family_ids, scene_ids, seed
+        self.orders: dict[int, list[int]] = {}
+
+    def __call__(self, epoch: int) -> list[int]:
+        if epoch not in self.orders:
+            groups: dict[tuple, list[int]] = {}
+            seen, later = set(), []
+            for i in epoch_permutation(len(self.families), self.seed, epoch).tolist():
+                f, sid = self.families[i], self.scenes[i]
+                if f != NO_SCENE and sid != NO_SCENE and (f, sid) in seen:
+                    later.append(i)
+                    continue
+                seen.add((f, sid))
+                groups.setdefault(("alone", i) if f == NO_SCENE else ("family", f), []).append(i)
+            self.orders = {epoch: [i for g in groups.values() for i in g] + later}  # one epoch kept: steps go on
+        return self.orders[epoch]
 
 
 class StreamingData:

@@ -168,7 +168,7 @@ def train(model, data, cfg: TrainParams, checkpoint_dir: str | Path,
                    "positives_per_image": float(pos.sum(1).float().mean()) if pos is not None else 1.0,
                    "samples_per_s": (step + 1 - start) * cfg.batch_size / max(1e-9, time.time() - t0),
                    **measure(cfg, batch.get("scene_id"), img_f, txt_f, out[2], pos if mining(cfg, step) else None,
-                             info)}  # against the planted truth, when the data carry it
+                             info, batch.get("family_id"))}  # against the planted truth, when the data carry it
             bar.update(step + 1 - bar.n)
             history.append({"step": step + 1, **rec})
             bar.set_postfix(loss=f"{rec['loss']:.3f}")

@@ -18,7 +18,8 @@ from .losses import _at_least_fp32, hn_negative_weights
 
 PREFIX = "mechanisms/"  # the history records' (and MLflow's step series') names: mechanisms/<measure>/<value>
 SERIES = {"fff_mining": ("precision", "recall", "mined_pairs", "true_pairs"),
-          "hn_true_negative_weight_share": ("i2t", "t2i", "uniform")}
+          "hn_true_negative_weight_share": ("i2t", "t2i", "uniform"),
+          "hn_hard_negative_weight_share": ("i2t", "t2i", "uniform")}
 
 
 def scene_pairs(rows: torch.Tensor, cols: torch.Tensor, row_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,15 +65,29 @@ def hn_weight_counts(logits: torch.Tensor, labels: torch.Tensor, dim: int, beta:
     return torch.stack([(w * (known & ~same)).sum(), (w * known).sum()]).double()
 
 
+def hard_negative_weight_counts(logits: torch.Tensor, labels: torch.Tensor, beta: float, anchors: torch.Tensor,
+                                others: torch.Tensor, anchor_families: torch.Tensor, other_families: torch.Tensor,
+                                anchor_offset: int = 0) -> torch.Tensor:
+    """[weight on planted hard negatives, weight on all true negatives] of HN-NCE's negative weights (anchors along
+    dim 0 of ``logits``, as ``hn_weight_counts`` with dim 1): a hard negative is a pair of one swap family
+    (``data.planted.swap_family``: the same words with roles or colours swapped) and different scene ids."""
+    w = hn_negative_weights(logits, labels, 1, beta)
+    same, known = scene_pairs(anchors.to(w.device), others.to(w.device), anchor_offset)
+    fam, _ = scene_pairs(anchor_families.to(w.device), other_families.to(w.device), anchor_offset)
+    negative = known & ~same
+    return torch.stack([(w * (negative & fam)).sum(), (w * negative).sum()]).double()
+
+
 @torch.no_grad()
-def measure(cfg: TrainParams, scene_ids: torch.Tensor | None, img_f, txt_f, logit_scale, mined, info: DistInfo
-            ) -> dict:
+def measure(cfg: TrainParams, scene_ids: torch.Tensor | None, img_f, txt_f, logit_scale, mined, info: DistInfo,
+            family_ids: torch.Tensor | None = None) -> dict:
     """The mechanism measurements of one training step, flat ({PREFIX + measure/value: number}) for the log record:
     FFF mining when ``mined`` (the positives the sigmoid loss used, this rank's rows) came from the FFF thresholds,
     HN-NCE's true-negative weight share when train.loss is hn-nce (plus ``uniform``: the share under equal weights,
-    i.e. the share of true negatives among the negatives). {} without scene ids. Every rank calls it at the same
-    steps (it gathers the ids and features; the counts are summed over ranks); a value that is undefined (nothing
-    to judge) is left out."""
+    i.e. the share of true negatives among the negatives) and, with ``family_ids``, the share of its weight on the
+    true negatives that falls on planted hard negatives (``uniform``: their share among the true negatives).
+    {} without scene ids. Every rank calls it at the same steps (it gathers the ids and features; the counts are
+    summed over ranks); a value that is undefined (nothing to judge) is left out."""
     if scene_ids is None:
         return {}
     local = scene_ids.to(img_f.device)
@@ -89,14 +104,26 @@ def measure(cfg: TrainParams, scene_ids: torch.Tensor | None, img_f, txt_f, logi
         img, txt = _at_least_fp32(img_f.detach()), _at_least_fp32(txt_f.detach())
         scale = _at_least_fp32(logit_scale.detach())
         labels = torch.arange(len(img), device=img.device) + offset
-        counts = {}
+        counts, hard = {}, {}
+        fams = family_ids.to(img.device) if family_ids is not None else None
+        if fams is not None and float(all_mean((fams != NO_SCENE).any().double(), info)) == 0:
+            fams = None  # no rank has an image in a swap family: nothing to judge
+        fam_cols = gather_no_grad(fams, info) if fams is not None else None
         for name, anchors, others in (("i2t", img, txt), ("t2i", txt, img)):
             logits = scale * anchors @ gather_no_grad(others, info).T  # local anchors against all: as the loss
             counts[name] = hn_weight_counts(logits, labels, 1, cfg.hn_beta, local, cols, offset)
+            if fams is not None:
+                hard[name] = hard_negative_weight_counts(logits, labels, cfg.hn_beta, local, cols, fams, fam_cols,
+                                                         offset)
             if name == "i2t":  # equal weights: the same in both directions
                 counts["uniform"] = hn_weight_counts(logits, labels, 1, 0.0, local, cols, offset)
+                if fams is not None:
+                    hard["uniform"] = hard_negative_weight_counts(logits, labels, 0.0, local, cols, fams, fam_cols,
+                                                                  offset)
         for name, c in counts.items():
             out[f"hn_true_negative_weight_share/{name}"] = ratio(*all_mean(c, info))
+        for name, c in hard.items():
+            out[f"hn_hard_negative_weight_share/{name}"] = ratio(*all_mean(c, info))
     return {PREFIX + k: v for k, v in out.items() if v is not None}
 
 
