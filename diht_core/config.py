@@ -482,6 +482,8 @@ class AblationParams(_Strict):
                                          premise_off={"omit_prob": 0.0}),
         "HN-NCE": ComparisonParams(component="cat+hn-nce", baseline="cat", premise_on={"diverse_captions": True},
                                    premise_off={"diverse_captions": False}),
+        "HN-NCE, hard batches": ComparisonParams(component="cat+hn-nce", baseline="cat",
+                                                 premise_on={"train.batch_sampler": "swap_families"}, premise_off={}),
         "FFF mining": ComparisonParams(component="fff", baseline="sigmoid-2caps", premise_on={"same_scene_rate": 0.1},
                                        premise_off={"same_scene_rate": 0.0, "train.batch_sampler": "distinct_scenes"}),
     }

@@ -195,8 +195,12 @@ def test_plan_every_comparison_in_both_worlds_and_the_sweeps():
     assert topk == [3, 5, 20] and all(t["baseline"] == "cat+distill" for t in sweeps if t["comparison"] == "pseudo-label top-k")
     assert arms["cat+hn-nce [hn_beta=1]"]["overrides"]["train"]["hn_beta"] == 1.0
     assert "diht" in arms  # also_run
-    # the default world's arms are shared: `cat` is the baseline of distillation, HN-NCE and the complexity sweep
-    assert sum(1 for t in tests if t["baseline"] == "cat") == 2 + 2
+    # the default world's arms are shared: `cat` is the baseline of distillation, HN-NCE (random batches: the control
+    # of its hard batches too) and the complexity sweep
+    assert sum(1 for t in tests if t["baseline"] == "cat") == 2 + 3
+    hard = "[batch_sampler=swap_families]"
+    assert pairs[("HN-NCE, hard batches", "premise on")] == (f"cat {hard}", f"cat+hn-nce {hard}")
+    assert pairs[("HN-NCE, hard batches", "premise off")] == pairs[("HN-NCE", "premise on")] == ("cat", "cat+hn-nce")
 
 
 def test_runs_share_an_upstream_per_distinct_upstream(tmp_path):
@@ -334,7 +338,8 @@ def test_quick_ablation_flow_end_to_end(tiny_project):
 
     env = project_env(tiny_project)
     cmd = [sys.executable, "-m", "flows.ablation", "--quick"]
-    proc = subprocess.run(cmd, cwd=tiny_project, env=env, capture_output=True, text=True, timeout=900)
+    # a hang guard, not a time goal: about 8 min on 2 idle cores, 15+ beside another training run
+    proc = subprocess.run(cmd, cwd=tiny_project, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rep = json.loads((tiny_project / "metrics" / "ablation_quick.json").read_text())
     p = validate_params(yaml.safe_load((tiny_project / "params.yaml").read_text()))
@@ -347,6 +352,8 @@ def test_quick_ablation_flow_end_to_end(tiny_project):
     assert rep["tests"] == len(tests)
     for a in rep["arms"].values():  # the eval splits were counted; mechanisms measured or reported absent
         assert a["sampling"]["eval_se_of_mean"] > 0 and set(a["mechanisms"]) >= {"fff_mining", "omitted_concepts"}
+    hard = rep["arms"]["cat+hn-nce [batch_sampler=swap_families]"]["mechanisms"]["hn_hard_negative_weight_share"]
+    assert hard["uniform"]["mean"] > 0 and 0 < hard["i2t"]["mean"] < 1  # its hard negatives were in the batches
     assert len(list((tiny_project / "ablation" / "quick" / "upstream").iterdir())) == len(
         {r["upstream_digest"] for r in runs(quick, {}, tiny_project)})
     assert (tiny_project / "plots" / "ablation_quick.png").stat().st_size > 0
@@ -365,7 +372,7 @@ def test_quick_ablation_flow_end_to_end(tiny_project):
                          env={**env, "COLUMNS": "200"}, capture_output=True, text=True, timeout=120)
     assert art.returncode == 0 and "baseline" in art.stdout, art.stdout[-2000:] + art.stderr[-2000:]
     # a rerun keeps every finished run: no new training
-    proc = subprocess.run(cmd, cwd=tiny_project, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=tiny_project, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     mruns = mlflow.search_runs(experiment_names=["diht"], output_format="list")
     assert len([r for r in mruns if r.data.tags.get("diht.stage") == "train"]) == len(trains)

@@ -4,6 +4,7 @@ model."""
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from diht_core.train import batch_indices, load_train_set, train
 from diht_core.train.distributed import DistInfo
 from diht_core.train.losses import hn_negative_weights, mine_false_negatives
 from diht_core.train.mechanisms import (hard_negative_weight_counts, hn_weight_counts, measure, mechanisms_block,
-                                       mining_counts, ratio)
+                                       mining_counts, ratio, threshold_curve)
 
 MAX_PIXELS = 89_478_485  # download.url_list.max_pixels
 ONE = DistInfo(device=torch.device("cpu"))
@@ -152,6 +153,39 @@ def test_hard_negative_share_matches_the_formula(beta):
     assert rec["mechanisms/hn_hard_negative_weight_share/i2t"] == pytest.approx(got, rel=1e-5)
     assert rec["mechanisms/hn_hard_negative_weight_share/uniform"] == pytest.approx(6 / 28)
     assert not any("hard" in k for k in measure(hn, scenes, img, txt, torch.tensor(10.0), None, ONE))
+
+
+def test_threshold_curve_counts_the_pairs_by_hand():
+    """Four unit vectors: 0 and 1 one scene (cos 1), 2 near 0 (cos 0.8) but another scene, 3 apart; an unknown
+    scene id is left out."""
+    f = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [1.0, 0.0]])
+    scenes = torch.tensor([0, 0, 1, 2, NO_SCENE])
+    rows = threshold_curve(f, scenes, [0.5, 0.9, 1.1], batch_size=4)
+    # t 0.5: mined (0,1) (0,2) (1,2) (2,3: cos 0.6) both ways = 8, true 2 of them; t 0.9: only (0,1); t 1.1: none
+    assert [(r["precision"], r["recall"]) for r in rows] == [(0.25, 1.0), (1.0, 1.0), (None, 0.0)]
+    assert rows[0]["mined_pairs_per_batch"] == pytest.approx(8.0) and rows[0]["true_pairs_per_batch"] == 2.0
+
+
+def test_fff_thresholds_tool_on_a_model_file(tmp_path, capsys):
+    """tools/fff_thresholds.py: a model file (random weights of the real architecture) on shards with planted scene
+    ids gives both rules' curves; shards without ids are refused."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import fff_thresholds
+
+    _train_shards(tmp_path / "shards")
+    _train_shards(tmp_path / "plain", scenes=False)
+    torch.manual_seed(0)
+    torch.save(create_model("diht-tiny-vit")[0].state_dict(), tmp_path / "model.pt")
+    fff_thresholds.main(["--model", str(tmp_path / "model.pt"), "--shards", str(tmp_path / "shards"),
+                         "--out", str(tmp_path / "curves.json")])
+    curves = json.loads((tmp_path / "curves.json").read_text())["curves"]
+    assert set(curves) == {"image-image", "text-text"}
+    assert [r["threshold"] for r in curves["image-image"]] == fff_thresholds.THRESHOLDS
+    assert all(r["true_pairs_per_batch"] > 0 for r in curves["text-text"])  # 8 pairs of one scene
+    assert "| image-image | 0.98 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no planted scene ids"):
+        fff_thresholds.main(["--model", str(tmp_path / "model.pt"), "--shards", str(tmp_path / "plain")])
 
 
 def _two_shape(relation, subject, obj, third=None):

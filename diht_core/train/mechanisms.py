@@ -138,3 +138,26 @@ def mechanisms_block(history: list[dict]) -> dict:
             block[measure_name] = {"steps": [h["step"] for h in rows],
                                    **{v: [h.get(n) for h in rows] for v, n in zip(values, names)}}
     return block
+
+
+@torch.no_grad()
+def threshold_curve(features: torch.Tensor, scene_ids: torch.Tensor, thresholds: list[float],
+                    batch_size: int = 128) -> list[dict]:
+    """FFF's mining rule cos(f_i, f_j) >= t on unit-norm ``features`` [N, d] (images for its image-image rule, one
+    caption an image for its text-text rule) against the planted truth, over every pair i != j of known scene ids
+    (a random batch's pairs are a sample of them): per threshold its precision, recall, and the mined and true pairs
+    a batch of ``batch_size`` holds on average."""
+    known = scene_ids != NO_SCENE
+    f, sid = features[known].float(), scene_ids[known]
+    n = len(sid)
+    sims = f @ f.T
+    off = ~torch.eye(n, dtype=torch.bool)
+    same = (sid[:, None] == sid[None, :]) & off
+    per_batch = batch_size * (batch_size - 1) / max(1, n * (n - 1))  # a batch's share of the ordered pairs
+    out = []
+    for t in thresholds:
+        mined = (sims >= t) & off
+        tp, m, s = int((mined & same).sum()), int(mined.sum()), int(same.sum())
+        out.append({"threshold": t, "precision": ratio(tp, m), "recall": ratio(tp, s),
+                    "mined_pairs_per_batch": m * per_batch, "true_pairs_per_batch": s * per_batch})
+    return out
