@@ -345,6 +345,13 @@ class TrainParams(_Strict):
     max_nonfinite_steps: int = Field(default=0, ge=0)  # consecutive steps with a non-finite loss (skipped) before
                                                        # training stops with an error; 0: stop at the first
 
+    @field_validator("drop_planted")
+    @classmethod
+    def _once_each(cls, v):
+        if len(set(v)) < len(v):
+            raise ValueError(f"names a planted kind twice: {v}")
+        return v
+
     @model_validator(mode="after")
     def _consistent(self):
         check_hn_nce(self.hn_alpha, self.hn_beta)

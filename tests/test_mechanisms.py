@@ -166,11 +166,10 @@ def test_threshold_curve_counts_the_pairs_by_hand():
     assert rows[0]["mined_pairs_per_batch"] == pytest.approx(8.0) and rows[0]["true_pairs_per_batch"] == 2.0
 
 
-def test_fff_thresholds_tool_on_a_model_file(tmp_path, capsys):
+def test_fff_thresholds_tool_on_a_model_file(tmp_path, capsys, monkeypatch):
     """tools/fff_thresholds.py: a model file (random weights of the real architecture) on shards with planted scene
     ids gives both rules' curves; shards without ids are refused."""
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "tools"))
     import fff_thresholds
 
     _train_shards(tmp_path / "shards")
@@ -216,28 +215,32 @@ def test_swap_family_batches_hold_whole_families(tmp_path):
     metas = [{**scene(rng).to_json()} for _ in range(600)]
     fams = {}
     ids = [NO_SCENE if swap_family(m) is None else fams.setdefault(swap_family(m), len(fams)) for m in metas]
-    scenes = [hash(json.dumps(m["shapes"])) % 50 for m in metas]  # made-up scene ids: many repeat in a family
+    scenes = rng.integers(0, 40, size=len(metas)).tolist()  # made-up scene ids: many repeat in a family
     n, b = len(ids), 64
     order = SwapFamilyOrder(ids, scenes, seed=4)
     for epoch in range(2):
         perm = order(epoch)
         assert sorted(perm) == list(range(n))
-        grouped = perm[:len({(ids[i], scenes[i]) if ids[i] != NO_SCENE else i for i in range(n)})]
-        runs = [f for k, f in enumerate(ids[i] for i in grouped) if k == 0 or f != ids[grouped[k - 1]]]
-        runs = [f for f in runs if f != NO_SCENE]
-        assert len(runs) == len(set(runs))  # each family in one run
-        pairs = [(ids[i], scenes[i]) for i in grouped if ids[i] != NO_SCENE]
-        assert len(pairs) == len(set(pairs))  # a family's repeat of a scene waits for the epoch's end
+        first, seen = {}, set()  # the places of each family's images with a scene new to it, in the order they come
+        for k, i in enumerate(perm):
+            if ids[i] != NO_SCENE and (ids[i], scenes[i]) not in seen:
+                seen.add((ids[i], scenes[i]))
+                first.setdefault(ids[i], []).append(k)
+        assert all(ks == list(range(ks[0], ks[0] + len(ks))) for ks in first.values())  # one after another
     assert order(1) != order(0) and SwapFamilyOrder(ids, scenes, seed=4)(1) == order(1)
 
-    def hard_pairs(batches):
+    def pairs(batches, same_scene):
         return sum(sum(1 for x in bt for y in bt if x != y and ids[x] == ids[y] != NO_SCENE
-                       and scenes[x] != scenes[y]) for bt in batches)
+                       and (scenes[x] == scenes[y]) == same_scene) for bt in batches)
 
     steps = n // b
     grouped = [batch_indices(s, n, b, 4, order).tolist() for s in range(steps)]
     plain = [batch_indices(s, n, b, 4).tolist() for s in range(steps)]
-    assert hard_pairs(grouped) > 5 * hard_pairs(plain)
+    assert pairs(grouped, same_scene=False) > 5 * pairs(plain, same_scene=False)  # hard negatives
+    # a family's repeats of one scene (false negatives) are not grouped: about as many as in random batches
+    assert pairs(grouped, same_scene=True) <= 2 * pairs(plain, same_scene=True) + 4
+    with pytest.raises(ValueError, match="swap_families found no image in a swap family"):
+        SwapFamilyOrder([NO_SCENE] * 4, [0, 1, 2, 3], seed=0)
 
 
 def test_mechanisms_block_keeps_steps_aligned():
@@ -345,6 +348,8 @@ def test_oracle_filter_leaves_out_exactly_the_planted_kinds_and_counts_them(tmp_
         validate_params({"train": {"drop_planted": ["junk"], "loader": "webdataset"}})
     with pytest.raises(ParamsError, match="drop_planted"):
         validate_params({"train": {"drop_planted": ["clean"]}})
+    with pytest.raises(ParamsError, match="drop_planted.*names a planted kind twice"):
+        validate_params({"train": {"drop_planted": ["junk", "junk"]}})
 
 
 def test_train_records_mechanisms_and_the_model_is_unchanged(tmp_path):

@@ -49,8 +49,8 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|")
     for rule, rows in curves.items():
         for r in rows:
-            p = "–" if r["precision"] is None else f"{r['precision']:.3f}"
-            print(f"| {rule} | {r['threshold']} | {p} | {r['recall']:.3f} | {r['mined_pairs_per_batch']:.1f} "
+            p, rc = ("–" if r[k] is None else f"{r[k]:.3f}" for k in ("precision", "recall"))
+            print(f"| {rule} | {r['threshold']} | {p} | {rc} | {r['mined_pairs_per_batch']:.1f} "
                   f"| {r['true_pairs_per_batch']:.1f} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"model": args.model, "shards": args.shards, "curves": curves}, indent=1))

@@ -224,25 +224,26 @@ class SwapFamilyOrder:
     or colours swapped) come one after another, the families (and the images without one, each alone) in the
     permutation's order of their first image. A batch then holds whole families, as a batch of tens of thousands of
     web pairs holds near-duplicates. A family's second image of one scene description (a false negative, FFF's
-    premise, not HN-NCE's) is not grouped: it goes to the end of the epoch. Every image once an epoch; a pure
+    premise, not HN-NCE's) is not grouped: it stays alone at its own place. Every image once an epoch; a pure
     function of (seed, epoch)."""
 
     def __init__(self, family_ids: list[int], scene_ids: list[int], seed: int):
+        if all(f == NO_SCENE for f in family_ids):
+            raise ValueError("train.batch_sampler: swap_families found no image in a swap family (two related "
+                             "shapes): nothing to group")
         self.families, self.scenes, self.seed = family_ids, scene_ids, seed
         self.orders: dict[int, list[int]] = {}
 
     def __call__(self, epoch: int) -> list[int]:
         if epoch not in self.orders:
             groups: dict[tuple, list[int]] = {}
-            seen, later = set(), []
+            seen = set()
             for i in epoch_permutation(len(self.families), self.seed, epoch).tolist():
                 f, sid = self.families[i], self.scenes[i]
-                if f != NO_SCENE and sid != NO_SCENE and (f, sid) in seen:
-                    later.append(i)
-                    continue
+                repeat = sid != NO_SCENE and (f, sid) in seen
                 seen.add((f, sid))
-                groups.setdefault(("alone", i) if f == NO_SCENE else ("family", f), []).append(i)
-            self.orders = {epoch: [i for g in groups.values() for i in g] + later}  # one epoch kept: steps go on
+                groups.setdefault(("alone", i) if f == NO_SCENE or repeat else ("family", f), []).append(i)
+            self.orders = {epoch: [i for g in groups.values() for i in g]}  # one epoch kept: the steps go on
         return self.orders[epoch]
 
 

@@ -65,6 +65,7 @@ def hn_weight_counts(logits: torch.Tensor, labels: torch.Tensor, dim: int, beta:
     return torch.stack([(w * (known & ~same)).sum(), (w * known).sum()]).double()
 
 
+@torch.no_grad()
 def hard_negative_weight_counts(logits: torch.Tensor, labels: torch.Tensor, beta: float, anchors: torch.Tensor,
                                 others: torch.Tensor, anchor_families: torch.Tensor, other_families: torch.Tensor,
                                 anchor_offset: int = 0) -> torch.Tensor:
