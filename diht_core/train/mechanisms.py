@@ -49,6 +49,15 @@ def mining_counts(mined: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, r
     return torch.stack([(pairs & same).sum(), pairs.sum(), same.sum()]).double()
 
 
+def _weight_sums(w: torch.Tensor, same: torch.Tensor, known: torch.Tensor, family: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """[weight on true negatives, weight on all judged pairs, weight on planted hard negatives (0 without
+    ``family``, the same-swap-family mask)] of negative weights ``w`` (anchors along dim 0)."""
+    negative = known & ~same
+    hard = (w * (negative & family)).sum() if family is not None else w.new_zeros(())
+    return torch.stack([(w * negative).sum(), (w * known).sum(), hard]).double()
+
+
 @torch.no_grad()
 def hn_weight_counts(logits: torch.Tensor, labels: torch.Tensor, dim: int, beta: float, anchors: torch.Tensor,
                      others: torch.Tensor, anchor_offset: int = 0) -> torch.Tensor:
@@ -61,8 +70,7 @@ def hn_weight_counts(logits: torch.Tensor, labels: torch.Tensor, dim: int, beta:
     w = hn_negative_weights(logits, labels, dim, beta)
     if dim == 0:
         w = w.T
-    same, known = scene_pairs(anchors.to(w.device), others.to(w.device), anchor_offset)
-    return torch.stack([(w * (known & ~same)).sum(), (w * known).sum()]).double()
+    return _weight_sums(w, *scene_pairs(anchors.to(w.device), others.to(w.device), anchor_offset))[:2]
 
 
 @torch.no_grad()
@@ -73,10 +81,9 @@ def hard_negative_weight_counts(logits: torch.Tensor, labels: torch.Tensor, beta
     dim 0 of ``logits``, as ``hn_weight_counts`` with dim 1): a hard negative is a pair of one swap family
     (``data.planted.swap_family``: the same words with roles or colours swapped) and different scene ids."""
     w = hn_negative_weights(logits, labels, 1, beta)
-    same, known = scene_pairs(anchors.to(w.device), others.to(w.device), anchor_offset)
-    fam, _ = scene_pairs(anchor_families.to(w.device), other_families.to(w.device), anchor_offset)
-    negative = known & ~same
-    return torch.stack([(w * (negative & fam)).sum(), (w * negative).sum()]).double()
+    family, _ = scene_pairs(anchor_families.to(w.device), other_families.to(w.device), anchor_offset)
+    sums = _weight_sums(w, *scene_pairs(anchors.to(w.device), others.to(w.device), anchor_offset), family)
+    return sums[[2, 0]]
 
 
 @torch.no_grad()
@@ -105,26 +112,21 @@ def measure(cfg: TrainParams, scene_ids: torch.Tensor | None, img_f, txt_f, logi
         img, txt = _at_least_fp32(img_f.detach()), _at_least_fp32(txt_f.detach())
         scale = _at_least_fp32(logit_scale.detach())
         labels = torch.arange(len(img), device=img.device) + offset
-        counts, hard = {}, {}
-        fams = family_ids.to(img.device) if family_ids is not None else None
-        if fams is not None and float(all_mean((fams != NO_SCENE).any().double(), info)) == 0:
-            fams = None  # no rank has an image in a swap family: nothing to judge
-        fam_cols = gather_no_grad(fams, info) if fams is not None else None
+        same, known = scene_pairs(local, cols, offset)  # the image pairs are the same in both directions
+        family = None
+        if family_ids is not None:
+            fams = family_ids.to(img.device)
+            if float(all_mean((fams != NO_SCENE).any().double(), info)) > 0:  # some rank has a swap family
+                family, _ = scene_pairs(fams, gather_no_grad(fams, info), offset)
         for name, anchors, others in (("i2t", img, txt), ("t2i", txt, img)):
             logits = scale * anchors @ gather_no_grad(others, info).T  # local anchors against all: as the loss
-            counts[name] = hn_weight_counts(logits, labels, 1, cfg.hn_beta, local, cols, offset)
-            if fams is not None:
-                hard[name] = hard_negative_weight_counts(logits, labels, cfg.hn_beta, local, cols, fams, fam_cols,
-                                                         offset)
-            if name == "i2t":  # equal weights: the same in both directions
-                counts["uniform"] = hn_weight_counts(logits, labels, 1, 0.0, local, cols, offset)
-                if fams is not None:
-                    hard["uniform"] = hard_negative_weight_counts(logits, labels, 0.0, local, cols, fams, fam_cols,
-                                                                  offset)
-        for name, c in counts.items():
-            out[f"hn_true_negative_weight_share/{name}"] = ratio(*all_mean(c, info))
-        for name, c in hard.items():
-            out[f"hn_hard_negative_weight_share/{name}"] = ratio(*all_mean(c, info))
+            # equal weights (uniform) are the same in both directions: once
+            for key, beta in ((name, cfg.hn_beta),) + ((("uniform", 0.0),) if name == "i2t" else ()):
+                true_neg, judged, hard = all_mean(
+                    _weight_sums(hn_negative_weights(logits, labels, 1, beta), same, known, family), info)
+                out[f"hn_true_negative_weight_share/{key}"] = ratio(true_neg, judged)
+                if family is not None:
+                    out[f"hn_hard_negative_weight_share/{key}"] = ratio(hard, true_neg)
     return {PREFIX + k: v for k, v in out.items() if v is not None}
 
 
