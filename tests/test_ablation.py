@@ -17,7 +17,7 @@ import yaml
 from conftest import ROOT, project_env, tiny_params
 from scipy import stats
 
-from diht_core.config import ParamsError, deep_merge, validate_params
+from diht_core.config import ParamsError, deep_merge, load_params, validate_params
 from diht_core.eval.ablation import (aggregate, binomial_se, dvc_queue_commands, holm, mean_se, mechanisms,
                                      min_detectable_difference, plan, pooled_std, runs, shared_prefix, split_sizes,
                                      stage_digests, upstream_digest, write_report, UPSTREAM)
@@ -232,6 +232,25 @@ def test_a_run_is_the_same_run_whatever_the_grid_around_it(tmp_path):
     key = {(r["arm"], r["seed"]): r["overrides"] for r in five}
     assert all(key[(r["arm"], r["seed"])] == r["overrides"] for r in three)
     assert all("ablation" not in r["overrides"] for r in three)
+
+
+def _full_grid_runs(params_path: Path) -> dict:
+    """(arm, seed) -> overrides of the full grid a params file plans, loaded as flows/ablation.py loads it."""
+    p = load_params(params_path, None)
+    p = load_params(params_path, deep_merge(p.ablation.full, {}))
+    return {(r["arm"], r["seed"]): r["overrides"] for r in runs(p, p.ablation.full, Path("ablation/full"))}
+
+
+@pytest.mark.parametrize("subset", sorted((ROOT / "configs").glob("ablation_*.yaml")), ids=lambda p: p.stem)
+def test_a_subset_config_runs_the_whole_grids_own_runs(subset):
+    """Each configs/ablation_*.yaml loads and plans; every run of it whose arm the whole grid (params.yaml) also
+    has is the grid's run (the same overrides, so either reuses the other's); its other arms (oracles, variants)
+    are diagnostics of its own."""
+    grid, mine = _full_grid_runs(ROOT / "params.yaml"), _full_grid_runs(subset)
+    shared = set(mine) & set(grid)
+    assert shared, f"{subset.name} shares no run with the whole grid"
+    assert all(mine[k] == grid[k] for k in shared)
+    assert {arm for arm, _ in set(mine) - shared} <= {"oracle-cat", "oracle-aligned", "oracle-clean", "fff-text"}
 
 
 def test_upstream_digest_ignores_the_engine_not_what_is_written():
