@@ -237,6 +237,9 @@ def test_swap_family_batches_hold_whole_families(tmp_path):
     grouped = [batch_indices(s, n, b, 4, order).tolist() for s in range(steps)]
     plain = [batch_indices(s, n, b, 4).tolist() for s in range(steps)]
     assert pairs(grouped, same_scene=False) > 5 * pairs(plain, same_scene=False)  # hard negatives
+    # spread over the epoch, not packed at its start (where the families' first images are)
+    third = steps // 3
+    assert pairs(grouped[-third:], same_scene=False) > pairs(grouped[:third], same_scene=False) / 2
     # a family's repeats of one scene (false negatives) are not grouped: about as many as in random batches
     assert pairs(grouped, same_scene=True) <= 2 * pairs(plain, same_scene=True) + 4
     with pytest.raises(ValueError, match="swap_families found no image in a swap family"):

@@ -221,11 +221,13 @@ class DistinctSceneOrder:
 class SwapFamilyOrder:
     """train.batch_sampler: swap_families (HN-NCE's premise: the hard negatives are in the batch). Each epoch's
     permutation regrouped so that the images of one planted swap family (``swap_family``: the same words with roles
-    or colours swapped) come one after another, the families (and the images without one, each alone) in the
-    permutation's order of their first image. A batch then holds whole families, as a batch of tens of thousands of
-    web pairs holds near-duplicates. A family's second image of one scene description (a false negative, FFF's
-    premise, not HN-NCE's) is not grouped: it stays alone at its own place. Every image once an epoch; a pure
-    function of (seed, epoch)."""
+    or colours swapped) come one after another, the families (and the images without one, each alone) in a random
+    order of their own (seeded by (seed, epoch)), so that families are spread evenly over the epoch. A batch then
+    holds whole families, as a batch of tens of thousands of web pairs holds near-duplicates. (Ordering the groups by
+    their first image instead puts the families, whose first image is the earliest of several, at the epoch's start
+    and leaves its last batches with almost none: 250 hard pairs in the demo's first batch, 2 in its last.) A
+    family's second image of one scene description (a false negative, FFF's premise, not HN-NCE's) is not grouped:
+    it stays alone at its own place. Every image once an epoch; a pure function of (seed, epoch)."""
 
     def __init__(self, family_ids: list[int], scene_ids: list[int], seed: int):
         if all(f == NO_SCENE for f in family_ids):
@@ -243,7 +245,10 @@ class SwapFamilyOrder:
                 repeat = sid != NO_SCENE and (f, sid) in seen
                 seen.add((f, sid))
                 groups.setdefault(("alone", i) if f == NO_SCENE or repeat else ("family", f), []).append(i)
-            self.orders = {epoch: [i for g in groups.values() for i in g]}  # one epoch kept: the steps go on
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 7_777_777)  # not the images' permutation
+            grouped = list(groups.values())
+            shuffled = [grouped[k] for k in torch.randperm(len(grouped), generator=g).tolist()]
+            self.orders = {epoch: [i for grp in shuffled for i in grp]}  # one epoch kept: the steps go on
         return self.orders[epoch]
 
 
