@@ -92,6 +92,21 @@ def ensure_upstream(upstream, parent_id: str) -> None:
     atomic_write_text(marker, json.dumps({"digest": digest, "stages": stages}))
 
 
+def retest_file(json_path: Path) -> list[Path]:
+    """A.retest on a report file, written back with its CSV and plots (metrics/<x>/ablation.json ->
+    plots/<x>/ablation.*; beside the JSON when it is not under a metrics folder)."""
+    if not json_path.is_file():
+        raise SystemExit(f"--retest: no report at {json_path}")
+    try:
+        report = A.retest(json.loads(json_path.read_text()))
+    except ValueError as e:
+        raise SystemExit(f"--retest {json_path}: {e}") from None
+    parts = list(json_path.parts)
+    if "metrics" in parts[:-1]:
+        parts[parts.index("metrics")] = "plots"
+    return A.write_report(report, json_path, Path(*parts).with_suffix(""))
+
+
 def log_summary(report: dict) -> None:
     """The summary in the parent MLflow run: each arm's task mean and its mechanisms, each test's numbers."""
     metrics = {}
@@ -108,7 +123,7 @@ def log_summary(report: dict) -> None:
     tests += [t for s in report["sweeps"].values() for t in s["points"]]
     for t in tests:
         key = A.slug(t["comparison"] + ("_" + t["world"] if t["world"] else f"_{A.fmt(t['value'])}"))
-        metrics.update({f"{key}/{k}": t[k] for k in ("delta", "p", "p_holm", "mdd")
+        metrics.update({f"{key}/{k}": t[k] for k in ("delta", "p_paired", "p_paired_holm", "mdd_paired", "p", "p_holm", "mdd")
                         if t[k] is not None and math.isfinite(t[k])})
     mlflow.log_metrics(metrics)
 
@@ -152,6 +167,7 @@ def main(argv=None) -> None:
         python -m flows.ablation [--quick]    # ephemeral Prefect, local MLflow (what `make ablation` runs)
         prefect deployment run diht/ablation  # the deployment `ablation` of the flow `diht` (a sub-flow run)
         python -m flows.ablation --dvc-queue  # the same grid as DVC experiments (dvc exp run --queue -S ...)
+        python -m flows.ablation --retest metrics/ablation_x/ablation.json  # its tests again, nothing rerun
 
     --set KEY=VALUE overrides a param of the file for every run (with --dvc-queue: DVC's -S KEY=VALUE).
 
@@ -170,7 +186,15 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny data and training (CI): the grid in minutes")
     parser.add_argument("--dvc-queue", action="store_true",
                         help="queue the grid as DVC experiments instead (dvc exp run --queue -S ...)")
+    parser.add_argument("--retest", metavar="REPORT_JSON", type=Path,
+                        help="compute a written report's tests, verdicts and table again from its arms' per-seed values "
+                             "(this version's statistics); rewrites it and its plots (under plots/ where the report "
+                             "is under metrics/); trains nothing, logs nothing")
     args = parser.parse_args(argv)
+    if args.retest:
+        for path in retest_file(args.retest):
+            print(f"[ablation] wrote {path}")
+        return
     set_env()
     params = params_or_exit(args)
     params_or_exit(args, params.ablation.quick if args.quick else params.ablation.full)

@@ -18,7 +18,7 @@ from conftest import ROOT, project_env, tiny_params
 from scipy import stats
 
 from diht_core.config import ParamsError, deep_merge, load_params, validate_params
-from diht_core.eval.ablation import (aggregate, binomial_se, dvc_queue_commands, holm, mean_se, mechanisms,
+from diht_core.eval.ablation import (aggregate, binomial_se, dvc_queue_commands, holm, mean_se, mechanisms, paired, retest,
                                      min_detectable_difference, plan, pooled_std, runs, shared_prefix, split_sizes,
                                      stage_digests, upstream_digest, write_report, UPSTREAM)
 
@@ -53,6 +53,22 @@ def test_minimum_detectable_difference_by_hand():
                                                                    rel=1e-5)
     assert min_detectable_difference(0.02, 1, 1) == math.inf
     assert pooled_std([1, 2, 3], [2, 4, 6]) == pytest.approx(math.sqrt((2 * 1 + 2 * 4) / 4))
+
+
+def test_paired_test_over_the_common_seeds():
+    a, b = [0.50, 0.61, 0.55, 0.70, 0.52], [0.48, 0.60, 0.52, 0.69, 0.49]
+    got = paired(a, [0, 1, 2, 3, 4], b, [0, 1, 2, 3, 4])
+    d = np.subtract(a, b)
+    assert got["p_paired"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    assert got["sd_diff"] == pytest.approx(np.std(d, ddof=1))
+    assert got["mdd_paired"] == pytest.approx((2.776445 + 0.940965) * np.std(d, ddof=1) / math.sqrt(5), rel=1e-5)
+    assert got["seed_corr"] == pytest.approx(np.corrcoef(a, b)[0, 1]) and got["n_pairs"] == 5
+    # matched by seed, not by position; a seed one arm lacks is left out
+    shuffled = paired(a[::-1], [4, 3, 2, 1, 0], b[:4] + [9.0], [0, 1, 2, 3, 7])
+    assert shuffled["n_pairs"] == 4 and shuffled["p_paired"] == pytest.approx(stats.ttest_rel(a[:4], b[:4]).pvalue)
+    assert paired([0.5, 0.6], [0, 1], [0.4, 0.5], [0, 1])["p_paired"] is None  # equal differences: no spread
+    assert paired([0.5], [0], [0.4], [0]) == {"n_pairs": 1, "p_paired": None, "sd_diff": pytest.approx(math.nan,
+                                              nan_ok=True), "mdd_paired": math.inf, "seed_corr": None}
 
 
 def test_binomial_sampling_error():
@@ -127,9 +143,57 @@ def test_aggregate_welch_holm_mdd_and_sampling():
     assert on["mdd"] == pytest.approx(min_detectable_difference(pooled_std(better, base), 5, 5))
     assert x["better_with_premise"] and x["vanishes_without_premise"]
     assert rep["tests"] == 3 and rep["correction"] == "holm"
-    assert "**X** (beats its baseline with the premise (Holm p < 0.05): yes; difference vanishes without it: yes)" \
+    assert "**X** (beats its baseline with the premise (paired Holm p < 0.05): yes; difference vanishes without it: yes)" \
         in rep["table"]
     assert "| premise off | base off" in rep["table"] and "| chance |" in rep["table"]
+
+
+def test_the_verdict_pairs_the_seeds():
+    """Arms that share a seed's init and data order move together: a seed effect 10x the component's. Welch's test
+    sees the seeds' spread and misses a steady gain of 0.01 a seed; the paired test, which the verdict uses, sees
+    it; a stored report tested again gives the same numbers."""
+    seed_effect = [0.0, 0.10, -0.08, 0.05, -0.12]
+    rng = np.random.default_rng(1)
+    res = []
+    for arm, level in {"base": 0.3, "better": 0.31, "base off": 0.3, "same off": 0.3, "same": 0.3}.items():
+        for seed, e in enumerate(seed_effect):
+            shape = level + e + 0.002 * rng.standard_normal()
+            res.append({"arm": arm, "seed": seed, "main": {"synthetic_shape": shape}, "mean_main": shape,
+                        "chance": {"synthetic_shape": 0.25}, "eval_n": {"synthetic_shape": 10_000}, "mechanisms": {}})
+    rep = aggregate(res, _tests(), "quick")
+    on = rep["comparisons"]["X"]["premise on"]
+    assert on["p"] > 0.5 and on["p_paired"] < 0.001 and on["seed_corr"] > 0.99
+    assert on["mdd_paired"] < 0.01 < on["mdd"]
+    assert rep["comparisons"]["X"]["better_with_premise"] and rep["comparisons"]["X"]["vanishes_without_premise"]
+    assert on["p_paired_holm"] == pytest.approx(holm([t["p_paired"] for t in (on, rep["comparisons"]["X"]["premise off"],
+                                                                               rep["sweeps"]["S"]["points"][0])])[0])
+    old = json.loads(json.dumps(rep))
+    for t in [*old["comparisons"]["X"].values(), *old["sweeps"]["S"]["points"]]:
+        if isinstance(t, dict):
+            for k in ("p_paired", "p_paired_holm", "mdd_paired", "seed_corr", "sd_diff", "n_pairs"):
+                t.pop(k)
+    old["comparisons"]["X"]["better_with_premise"] = False
+    again = retest(old)
+    assert again["comparisons"] == json.loads(json.dumps(rep["comparisons"]))
+    assert again["table"] == rep["table"] and again["arms"] == old["arms"]
+
+
+def test_retest_cli_rewrites_a_report_and_its_plots(tmp_path, monkeypatch):
+    from flows.ablation import main
+    rep = aggregate(_results({"base": 0.3, "better": 0.5, "same": 0.3, "base off": 0.3, "same off": 0.3}), _tests(),
+                    "full")
+    path = tmp_path / "metrics" / "ablation_x" / "ablation.json"
+    write_report(rep, path, tmp_path / "elsewhere" / "ablation")
+    old = json.loads(path.read_text())
+    del old["comparisons"]["X"]["premise on"]["p_paired"]
+    path.write_text(json.dumps(old))
+    monkeypatch.chdir(tmp_path)
+    main(["--retest", str(path.relative_to(tmp_path))])
+    assert json.loads(path.read_text())["comparisons"] == json.loads(json.dumps(rep["comparisons"]))
+    assert (tmp_path / "plots" / "ablation_x" / "ablation_effects.png").stat().st_size > 0
+    path.write_text(json.dumps({"mode": "full", "configs": {}}))  # the old format: refused, named
+    with pytest.raises(SystemExit, match="not an ablation report of this format"):
+        main(["--retest", str(path)])
 
 
 def test_report_files(tmp_path):
@@ -168,7 +232,7 @@ def test_a_comparison_without_a_control_world_is_tested_where_its_premise_holds(
     rep = aggregate(_results({"baseline": 0.3, "oracle-cat": 0.5}), tests, "quick")
     o = rep["comparisons"]["O"]
     assert o["better_with_premise"] and o["vanishes_without_premise"] is None and "premise off" not in o
-    assert "**O** (beats its baseline with the premise (Holm p < 0.05): yes; no control world)" in rep["table"]
+    assert "**O** (beats its baseline with the premise (paired Holm p < 0.05): yes; no control world)" in rep["table"]
     with pytest.raises(ParamsError, match="premise_off"):  # still required: null must be said
         validate_params({"ablation": {"comparisons": {"O": {"component": "cat", "baseline": "baseline"}}}})
 

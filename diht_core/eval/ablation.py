@@ -1,6 +1,7 @@
 """The ablation study with power: each component against its own baseline, in the world where its premise holds
-and in its control world; the paper's sweeps; the statistics (mean +- std over seeds, Welch's t-test, Holm's
-correction over every test, the minimum detectable difference, the evaluation's own sampling error) and the report."""
+and in its control world; the paper's sweeps; the statistics (mean +- std over seeds, the paired t-test over the
+seeds both arms ran and Welch's beside it, Holm's correction over every test, the minimum detectable difference, the
+evaluation's own sampling error) and the report."""
 
 from __future__ import annotations
 
@@ -206,6 +207,31 @@ def min_detectable_difference(sd: float, n_a: int, n_b: int, alpha: float = 0.05
     return float((sps.t.ppf(1 - alpha / 2, df) + sps.t.ppf(power, df)) * sd * math.sqrt(1 / n_a + 1 / n_b))
 
 
+def paired(a: list[float], a_seeds: list, b: list[float], b_seeds: list, alpha: float = 0.05,
+           power: float = 0.8) -> dict:
+    """Seed by seed: both arms of a test ran the same train.seed values (model init and data order), so a seed is a
+    block and the test is on the differences d_s = a_s - b_s of the seeds both ran: the two-sided one-sample t-test
+    of their mean (scipy.stats.ttest_rel), their std, the correlation of the arms over the seeds, and the MDD
+    (t_{1-alpha/2, n-1} + t_{power, n-1}) * sd_d / sqrt(n). p is None when it cannot be computed (fewer than two
+    common seeds, or differences without spread)."""
+    db = dict(zip(b_seeds, b))
+    pairs = [(x, db[s]) for x, s in zip(a, a_seeds) if s in db]
+    n = len(pairs)
+    out = {"n_pairs": n, "p_paired": None, "sd_diff": math.nan, "mdd_paired": math.inf, "seed_corr": None}
+    if n < 2:
+        return out
+    xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
+    d = [x - y for x, y in pairs]
+    sd = statistics.stdev(d)
+    out["sd_diff"] = sd
+    out["mdd_paired"] = float((sps.t.ppf(1 - alpha / 2, n - 1) + sps.t.ppf(power, n - 1)) * sd / math.sqrt(n))
+    if sd > 0:
+        out["p_paired"] = float(sps.ttest_rel(xs, ys).pvalue)
+    if statistics.pvariance(xs) > 0 and statistics.pvariance(ys) > 0:
+        out["seed_corr"] = float(statistics.correlation(xs, ys))
+    return out
+
+
 def binomial_se(p: float, n: int) -> float:
     """The sampling error of an accuracy p measured on n items: sqrt(p (1 - p) / n)."""
     return math.sqrt(max(p * (1 - p), 0.0) / n)
@@ -284,10 +310,15 @@ def _arm_stats(rs: list[dict]) -> dict:
     return arm
 
 
+TEST_KEYS = ("comparison", "kind", "world", "value", "default", "key", "baseline", "component")  # what plan() sets
+
+
 def _test(t: dict, arms: dict) -> dict:
-    base, comp = arms[t["baseline"]]["mean_main"], arms[t["component"]]["mean_main"]
+    a, b = arms[t["component"]], arms[t["baseline"]]
+    base, comp = b["mean_main"], a["mean_main"]
     sd = pooled_std(comp["values"], base["values"])
     return {**t, "baseline_mean": base["mean"], "component_mean": comp["mean"], "delta": comp["mean"] - base["mean"],
+            **paired(comp["values"], a["seeds"], base["values"], b["seeds"]),
             "p": welch_p(comp["values"], base["values"]), "pooled_seed_std": sd,
             "mdd": min_detectable_difference(sd, comp["n"], base["n"])}
 
@@ -295,13 +326,38 @@ def _test(t: dict, arms: dict) -> dict:
 def aggregate(results: list[dict], tests: list[dict], mode: str, params: Params | None = None) -> dict:
     """Per arm: mean +- std over seeds per task and of the task mean, the evaluation's sampling error beside the
     seed spread, the mechanism measurements. Per test (comparisons in both worlds, sweep points): the difference of
-    means, Welch's p, Holm's p over every test reported, the minimum detectable difference (80% power, alpha 0.05
-    two-sided). Per comparison: whether the effect is significant with the premise on and vanishes with it off."""
+    means; the paired t-test over the seeds (p_paired, its Holm p over every test reported, its MDD: what the
+    verdicts use) and Welch's beside it (p, p_holm, mdd; 80% power, alpha 0.05 two-sided). Per comparison: whether
+    the effect is significant with the premise on and vanishes with it off."""
     arms = {name: _arm_stats([r for r in results if r["arm"] == name])
             for name in dict.fromkeys(r["arm"] for r in results)}
+    chance = {t: v for r in results for t, v in r["chance"].items() if v is not None}
+    samples = params.ablation.steps * params.ablation.batch_size if params is not None else None
+    return _report(arms, tests, chance, mode, samples)
+
+
+def retest(report: dict) -> dict:
+    """A stored report's tests, verdicts and table computed again from its arms (their per-seed values and seeds)
+    with this module's statistics: for reports written before a statistic was added. Nothing is rerun."""
+    missing = [k for k in ("arms", "comparisons", "sweeps", "chance", "mode") if k not in report]
+    if missing:
+        raise ValueError(f"not an ablation report of this format (no {', '.join(missing)}): run its grid again")
+    tests = [{k: t[k] for k in TEST_KEYS if k in t}
+             for t in [*(t for c in report["comparisons"].values() for t in c.values() if isinstance(t, dict)),
+                       *(t for s in report["sweeps"].values() for t in s["points"])]]
+    return _report(report["arms"], tests, report["chance"], report["mode"], report.get("samples_seen"),
+                   {k: report[k] for k in report if k not in REPORT_KEYS})
+
+
+REPORT_KEYS = ("mode", "arms", "comparisons", "sweeps", "chance", "tests", "correction", "sampling_check", "formulas",
+               "samples_seen", "table")
+
+
+def _report(arms: dict, tests: list[dict], chance: dict, mode: str, samples_seen: int | None,
+            extra: dict | None = None) -> dict:
     done = [_test(t, arms) for t in tests if t["baseline"] in arms and t["component"] in arms]
-    for t, ph in zip(done, holm([t["p"] for t in done])):
-        t["p_holm"] = ph
+    for t, ph, pp in zip(done, holm([t["p"] for t in done]), holm([t["p_paired"] for t in done])):
+        t["p_holm"], t["p_paired_holm"] = ph, pp
     comparisons: dict = {}
     controlled = {t["comparison"] for t in tests if t["world"] == "premise off"}
     for t in done:
@@ -309,35 +365,40 @@ def aggregate(results: list[dict], tests: list[dict], mode: str, params: Params 
             comparisons.setdefault(t["comparison"], {})[t["world"]] = t
     for name, c in comparisons.items():
         on, off = c.get("premise on"), c.get("premise off")
-        c["better_with_premise"] = bool(on and on["delta"] > 0 and on["p_holm"] is not None and on["p_holm"] < 0.05)
+        c["better_with_premise"] = bool(on and on["delta"] > 0 and on["p_paired_holm"] is not None
+                                        and on["p_paired_holm"] < 0.05)
         # "vanishes": no significant difference in the control world (raw p, the stricter reading), and one
         # no larger than the control could detect
-        c["vanishes_without_premise"] = bool(off and (off["p"] is None or off["p"] >= 0.05)
-                                             and abs(off["delta"]) <= off["mdd"])  # <=: identical arms (MDD 0) vanish
+        c["vanishes_without_premise"] = bool(off and (off["p_paired"] is None or off["p_paired"] >= 0.05)
+                                             and abs(off["delta"]) <= off["mdd_paired"])  # <=: identical arms vanish
         if name not in controlled:
             c["vanishes_without_premise"] = None  # no control world planned
     sweeps: dict = {}
     for t in done:
         if t["kind"] == "sweep":
             sweeps.setdefault(t["comparison"], {"key": t["key"], "default": t["default"], "points": []})["points"].append(t)
-    chance = {t: v for r in results for t, v in r["chance"].items() if v is not None}
     flagged = sorted(n for n, a in arms.items() if a["sampling"]["eval_se_not_well_below_seed_std"])
     report = {"mode": mode, "arms": arms, "comparisons": comparisons, "sweeps": sweeps, "chance": chance,
               "tests": len(done), "correction": "holm",
               "sampling_check": {"arms_with_eval_se_not_well_below_seed_std": flagged, "threshold": WELL_BELOW},
-              "formulas": FORMULAS}
-    if params is not None:
-        report["samples_seen"] = params.ablation.steps * params.ablation.batch_size
+              "formulas": FORMULAS, **(extra or {})}
+    if samples_seen is not None:
+        report["samples_seen"] = samples_seen
     report["table"] = markdown(report)
     return report
 
 
 FORMULAS = {
     "delta": "mean over seeds of the component's task mean minus the baseline's",
-    "p": "Welch's two-sided t-test of the seeds' task means (scipy.stats.ttest_ind, equal_var=False)",
+    "p_paired": "the paired two-sided t-test of the task means over the seeds both arms ran (scipy.stats.ttest_rel; "
+                "a seed fixes model init and data order in both arms): what the verdicts use",
+    "p_paired_holm": "Holm's step-down correction of p_paired over every test reported",
+    "mdd_paired": "(t_{0.975,n-1} + t_{0.80,n-1}) * sd_d / sqrt(n), sd_d the std of the n seeds' differences",
+    "seed_corr": "Pearson's correlation of the two arms' task means over their common seeds",
+    "p": "Welch's two-sided t-test of the seeds' task means (scipy.stats.ttest_ind, equal_var=False), unpaired",
     "p_holm": "Holm's step-down correction over every test reported (comparisons in both worlds, sweep points)",
     "mdd": "(t_{0.975,df} + t_{0.80,df}) * s_pooled * sqrt(1/n_a + 1/n_b), df = n_a + n_b - 2: the difference "
-           "detected with 80% power at alpha 0.05 two-sided",
+           "detected with 80% power at alpha 0.05 two-sided, unpaired",
     "eval_se": "per task sqrt(p (1 - p) / n), n the eval split's size; of the task mean sqrt(sum se_t^2) / T",
     "flag": f"eval_se_of_mean >= {WELL_BELOW} * seed std of the task mean",
 }
@@ -347,25 +408,31 @@ def _p(p) -> str:
     return "–" if p is None else f"{p:.3g}"
 
 
+def _cells(t: dict) -> str:
+    r = "–" if t["seed_corr"] is None else f"{t['seed_corr']:.2f}"
+    return (f"{_p(t['p_paired'])} | {_p(t['p_paired_holm'])} | {t['mdd_paired']:.3f} | {r} | {_p(t['p'])} "
+            f"| {_p(t['p_holm'])} | {t['mdd']:.3f}")
+
+
 def markdown(report: dict) -> str:
     """One table per comparison (premise on | off), one per sweep, the arms (tasks, seed std, eval SE) and the
     mechanism measurements."""
     out = []
-    head = "| world | baseline | component | Δ | p | p_holm | MDD |\n|---|---|---|---|---|---|---|"
+    head = ("| world | baseline | component | Δ | p paired | Holm | MDD paired | r | p Welch | Holm | MDD Welch |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
     for name, c in report["comparisons"].items():
         rows = [f"| {w} | {t['baseline']} {t['baseline_mean']:.3f} | {t['component']} {t['component_mean']:.3f} "
-                f"| {t['delta']:+.3f} | {_p(t['p'])} | {_p(t['p_holm'])} | {t['mdd']:.3f} |"
-                for w, t in c.items() if isinstance(t, dict)]
+                f"| {t['delta']:+.3f} | {_cells(t)} |" for w, t in c.items() if isinstance(t, dict)]
         vanishes = c["vanishes_without_premise"]
-        verdict = (f"beats its baseline with the premise (Holm p < 0.05): {'yes' if c['better_with_premise'] else 'no'}; "
+        verdict = (f"beats its baseline with the premise (paired Holm p < 0.05): {'yes' if c['better_with_premise'] else 'no'}; "
                    + ("no control world" if vanishes is None else
                       f"difference vanishes without it: {'yes' if vanishes else 'no'}"))
         out += [f"**{name}** ({verdict})", "", head, *rows, ""]
     for name, s in report["sweeps"].items():
         out += [f"**{name}** ({s['key']}, vs {fmt(s['default'])})", "",
-                "| value | Δ | p | p_holm | MDD |", "|---|---|---|---|---|"]
-        out += [f"| {fmt(t['value'])} | {t['delta']:+.3f} | {_p(t['p'])} | {_p(t['p_holm'])} | {t['mdd']:.3f} |"
-                for t in s["points"]]
+                "| value | Δ | p paired | Holm | MDD paired | r | p Welch | Holm | MDD Welch |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        out += [f"| {fmt(t['value'])} | {t['delta']:+.3f} | {_cells(t)} |" for t in s["points"]]
         out.append("")
     arms = report["arms"]
     tasks = sorted({t for a in arms.values() for t in a["tasks"]})
@@ -437,7 +504,7 @@ def _arms_figure(report: dict, tasks: list[str]):
 
 
 def _effects_figure(report: dict):
-    """Δ of the task mean per test, ± its MDD (grey); filled: Holm p < 0.05."""
+    """Δ of the task mean per test, ± its paired MDD (grey); filled: paired Holm p < 0.05."""
     plt = pyplot()
     tests = [t for c in report["comparisons"].values() for w, t in c.items() if isinstance(t, dict)]
     tests += [t for s in report["sweeps"].values() for t in s["points"]]
@@ -445,14 +512,14 @@ def _effects_figure(report: dict):
               for t in tests]
     fig, ax = plt.subplots(figsize=(6.5, 0.35 * len(tests) + 1.2))
     for i, t in enumerate(tests):
-        mdd = t["mdd"] if math.isfinite(t["mdd"]) else 0.0
+        mdd = t["mdd_paired"] if math.isfinite(t["mdd_paired"]) else 0.0
         ax.barh(i, 2 * mdd, left=-mdd, color="0.85", height=0.6)
-        sig = t["p_holm"] is not None and t["p_holm"] < 0.05
+        sig = t["p_paired_holm"] is not None and t["p_paired_holm"] < 0.05
         ax.plot(t["delta"], i, "o", color="tab:red" if sig else "tab:blue", mfc=None if sig else "white")
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(range(len(tests)), labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("Δ task mean vs baseline (grey: ± minimum detectable difference; red: Holm p < 0.05)")
+    ax.set_xlabel("Δ task mean vs baseline (grey: ± paired minimum detectable difference; red: paired Holm p < 0.05)")
     fig.suptitle(f"ablation ({report['mode']}): effects", fontsize=9)
     return fig
 
