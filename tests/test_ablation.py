@@ -167,6 +167,14 @@ def test_the_verdict_pairs_the_seeds():
     assert rep["comparisons"]["X"]["better_with_premise"] and rep["comparisons"]["X"]["vanishes_without_premise"]
     assert on["p_paired_holm"] == pytest.approx(holm([t["p_paired"] for t in (on, rep["comparisons"]["X"]["premise off"],
                                                                                rep["sweeps"]["S"]["points"][0])])[0])
+    shape = {a: [r["main"]["synthetic_shape"] for r in res if r["arm"] == a] for a in ("base", "better")}
+    task = on["per_task"]["synthetic_shape"]
+    assert task["p_paired"] == pytest.approx(stats.ttest_rel(shape["better"], shape["base"]).pvalue)
+    assert task["delta"] == pytest.approx(np.mean(shape["better"]) - np.mean(shape["base"]))
+    family = [t["per_task"]["synthetic_shape"]["p_paired"] for t in (on, rep["comparisons"]["X"]["premise off"],
+                                                                      rep["sweeps"]["S"]["points"][0])]
+    assert task["p_paired_holm"] == pytest.approx(holm(family)[0])
+    assert "| X: premise on | +0.010 (" in rep["table"]
     old = json.loads(json.dumps(rep))
     for t in [*old["comparisons"]["X"].values(), *old["sweeps"]["S"]["points"]]:
         if isinstance(t, dict):

@@ -320,7 +320,10 @@ def _test(t: dict, arms: dict) -> dict:
     return {**t, "baseline_mean": base["mean"], "component_mean": comp["mean"], "delta": comp["mean"] - base["mean"],
             **paired(comp["values"], a["seeds"], base["values"], b["seeds"]),
             "p": welch_p(comp["values"], base["values"]), "pooled_seed_std": sd,
-            "mdd": min_detectable_difference(sd, comp["n"], base["n"])}
+            "mdd": min_detectable_difference(sd, comp["n"], base["n"]),
+            "per_task": {task: {"delta": a["tasks"][task]["mean"] - b["tasks"][task]["mean"],
+                                **paired(a["tasks"][task]["values"], a["seeds"], b["tasks"][task]["values"], b["seeds"])}
+                         for task in a["tasks"] if task in b["tasks"]}}
 
 
 def aggregate(results: list[dict], tests: list[dict], mode: str, params: Params | None = None) -> dict:
@@ -358,6 +361,9 @@ def _report(arms: dict, tests: list[dict], chance: dict, mode: str, samples_seen
     done = [_test(t, arms) for t in tests if t["baseline"] in arms and t["component"] in arms]
     for t, ph, pp in zip(done, holm([t["p"] for t in done]), holm([t["p_paired"] for t in done])):
         t["p_holm"], t["p_paired_holm"] = ph, pp
+    per_task = [m for t in done for m in t["per_task"].values()]  # a family of their own: every test x task
+    for m, pp in zip(per_task, holm([m["p_paired"] for m in per_task])):
+        m["p_paired_holm"] = pp
     comparisons: dict = {}
     controlled = {t["comparison"] for t in tests if t["world"] == "premise off"}
     for t in done:
@@ -395,6 +401,9 @@ FORMULAS = {
     "p_paired_holm": "Holm's step-down correction of p_paired over every test reported",
     "mdd_paired": "(t_{0.975,n-1} + t_{0.80,n-1}) * sd_d / sqrt(n), sd_d the std of the n seeds' differences",
     "seed_corr": "Pearson's correlation of the two arms' task means over their common seeds",
+    "per_task": "each task's Δ and paired test (p_paired, mdd_paired) of the same arms; p_paired_holm there is Holm's "
+                "over every test x task of the report (a family apart from the task means'); what a component "
+                "changes, not the verdicts",
     "p": "Welch's two-sided t-test of the seeds' task means (scipy.stats.ttest_ind, equal_var=False), unpaired",
     "p_holm": "Holm's step-down correction over every test reported (comparisons in both worlds, sweep points)",
     "mdd": "(t_{0.975,df} + t_{0.80,df}) * s_pooled * sqrt(1/n_a + 1/n_b), df = n_a + n_b - 2: the difference "
@@ -434,6 +443,7 @@ def markdown(report: dict) -> str:
                 "|---|---|---|---|---|---|---|---|---|"]
         out += [f"| {fmt(t['value'])} | {t['delta']:+.3f} | {_cells(t)} |" for t in s["points"]]
         out.append("")
+    out += _per_task_table(report)
     arms = report["arms"]
     tasks = sorted({t for a in arms.values() for t in a["tasks"]})
     head = ("| arm | seeds | " + " | ".join(t.replace("synthetic_", "") for t in tasks)
@@ -454,6 +464,26 @@ def markdown(report: dict) -> str:
         out.append(f"| {name} | " + " | ".join(_mechanism_cell(a["mechanisms"].get(m, "absent")) for m in MECHANISMS)
                    + " |")
     return "\n".join(out)
+
+
+def _per_task_table(report: dict) -> list[str]:
+    """Per test, each task's Δ with its paired p (* where its Holm p over every test x task is < 0.05)."""
+    tests = [t for c in report["comparisons"].values() for t in c.values() if isinstance(t, dict)]
+    tests += [t for s in report["sweeps"].values() for t in s["points"]]
+    tasks = sorted({k for t in tests for k in t.get("per_task", {})})
+    if not tasks:
+        return []
+    out = ["Per task, Δ (paired p; * Holm p < 0.05 over every test x task):", "",
+           "| test | " + " | ".join(k.replace("synthetic_", "") for k in tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for t in tests:
+        name = f"{t['comparison']}: {t['world']}" if t["kind"] == "comparison" else f"{t['comparison']} = {fmt(t['value'])}"
+        cells = []
+        for k in tasks:
+            m = t["per_task"].get(k)
+            star = "*" if m and m.get("p_paired_holm") is not None and m["p_paired_holm"] < 0.05 else ""
+            cells.append("–" if m is None else f"{m['delta']:+.3f} ({_p(m['p_paired'])}){star}")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def _mechanism_cell(m) -> str:
