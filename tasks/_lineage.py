@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -19,6 +20,7 @@ PARAMS_DIGEST = "diht.params_digest"
 DVC_TAGS = {"DVC_EXP_NAME": "diht.dvc.exp_name", "DVC_EXP_BASELINE_REV": "diht.dvc.baseline_rev",
             "DVC_STAGE": "diht.dvc.stage"}  # environment variables DVC sets for a stage's command -> tag
 SESSION_ENV = "DIHT_MLFLOW_SESSION"  # set by hand: stage runs of one session share a parent, DVC or not
+PROCESS_TAG = "diht.process"  # <host>:<pid>:<start time> of the process that holds the run open
 
 
 def params_digest(params: Params) -> str:
@@ -47,10 +49,38 @@ def git_tags(outputs: tuple[str, ...] = ()) -> dict[str, str]:
     return {GIT_COMMIT: rev, GIT_DIRTY: "unknown" if changed is None else str(bool(changed)).lower()}
 
 
+def process_tag() -> str:
+    """This process as <host>:<pid>:<start time> (the start time tells a reused pid apart)."""
+    import psutil
+
+    me = psutil.Process()
+    return f"{socket.gethostname()}:{me.pid}:{me.create_time():.3f}"
+
+
+def process_alive(tag: str) -> bool | None:
+    """Whether the process a PROCESS_TAG names still runs; None when it ran on another host (unknown here)."""
+    import psutil
+
+    try:
+        host, pid, started = tag.rsplit(":", 2)
+        pid, started = int(pid), float(started)
+    except ValueError:
+        return None
+    if host != socket.gethostname():
+        return None
+    try:
+        proc = psutil.Process(pid)
+        return abs(proc.create_time() - started) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+
+
 def run_tags(params: Params) -> dict[str, str]:
-    """The tags every run of ours carries: git revision and dirty flag, params digest, DVC experiment and stage."""
+    """The tags every run of ours carries: git revision and dirty flag, params digest, DVC experiment and stage,
+    the process that runs it."""
     tags = git_tags((params.paths.metrics, params.paths.plots))
     tags[PARAMS_DIGEST] = params_digest(params)
+    tags[PROCESS_TAG] = process_tag()
     tags.update({tag: os.environ[var] for var, tag in DVC_TAGS.items() if os.environ.get(var)})
     return tags
 

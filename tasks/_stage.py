@@ -20,7 +20,7 @@ from diht_core.data.synthetic import SourceConflict
 
 from . import INPUTS
 from ._cli import BAD_PARAMS_EXIT, add_params_args, fail, params_or_exit
-from ._lineage import run_tags, session_parent
+from ._lineage import PROCESS_TAG, process_alive, process_tag, run_tags, session_parent
 
 PARENT_ENV = "DIHT_MLFLOW_PARENT_RUN_ID"
 BUSY_EXIT = 75  # EX_TEMPFAIL: try again later
@@ -100,7 +100,30 @@ def setup_mlflow(params: Params) -> str:
     [(key, kind)] = EXPERIMENT_KIND.items()
     if exp.tags.get(key) is None or exp.tags[key].endswith("_inferred"):  # unset or only guessed: ours
         mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, key, kind)
+    end_orphaned_runs(exp.experiment_id)
     return exp.experiment_id
+
+
+def end_orphaned_runs(experiment_id: str) -> list[str]:
+    """Runs that a process of this host left RUNNING when it died (kill -9, SIGTERM, a lost terminal) end KILLED,
+    with `diht.error` saying which process was gone; returns their ids. Runs of live processes, of other hosts and
+    without a process tag are left alone. Every stage and flow calls this when it starts (setup_mlflow)."""
+    import mlflow
+
+    client, ended, token = mlflow.MlflowClient(), [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000,
+                                  page_token=token)
+        for run in page:
+            tag = run.data.tags.get(PROCESS_TAG)
+            if tag and process_alive(tag) is False:
+                client.set_tag(run.info.run_id, ERROR_TAG,
+                               f"killed: its process ({tag}) ended without ending the run; found by a later run")
+                client.set_terminated(run.info.run_id, "KILLED")
+                ended.append(run.info.run_id)
+        token = page.token
+        if not token:
+            return ended
 
 
 class StageRun:
@@ -215,7 +238,8 @@ def _run_stage(name: str, body: Callable[[Params, StageRun], dict], params: Para
     session = None
     if not (parent_run_id or os.environ.get(PARENT_ENV)):
         session = session_parent(mlflow_state_dir(), experiment_id, params)
-        if session:
+        if session:  # held by this process now (the session's stages run in processes of their own)
+            mlflow.MlflowClient().set_tag(session, PROCESS_TAG, process_tag())
             mlflow.MlflowClient().update_run(session, status="RUNNING")
     parent_run_id = parent_run_id or os.environ.get(PARENT_ENV) or session
     status = "FAILED"

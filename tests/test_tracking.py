@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -106,6 +108,41 @@ def test_stage_run_carries_lineage_and_experiment_opens_on_runs(project, monkeyp
     assert parent.data.tags["diht.stages"] == "download" and "diht.dvc.stage" not in parent.data.tags
     exp = mlflow.get_experiment_by_name("lineage")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_a_run_whose_process_was_killed_ends_killed_when_the_next_run_starts(project):
+    """kill -9 leaves a stage's MLflow run RUNNING; the next stage or flow that starts ends it KILLED with the reason.
+    Runs of live processes (this one) and of other hosts stay as they are."""
+    import mlflow
+
+    script = (f"import pathlib, sys, time; sys.path.insert(0, {str(ROOT)!r})\n"
+              "from diht_core.config import load_params\nfrom tasks import _stage\n"
+              "_stage.STATE_DIR = pathlib.Path('.state')\n"
+              "def body(params, run):\n    pathlib.Path('started').write_text('x')\n    time.sleep(600)\n"
+              "_stage.run_stage('download', body, load_params('params.yaml'))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=project)
+    try:
+        for _ in range(1200):
+            if (project / "started").exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert (project / "started").exists(), f"the stage did not start (rc {proc.poll()})"
+    finally:
+        proc.kill()
+        proc.wait()
+    [killed] = _runs(project)
+    assert killed.info.status == "RUNNING"  # what kill -9 leaves
+    client = mlflow.MlflowClient()
+    exp_id = killed.info.experiment_id
+    elsewhere = client.create_run(exp_id, tags={_lineage.PROCESS_TAG: "another-host:1:1.000"}).info.run_id
+    live = client.create_run(exp_id, tags={_lineage.PROCESS_TAG: _lineage.process_tag()}).info.run_id
+    _stage.run_stage("download", _ok, load_params(project / "params.yaml"))
+    status = {r.info.run_id: (r.info.status, r.data.tags.get(_stage.ERROR_TAG)) for r in _runs(project)}
+    assert status[killed.info.run_id][0] == "KILLED"
+    assert status[killed.info.run_id][1].startswith(f"killed: its process ({killed.data.tags[_lineage.PROCESS_TAG]})")
+    assert status[elsewhere] == ("RUNNING", None) and status[live] == ("RUNNING", None)
+    assert sorted(s for s, _ in status.values()) == ["FINISHED", "KILLED", "RUNNING", "RUNNING"]
+    assert _lineage.process_alive(f"{socket.gethostname()}:{proc.pid}:1.000") is False
 
 
 def test_experiment_kind_set_on_an_existing_experiment_unless_chosen(project):
