@@ -62,6 +62,19 @@ def _shards(tmp_path, n=24):
     return [s["__key__"] for s in samples]
 
 
+def test_train_set_keeps_every_caption_of_a_sample(tmp_path):
+    """download.max_captions and recaption go to 10 captions a sample: all of them are trained on (the in-memory
+    loader used to keep 8 and drop the rest without a count)."""
+    rng = np.random.default_rng(0)
+    sc = sample_scene(rng)
+    caps = [f"caption number {i} of a {sc.shapes[0].shape}" for i in range(10)]
+    write_shard(tmp_path / "0.tar", [{"__key__": "000000000", "jpg": encode_jpg(render(sc, 64, rng)), "txt": caps[0],
+                                      "json": json.dumps({"captions": caps}).encode()}])
+    _, _, tok = create_model("diht-tiny-vit")
+    ts = load_train_set(tmp_path, SIZE, tok, MAX_PIXELS)
+    assert len(ts.caption_index[0]) == 10 and torch.equal(ts.tokens, tok(caps))
+
+
 def _pseudo(keys, drop=()):
     kept = [k for k in keys if k not in drop]
     probs = torch.softmax(torch.randn(len(kept), 6), -1)

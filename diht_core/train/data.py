@@ -96,7 +96,7 @@ def _chunks(items: list, parts: int):
 
 def load_train_set(shard_dir: str | Path, image_size: int, tokenizer, max_pixels: int,
                    pseudo_labels: dict | None = None, missing: str = PseudoLabelParams().missing,
-                   max_captions: int = 8, drop_planted: tuple[str, ...] = ()) -> TrainSet:
+                   drop_planted: tuple[str, ...] = ()) -> TrainSet:
     """Decode the (filtered) shards once into memory and join pseudo-labels by key. A sample with a fault (see
     data/shards.py FAULTS) or, with missing="skip", without a pseudo-label is skipped and counted by reason; one of
     a planted noise kind in ``drop_planted`` (an oracle filter, train.drop_planted) as ``oracle_<kind>``."""
@@ -128,8 +128,8 @@ def load_train_set(shard_dir: str | Path, image_size: int, tokenizer, max_pixels
         scenes.append(scene_id(s.get("json")))
         families.append(swap_family(s.get("json")))
         images.append(s["image"])
-        index.append(list(range(len(caps), len(caps) + len(captions[:max_captions]))))
-        caps.extend(captions[:max_captions])
+        index.append(list(range(len(caps), len(caps) + len(captions))))  # all of them, as the streamed loader
+        caps.extend(captions)
         if pseudo_labels is not None:
             pl_rows.append(pseudo_labels["index"][key])
     if not keys:
