@@ -168,6 +168,7 @@ def main(argv=None) -> None:
         prefect deployment run diht/ablation  # the deployment `ablation` of the flow `diht` (a sub-flow run)
         python -m flows.ablation --dvc-queue  # the same grid as DVC experiments (dvc exp run --queue -S ...)
         python -m flows.ablation --retest metrics/ablation_x/ablation.json  # its tests again, nothing rerun
+        python -m flows.ablation --compare metrics/ablation.json rerun/metrics/ablation.json  # reproduced?
 
     --set KEY=VALUE overrides a param of the file for every run (with --dvc-queue: DVC's -S KEY=VALUE).
 
@@ -190,7 +191,18 @@ def main(argv=None) -> None:
                         help="compute a written report's tests, verdicts and table again from its arms' per-seed values "
                              "(this version's statistics); rewrites it and its plots (under plots/ where the report "
                              "is under metrics/); trains nothing, logs nothing")
+    parser.add_argument("--compare", nargs=2, metavar=("REFERENCE_JSON", "RERUN_JSON"), type=Path,
+                        help="whether a rerun's report reproduces a reference (e.g. metrics/ablation.json as "
+                             "committed): per arm the difference and its z over the seeds, per test the verdict; "
+                             "exit 1 when it does not")
     args = parser.parse_args(argv)
+    if args.compare:
+        ref, new = (json.loads(p.read_text()) for p in args.compare)
+        c = A.compare(ref, new)
+        print(A.compare_table(c))
+        if c["reproduced"] == "no":
+            raise SystemExit(1)
+        return
     if args.retest:
         for path in retest_file(args.retest):
             print(f"[ablation] wrote {path}")

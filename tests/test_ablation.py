@@ -18,7 +18,7 @@ from conftest import ROOT, project_env, tiny_params
 from scipy import stats
 
 from diht_core.config import ParamsError, deep_merge, load_params, validate_params
-from diht_core.eval.ablation import (aggregate, binomial_se, dvc_queue_commands, holm, mean_se, mechanisms, paired, retest,
+from diht_core.eval.ablation import (aggregate, binomial_se, compare, dvc_queue_commands, holm, mean_se, mechanisms, paired, retest,
                                      min_detectable_difference, plan, pooled_std, runs, shared_prefix, split_sizes,
                                      stage_digests, upstream_digest, write_report, UPSTREAM)
 
@@ -202,6 +202,33 @@ def test_retest_cli_rewrites_a_report_and_its_plots(tmp_path, monkeypatch):
     path.write_text(json.dumps({"mode": "full", "configs": {}}))  # the old format: refused, named
     with pytest.raises(SystemExit, match="not an ablation report of this format"):
         main(["--retest", str(path)])
+
+
+def test_compare_tells_identical_within_noise_and_not_reproduced(tmp_path, capsys):
+    from flows.ablation import main
+    levels = {"base": 0.3, "better": 0.5, "same": 0.3, "base off": 0.3, "same off": 0.3}
+    ref = aggregate(_results(levels), _tests(), "full")
+    assert compare(ref, json.loads(json.dumps(ref)))["reproduced"] == "identical"
+    rerun = _results(levels)
+    for r in rerun:  # another machine: each seed's value moves by less than the seed spread
+        r["main"]["synthetic_shape"] += 0.002 * (-1) ** r["seed"]
+        r["mean_main"] = statistics.fmean(r["main"].values())
+    c = compare(ref, aggregate(rerun, _tests(), "full"))
+    assert c["reproduced"] == "within noise" and not c["arms"]["base"]["identical"]
+    assert all(abs(a["z"]) < 1 for a in c["arms"].values()) and all(t["agree"] for t in c["tests"].values())
+    worse = aggregate(_results({**levels, "better": 0.3}), _tests(), "full")  # the effect gone: verdict and z differ
+    c = compare(ref, worse)
+    assert c["reproduced"] == "no" and c["arms"]["better"]["z"] < -10
+    assert not c["tests"]["X: premise on"]["agree"]
+    paths = []
+    for name, rep in (("ref", ref), ("worse", worse)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(rep))
+    with pytest.raises(SystemExit) as err:
+        main(["--compare", *map(str, paths)])
+    assert err.value.code == 1
+    out = capsys.readouterr().out
+    assert "reproduced: **no**" in out and "- X: premise on: Δ +0.100 -> +0.000" in out
 
 
 def test_report_files(tmp_path):

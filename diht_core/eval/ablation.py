@@ -352,6 +352,57 @@ def retest(report: dict) -> dict:
                    {k: report[k] for k in report if k not in REPORT_KEYS})
 
 
+def _labelled_tests(report: dict) -> dict[str, dict]:
+    out = {f"{n}: {w}": t for n, c in report["comparisons"].items() for w, t in c.items() if isinstance(t, dict)}
+    out.update({f"{n} = {fmt(t['value'])}": t for n, s in report["sweeps"].items() for t in s["points"]})
+    return out
+
+
+def compare(ref: dict, new: dict, z_max: float = 3.0) -> dict:
+    """Whether `new` (a rerun of a grid: another clone, machine or version) reproduces `ref`. Per arm in both: the
+    task means' difference and z = diff / sqrt(se_ref^2 + se_new^2), se = seed std / sqrt(n), and whether every
+    seed's value is equal. Per test in both: Δ in each, and whether the verdict (paired Holm p < 0.05, and Δ's
+    sign then) agrees. `reproduced`: "identical" (every value equal), "within noise" (every |z| < z_max and every
+    verdict agrees) or "no"."""
+    arms = {}
+    for name in [n for n in ref["arms"] if n in new["arms"]]:
+        a, b = ref["arms"][name]["mean_main"], new["arms"][name]["mean_main"]
+        se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
+        diff = b["mean"] - a["mean"]
+        arms[name] = {"ref": a["mean"], "new": b["mean"], "diff": diff,
+                      "z": diff / se if se > 0 else (0.0 if diff == 0 else math.inf),
+                      "identical": ref["arms"][name]["tasks"] == new["arms"][name]["tasks"]
+                      and a["values"] == b["values"]}
+    verdict = lambda t: (t["p_paired_holm"] is not None and t["p_paired_holm"] < 0.05) and (1 if t["delta"] > 0 else -1)
+    rt, nt = _labelled_tests(ref), _labelled_tests(new)
+    tests = {k: {"ref_delta": rt[k]["delta"], "new_delta": nt[k]["delta"], "ref_verdict": verdict(rt[k]),
+                 "new_verdict": verdict(nt[k]), "agree": verdict(rt[k]) == verdict(nt[k])} for k in rt if k in nt}
+    missing = sorted(set(ref["arms"]) ^ set(new["arms"])) + sorted(set(rt) ^ set(nt))
+    if missing or not arms:
+        reproduced = "no"
+    elif all(a["identical"] for a in arms.values()):
+        reproduced = "identical"
+    elif all(abs(a["z"]) < z_max for a in arms.values()) and all(t["agree"] for t in tests.values()):
+        reproduced = "within noise"
+    else:
+        reproduced = "no"
+    return {"reproduced": reproduced, "z_max": z_max, "arms": arms, "tests": tests, "only_in_one": missing}
+
+
+def compare_table(c: dict) -> str:
+    """compare() as markdown: the arms, then the tests whose verdicts differ."""
+    out = [f"reproduced: **{c['reproduced']}** (|z| < {c['z_max']:g} on every arm and every verdict equal, or every "
+           "value identical)", "", "| arm | reference | rerun | diff | z | identical |", "|---|---|---|---|---|---|"]
+    out += [f"| {n} | {a['ref']:.4f} | {a['new']:.4f} | {a['diff']:+.4f} | {a['z']:+.2f} | {'yes' if a['identical'] else 'no'} |"
+            for n, a in c["arms"].items()]
+    differ = {k: t for k, t in c["tests"].items() if not t["agree"]}
+    out += ["", f"tests whose verdict differs: {len(differ)} of {len(c['tests'])}"]
+    out += [f"- {k}: Δ {t['ref_delta']:+.3f} -> {t['new_delta']:+.3f}" for k, t in differ.items()]
+    if c["only_in_one"]:
+        out += ["", "only in one of the reports: " + ", ".join(c["only_in_one"])]
+    return "\n".join(out)
+
+
 REPORT_KEYS = ("mode", "arms", "comparisons", "sweeps", "chance", "tests", "correction", "sampling_check", "formulas",
                "samples_seen", "table")
 
