@@ -9,6 +9,7 @@ import json
 import math
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import mlflow
@@ -30,18 +31,7 @@ def ablation(params_path: str = "params.yaml", overrides: dict | None = None, qu
     """The grid: the upstream stages once per distinct upstream, then train + benchmark for every arm x seed;
     returns the report."""
     set_env()
-    params = load_params(params_path, overrides)  # validated before any work starts
-    mode = "quick" if quick else "full"
-    base_ov = (deep_merge(overrides or {}, params.ablation.quick) if quick
-               else deep_merge(params.ablation.full, overrides or {}))  # a --set wins over `full`
-    params = load_params(params_path, base_ov)
-    root = Path("ablation") / mode
-    _, tests = A.plan(params)
-    grid = A.runs(params, base_ov, root)
-    upstreams = {r["upstream_digest"]: load_params(params_path, r["upstream"]) for r in grid}
-    loaded = [load_params(params_path, r["overrides"]) for r in grid]  # every run's params are valid before any work
-    for p in [*upstreams.values(), *loaded]:
-        check_names(p)
+    params, mode, tests, grid, upstreams, loaded = _grid(params_path, overrides, quick)
     experiment_id = setup_mlflow(params)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"ablation-{mode}",
                           tags={"diht.ablation": mode, **run_tags(params)}) as parent:
@@ -49,13 +39,18 @@ def ablation(params_path: str = "params.yaml", overrides: dict | None = None, qu
         mlflow.log_params({"mode": mode, "runs": len(grid), "arms": len({r["arm"] for r in grid}),
                            "upstreams": len(upstreams), "seeds": str(params.ablation.seeds),
                            "samples_seen": params.ablation.steps * params.ablation.batch_size})
-        results = []
-        for r, p in zip(grid, loaded):
-            record = done_record(r["overrides"], p)
+        results, done = [], [done_record(r["overrides"], p) for r, p in zip(grid, loaded)]
+        todo, ran, started = sum(d is None for d in done), 0, time.monotonic()
+        print(f"[ablation] {len(grid)} runs: {len(grid) - todo} done before, {todo} to run")
+        for r, p, record in zip(grid, loaded, done):
             if record is None:
                 ensure_upstream(upstreams[r["upstream_digest"]], parent.info.run_id)
                 record = one_run(r["arm"], r["seed"], r["overrides"], p, upstreams[r["upstream_digest"]],
                                  parent.info.run_id, experiment_id)
+                ran += 1
+                left = (time.monotonic() - started) / ran * (todo - ran)
+                print(f"[ablation] {r['arm']} seed={r['seed']} done: {ran} of {todo} this time, "
+                      f"about {left / 60:.0f} min left")
             results.append(record)
         report = A.aggregate(results, tests, mode, params)
         suffix = "" if mode == "full" else "_quick"
@@ -70,6 +65,37 @@ def ablation(params_path: str = "params.yaml", overrides: dict | None = None, qu
                                          "control world")
     report["parent_run_id"] = parent.info.run_id
     return report
+
+
+def _grid(params_path: str, overrides: dict | None, quick: bool):
+    """The grid's params, mode, tests, runs, upstream params and each run's params, all validated before any
+    work starts."""
+    params = load_params(params_path, overrides)
+    mode = "quick" if quick else "full"
+    base_ov = (deep_merge(overrides or {}, params.ablation.quick) if quick
+               else deep_merge(params.ablation.full, overrides or {}))  # a --set wins over `full`
+    params = load_params(params_path, base_ov)
+    _, tests = A.plan(params)
+    grid = A.runs(params, base_ov, Path("ablation") / mode)
+    upstreams = {r["upstream_digest"]: load_params(params_path, r["upstream"]) for r in grid}
+    loaded = [load_params(params_path, r["overrides"]) for r in grid]
+    for p in [*upstreams.values(), *loaded]:
+        check_names(p)
+    return params, mode, tests, grid, upstreams, loaded
+
+
+def grid_status(params_path: str, overrides: dict | None = None, quick: bool = False) -> str:
+    """Which runs of the grid are done (a markdown table: arm, seeds done of seeds), reading only their records."""
+    _, mode, _, grid, _, loaded = _grid(params_path, overrides, quick)
+    per_arm: dict[str, list[int]] = {}
+    for r, p in zip(grid, loaded):
+        per_arm.setdefault(r["arm"], [0, 0])
+        per_arm[r["arm"]][1] += 1
+        per_arm[r["arm"]][0] += done_record(r["overrides"], p) is not None
+    done = sum(d for d, _ in per_arm.values())
+    rows = [f"| {arm} | {d} of {n} |" for arm, (d, n) in per_arm.items()]
+    return "\n".join([f"ablation ({mode}): {done} of {len(grid)} runs done", "", "| arm | runs done |", "|---|---|",
+                      *rows])
 
 
 def ensure_upstream(upstream, parent_id: str) -> None:
@@ -169,6 +195,7 @@ def main(argv=None) -> None:
         python -m flows.ablation --dvc-queue  # the same grid as DVC experiments (dvc exp run --queue -S ...)
         python -m flows.ablation --retest metrics/ablation_x/ablation.json  # its tests again, nothing rerun
         python -m flows.ablation --compare metrics/ablation.json rerun/metrics/ablation.json  # reproduced?
+        python -m flows.ablation --status     # which runs are done, per arm; runs nothing
 
     --set KEY=VALUE overrides a param of the file for every run (with --dvc-queue: DVC's -S KEY=VALUE).
 
@@ -191,6 +218,8 @@ def main(argv=None) -> None:
                         help="compute a written report's tests, verdicts and table again from its arms' per-seed values "
                              "(this version's statistics); rewrites it and its plots (under plots/ where the report "
                              "is under metrics/); trains nothing, logs nothing")
+    parser.add_argument("--status", action="store_true",
+                        help="print which runs of the grid are done (per arm) and run nothing")
     parser.add_argument("--compare", nargs=2, metavar=("REFERENCE_JSON", "RERUN_JSON"), type=Path,
                         help="whether a rerun's report reproduces a reference (e.g. metrics/ablation.json as "
                              "committed): per arm the difference and its z over the seeds, per test the verdict; "
@@ -210,6 +239,9 @@ def main(argv=None) -> None:
     set_env()
     params = params_or_exit(args)
     params_or_exit(args, params.ablation.quick if args.quick else params.ablation.full)
+    if args.status:
+        print(grid_status(args.params, overrides_or_exit(args), args.quick))
+        return
     if args.dvc_queue:
         for cmd in A.dvc_queue_commands(params):
             cmd += [x for item in args.sets for x in ("-S", item)]  # --set is DVC's -S

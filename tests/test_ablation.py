@@ -4,6 +4,7 @@ upstreams), params validation, the DVC queue, and the --quick flow end to end.""
 import io
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -496,3 +497,10 @@ def test_quick_ablation_flow_end_to_end(tiny_project):
     assert proc.returncode == 0, proc.stderr[-3000:]
     mruns = mlflow.search_runs(experiment_names=["diht"], output_format="list")
     assert len([r for r in mruns if r.data.tags.get("diht.stage") == "train"]) == len(trains)
+    assert f"[ablation] {2 * n_configs} runs: {2 * n_configs} done before, 0 to run" in proc.stdout + proc.stderr
+    assert all(r.info.status == "FINISHED" for r in mruns)  # none left RUNNING
+    shutil.rmtree(tiny_project / "ablation" / "quick" / "runs" / "baseline" / "seed1")  # one run lost: --status
+    status = subprocess.run([*cmd, "--status"], cwd=tiny_project, env=env, capture_output=True, text=True, timeout=600)
+    assert status.returncode == 0, status.stderr[-3000:]
+    assert f"ablation (quick): {2 * n_configs - 1} of {2 * n_configs} runs done" in status.stdout
+    assert "| baseline | 1 of 2 |" in status.stdout and "| cat | 2 of 2 |" in status.stdout
