@@ -125,11 +125,11 @@ def retest_file(json_path: Path) -> list[Path]:
         raise SystemExit(f"--retest: no report at {json_path}")
     try:
         report = A.retest(json.loads(json_path.read_text()))
-    except ValueError as e:
+    except (ValueError, KeyError) as e:
         raise SystemExit(f"--retest {json_path}: {e}") from None
     parts = list(json_path.parts)
     if "metrics" in parts[:-1]:
-        parts[parts.index("metrics")] = "plots"
+        parts[len(parts) - 2 - parts[-2::-1].index("metrics")] = "plots"  # the last metrics folder of the path
     return A.write_report(report, json_path, Path(*parts).with_suffix(""))
 
 
@@ -227,7 +227,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.compare:
         ref, new = (json.loads(p.read_text()) for p in args.compare)
-        c = A.compare(ref, new)
+        try:
+            c = A.compare(ref, new)
+        except (ValueError, KeyError) as e:
+            raise SystemExit(f"--compare: {e}") from None
         print(A.compare_table(c))
         if c["reproduced"] == "no":
             raise SystemExit(1)

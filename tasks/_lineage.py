@@ -58,7 +58,9 @@ def process_tag() -> str:
 
 
 def process_alive(tag: str) -> bool | None:
-    """Whether the process a PROCESS_TAG names still runs; None when it ran on another host (unknown here)."""
+    """Whether the process a PROCESS_TAG names still runs; None when that is unknown here (another host, or no
+    permission to see it). The start time may differ by up to 2 s: psutil derives it from the boot time, which a
+    clock step moves, and a live run must never be taken for a dead one."""
     import psutil
 
     try:
@@ -70,9 +72,11 @@ def process_alive(tag: str) -> bool | None:
         return None
     try:
         proc = psutil.Process(pid)
-        return abs(proc.create_time() - started) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return abs(proc.create_time() - started) < 2.0 and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # ZombieProcess included
         return False
+    except psutil.Error:  # AccessDenied (e.g. /proc mounted with hidepid): unknown, left alone
+        return None
 
 
 def run_tags(params: Params) -> dict[str, str]:

@@ -67,7 +67,7 @@ def test_paired_test_over_the_common_seeds():
     # matched by seed, not by position; a seed one arm lacks is left out
     shuffled = paired(a[::-1], [4, 3, 2, 1, 0], b[:4] + [9.0], [0, 1, 2, 3, 7])
     assert shuffled["n_pairs"] == 4 and shuffled["p_paired"] == pytest.approx(stats.ttest_rel(a[:4], b[:4]).pvalue)
-    assert paired([0.5, 0.6], [0, 1], [0.4, 0.5], [0, 1])["p_paired"] is None  # equal differences: no spread
+    assert paired([0.75, 0.5], [0, 1], [0.5, 0.25], [0, 1])["p_paired"] is None  # equal differences: no spread
     assert paired([0.5], [0], [0.4], [0]) == {"n_pairs": 1, "p_paired": None, "sd_diff": pytest.approx(math.nan,
                                               nan_ok=True), "mdd_paired": math.inf, "seed_corr": None}
 

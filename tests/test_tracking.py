@@ -143,6 +143,10 @@ def test_a_run_whose_process_was_killed_ends_killed_when_the_next_run_starts(pro
     assert status[elsewhere] == ("RUNNING", None) and status[live] == ("RUNNING", None)
     assert sorted(s for s, _ in status.values()) == ["FINISHED", "KILLED", "RUNNING", "RUNNING"]
     assert _lineage.process_alive(f"{socket.gethostname()}:{proc.pid}:1.000") is False
+    assert _lineage.process_alive(f"{socket.gethostname()}:{os.getpid()}:1.000") is False  # pid reused: not ours
+    me = _lineage.process_tag()
+    host, pid, started = me.rsplit(":", 2)
+    assert _lineage.process_alive(f"{host}:{pid}:{float(started) + 1:.3f}") is True  # a clock step of 1 s
 
 
 def test_experiment_kind_set_on_an_existing_experiment_unless_chosen(project):

@@ -322,8 +322,14 @@ def _test(t: dict, arms: dict) -> dict:
             "p": welch_p(comp["values"], base["values"]), "pooled_seed_std": sd,
             "mdd": min_detectable_difference(sd, comp["n"], base["n"]),
             "per_task": {task: {"delta": a["tasks"][task]["mean"] - b["tasks"][task]["mean"],
-                                **paired(a["tasks"][task]["values"], a["seeds"], b["tasks"][task]["values"], b["seeds"])}
+                                **paired(*_task_seeds(a, task), *_task_seeds(b, task))}
                          for task in a["tasks"] if task in b["tasks"]}}
+
+
+def _task_seeds(arm: dict, task: str) -> tuple[list[float], list]:
+    """A task's values and their seeds; no seeds (so no pairs) when some seed of the arm lacks the task."""
+    values = arm["tasks"][task]["values"]
+    return values, (arm["seeds"] if len(values) == len(arm["seeds"]) else [])
 
 
 def aggregate(results: list[dict], tests: list[dict], mode: str, params: Params | None = None) -> dict:
@@ -362,8 +368,9 @@ def compare(ref: dict, new: dict, z_max: float = 3.0) -> dict:
     """Whether `new` (a rerun of a grid: another clone, machine or version) reproduces `ref`. Per arm in both: the
     task means' difference and z = diff / sqrt(se_ref^2 + se_new^2), se = seed std / sqrt(n), and whether every
     seed's value is equal. Per test in both: Δ in each, and whether the verdict (paired Holm p < 0.05, and Δ's
-    sign then) agrees. `reproduced`: "identical" (every value equal), "within noise" (every |z| < z_max and every
-    verdict agrees) or "no"."""
+    sign then: a hard cut, so a p of 0.049 against 0.051 counts as a difference) agrees, both reports tested with
+    this version's statistics (retest). `reproduced`: "identical" (every value equal), "within noise" (every
+    |z| < z_max and every verdict agrees) or "no"."""
     arms = {}
     for name in [n for n in ref["arms"] if n in new["arms"]]:
         a, b = ref["arms"][name]["mean_main"], new["arms"][name]["mean_main"]
@@ -373,7 +380,8 @@ def compare(ref: dict, new: dict, z_max: float = 3.0) -> dict:
                       "z": diff / se if se > 0 else (0.0 if diff == 0 else math.inf),
                       "identical": ref["arms"][name]["tasks"] == new["arms"][name]["tasks"]
                       and a["values"] == b["values"]}
-    verdict = lambda t: (t["p_paired_holm"] is not None and t["p_paired_holm"] < 0.05) and (1 if t["delta"] > 0 else -1)
+    ref, new = retest(ref), retest(new)  # one version's statistics on both (a report may come from an older clone)
+    verdict = lambda t: 0 if t["p_paired_holm"] is None or t["p_paired_holm"] >= 0.05 else (1 if t["delta"] > 0 else -1)
     rt, nt = _labelled_tests(ref), _labelled_tests(new)
     tests = {k: {"ref_delta": rt[k]["delta"], "new_delta": nt[k]["delta"], "ref_verdict": verdict(rt[k]),
                  "new_verdict": verdict(nt[k]), "agree": verdict(rt[k]) == verdict(nt[k])} for k in rt if k in nt}
@@ -426,7 +434,8 @@ def _report(arms: dict, tests: list[dict], chance: dict, mode: str, samples_seen
                                         and on["p_paired_holm"] < 0.05)
         # "vanishes": no significant difference in the control world (raw p, the stricter reading), and one
         # no larger than the control could detect
-        c["vanishes_without_premise"] = bool(off and (off["p_paired"] is None or off["p_paired"] >= 0.05)
+        c["vanishes_without_premise"] = bool(off and off["n_pairs"] >= 2
+                                             and (off["p_paired"] is None or off["p_paired"] >= 0.05)
                                              and abs(off["delta"]) <= off["mdd_paired"])  # <=: identical arms vanish
         if name not in controlled:
             c["vanishes_without_premise"] = None  # no control world planned
@@ -478,7 +487,7 @@ def markdown(report: dict) -> str:
     """One table per comparison (premise on | off), one per sweep, the arms (tasks, seed std, eval SE) and the
     mechanism measurements."""
     out = []
-    head = ("| world | baseline | component | Δ | p paired | Holm | MDD paired | r | p Welch | Holm | MDD Welch |\n"
+    head = ("| world | baseline | component | Δ | p paired | Holm paired | MDD paired | r | p Welch | Holm Welch | MDD Welch |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|")
     for name, c in report["comparisons"].items():
         rows = [f"| {w} | {t['baseline']} {t['baseline_mean']:.3f} | {t['component']} {t['component_mean']:.3f} "
@@ -490,7 +499,7 @@ def markdown(report: dict) -> str:
         out += [f"**{name}** ({verdict})", "", head, *rows, ""]
     for name, s in report["sweeps"].items():
         out += [f"**{name}** ({s['key']}, vs {fmt(s['default'])})", "",
-                "| value | Δ | p paired | Holm | MDD paired | r | p Welch | Holm | MDD Welch |",
+                "| value | Δ | p paired | Holm paired | MDD paired | r | p Welch | Holm Welch | MDD Welch |",
                 "|---|---|---|---|---|---|---|---|---|"]
         out += [f"| {fmt(t['value'])} | {t['delta']:+.3f} | {_cells(t)} |" for t in s["points"]]
         out.append("")
