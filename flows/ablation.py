@@ -145,9 +145,7 @@ def log_summary(report: dict) -> None:
             if isinstance(m, dict):
                 metrics.update({f"{key}/{name}/{k}_{stat}": x for k, v in m.items() if isinstance(v, dict)
                                 for stat, x in v.items()})
-    tests = [t for c in report["comparisons"].values() for t in c.values() if isinstance(t, dict)]
-    tests += [t for s in report["sweeps"].values() for t in s["points"]]
-    for t in tests:
+    for t in A.report_tests(report):
         key = A.slug(t["comparison"] + ("_" + t["world"] if t["world"] else f"_{A.fmt(t['value'])}"))
         metrics.update({f"{key}/{k}": t[k] for k in ("delta", "p_paired", "p_paired_holm", "mdd_paired", "p", "p_holm", "mdd")
                         if t[k] is not None and math.isfinite(t[k])})

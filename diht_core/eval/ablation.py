@@ -351,17 +351,20 @@ def retest(report: dict) -> dict:
     missing = [k for k in ("arms", "comparisons", "sweeps", "chance", "mode") if k not in report]
     if missing:
         raise ValueError(f"not an ablation report of this format (no {', '.join(missing)}): run its grid again")
-    tests = [{k: t[k] for k in TEST_KEYS if k in t}
-             for t in [*(t for c in report["comparisons"].values() for t in c.values() if isinstance(t, dict)),
-                       *(t for s in report["sweeps"].values() for t in s["points"])]]
+    tests = [{k: t[k] for k in TEST_KEYS if k in t} for t in report_tests(report)]
     return _report(report["arms"], tests, report["chance"], report["mode"], report.get("samples_seen"),
                    {k: report[k] for k in report if k not in REPORT_KEYS})
 
 
-def _labelled_tests(report: dict) -> dict[str, dict]:
-    out = {f"{n}: {w}": t for n, c in report["comparisons"].items() for w, t in c.items() if isinstance(t, dict)}
-    out.update({f"{n} = {fmt(t['value'])}": t for n, s in report["sweeps"].items() for t in s["points"]})
-    return out
+def report_tests(report: dict) -> list[dict]:
+    """Every test of a report: each comparison in its worlds, then each sweep point."""
+    return ([t for c in report["comparisons"].values() for t in c.values() if isinstance(t, dict)]
+            + [t for s in report["sweeps"].values() for t in s["points"]])
+
+
+def label(t: dict) -> str:
+    """`<comparison>: <world>` or `<sweep> = <value>`."""
+    return f"{t['comparison']}: {t['world']}" if t["kind"] == "comparison" else f"{t['comparison']} = {fmt(t['value'])}"
 
 
 def compare(ref: dict, new: dict, z_max: float = 3.0) -> dict:
@@ -382,7 +385,7 @@ def compare(ref: dict, new: dict, z_max: float = 3.0) -> dict:
                       and a["values"] == b["values"]}
     ref, new = retest(ref), retest(new)  # one version's statistics on both (a report may come from an older clone)
     verdict = lambda t: 0 if t["p_paired_holm"] is None or t["p_paired_holm"] >= 0.05 else (1 if t["delta"] > 0 else -1)
-    rt, nt = _labelled_tests(ref), _labelled_tests(new)
+    rt, nt = ({label(t): t for t in report_tests(r)} for r in (ref, new))
     tests = {k: {"ref_delta": rt[k]["delta"], "new_delta": nt[k]["delta"], "ref_verdict": verdict(rt[k]),
                  "new_verdict": verdict(nt[k]), "agree": verdict(rt[k]) == verdict(nt[k])} for k in rt if k in nt}
     missing = sorted(set(ref["arms"]) ^ set(new["arms"])) + sorted(set(rt) ^ set(nt))
@@ -528,21 +531,19 @@ def markdown(report: dict) -> str:
 
 def _per_task_table(report: dict) -> list[str]:
     """Per test, each task's Δ with its paired p (* where its Holm p over every test x task is < 0.05)."""
-    tests = [t for c in report["comparisons"].values() for t in c.values() if isinstance(t, dict)]
-    tests += [t for s in report["sweeps"].values() for t in s["points"]]
+    tests = report_tests(report)
     tasks = sorted({k for t in tests for k in t.get("per_task", {})})
     if not tasks:
         return []
     out = ["Per task, Δ (paired p; * Holm p < 0.05 over every test x task):", "",
            "| test | " + " | ".join(k.replace("synthetic_", "") for k in tasks) + " |", "|---|" + "---|" * len(tasks)]
     for t in tests:
-        name = f"{t['comparison']}: {t['world']}" if t["kind"] == "comparison" else f"{t['comparison']} = {fmt(t['value'])}"
         cells = []
         for k in tasks:
             m = t["per_task"].get(k)
             star = "*" if m and m.get("p_paired_holm") is not None and m["p_paired_holm"] < 0.05 else ""
             cells.append("–" if m is None else f"{m['delta']:+.3f} ({_p(m['p_paired'])}){star}")
-        out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append(f"| {label(t)} | " + " | ".join(cells) + " |")
     return out + [""]
 
 
@@ -596,10 +597,8 @@ def _arms_figure(report: dict, tasks: list[str]):
 def _effects_figure(report: dict):
     """Δ of the task mean per test, ± its paired MDD (grey); filled: paired Holm p < 0.05."""
     plt = pyplot()
-    tests = [t for c in report["comparisons"].values() for w, t in c.items() if isinstance(t, dict)]
-    tests += [t for s in report["sweeps"].values() for t in s["points"]]
-    labels = [f"{t['comparison']}: {t['world']}" if t["kind"] == "comparison" else f"{t['comparison']} = {fmt(t['value'])}"
-              for t in tests]
+    tests = report_tests(report)
+    labels = [label(t) for t in tests]
     fig, ax = plt.subplots(figsize=(6.5, 0.35 * len(tests) + 1.2))
     for i, t in enumerate(tests):
         mdd = t["mdd_paired"] if math.isfinite(t["mdd_paired"]) else 0.0
