@@ -19,9 +19,9 @@ from conftest import ROOT, project_env, tiny_params
 from scipy import stats
 
 from diht_core.config import ParamsError, deep_merge, load_params, validate_params
-from diht_core.eval.ablation import (aggregate, binomial_se, compare, dvc_queue_commands, holm, mean_se, mechanisms, paired, retest,
-                                     min_detectable_difference, plan, pooled_std, runs, shared_prefix, split_sizes,
-                                     stage_digests, upstream_digest, write_report, UPSTREAM)
+from diht_core.eval.ablation import (aggregate, binomial_se, compare, compare_table, dvc_queue_commands, holm, mean_se,
+                                     mechanisms, min_detectable_difference, paired, plan, pooled_std, retest, runs,
+                                     shared_prefix, split_sizes, stage_digests, upstream_digest, write_report, UPSTREAM)
 
 
 def _results(levels: dict, seeds=range(5), n=200, spread=0.01):
@@ -230,6 +230,31 @@ def test_compare_tells_identical_within_noise_and_not_reproduced(tmp_path, capsy
     assert err.value.code == 1
     out = capsys.readouterr().out
     assert "reproduced: **no**" in out and "- X: premise on: Δ +0.100 -> +0.000" in out
+
+
+def test_compare_a_partial_rerun_seed_by_seed(capsys):
+    """A rerun of some seeds (every arm): compared seed by seed against the reference's same seeds, verdicts left
+    out; a changed seed is "within noise" when it moves less than two seeds differ, "no" when far more."""
+    levels = {"base": 0.3, "better": 0.5, "same": 0.3, "base off": 0.3, "same off": 0.3}
+    results = _results(levels)
+    ref = aggregate(results, _tests(), "full")
+    seed0 = aggregate([r for r in results if r["seed"] == 0], _tests(), "full")
+    c = compare(ref, seed0)
+    assert c["partial"] and c["reproduced"] == "identical" and c["tests"] == {}
+    assert all(a["seeds"] == [0] and a["seed_diffs"] == {0: 0.0} for a in c["arms"].values())
+    moved = json.loads(json.dumps([r for r in results if r["seed"] == 0]))
+    spread = ref["arms"]["better"]["mean_main"]["std"]
+    moved[1]["main"]["synthetic_shape"] += spread  # arm "better", seed 0: its task mean moves spread / 2
+    moved[1]["mean_main"] = statistics.fmean(moved[1]["main"].values())
+    assert moved[1]["arm"] == "better"
+    c = compare(ref, aggregate(moved, _tests(), "full"))
+    assert c["reproduced"] == "within noise" and not c["arms"]["better"]["identical"] and c["arms"]["base"]["identical"]
+    assert c["arms"]["better"]["z"] == pytest.approx(0.5 / math.sqrt(2))
+    moved[1]["main"]["synthetic_shape"] += 10 * spread
+    moved[1]["mean_main"] = statistics.fmean(moved[1]["main"].values())
+    c = compare(ref, aggregate(moved, _tests(), "full"))
+    assert c["reproduced"] == "no" and c["arms"]["better"]["z"] > 3
+    assert "a partial rerun" in compare_table(c) and "| better | 0 |" in compare_table(c)
 
 
 def test_report_files(tmp_path):

@@ -367,27 +367,48 @@ def label(t: dict) -> str:
     return f"{t['comparison']}: {t['world']}" if t["kind"] == "comparison" else f"{t['comparison']} = {fmt(t['value'])}"
 
 
+def _by_seed(arm: dict) -> dict:
+    """seed -> (task mean, {task: value}) of an arm (a task's values only where every seed has it)."""
+    tasks = {t: dict(zip(*_task_seeds(arm, t)[::-1])) for t in arm["tasks"]}
+    return {s: (v, {t: vs[s] for t, vs in tasks.items() if s in vs})
+            for s, v in zip(arm["seeds"], arm["mean_main"]["values"])}
+
+
 def compare(ref: dict, new: dict, z_max: float = 3.0) -> dict:
     """Whether `new` (a rerun of a grid: another clone, machine or version) reproduces `ref`. Per arm in both: the
     task means' difference and z = diff / sqrt(se_ref^2 + se_new^2), se = seed std / sqrt(n), and whether every
     seed's value is equal. Per test in both: Δ in each, and whether the verdict (paired Holm p < 0.05, and Δ's
     sign then: a hard cut, so a p of 0.049 against 0.051 counts as a difference) agrees, both reports tested with
     this version's statistics (retest). `reproduced`: "identical" (every value equal), "within noise" (every
-    |z| < z_max and every verdict agrees) or "no"."""
+    |z| < z_max and every verdict agrees) or "no".
+
+    A partial rerun (every arm, some of the reference's seeds: ``--set "ablation.seeds=[0]"``) is compared seed by
+    seed: z = the largest |new_s - ref_s| over its seeds / (sqrt(2) s_ref), i.e. against the difference two seeds of
+    the reference make; the verdicts need every seed and are not compared. "identical" then means every value of
+    the seeds rerun."""
     arms = {}
     for name in [n for n in ref["arms"] if n in new["arms"]]:
-        a, b = ref["arms"][name]["mean_main"], new["arms"][name]["mean_main"]
-        se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
-        diff = b["mean"] - a["mean"]
-        arms[name] = {"ref": a["mean"], "new": b["mean"], "diff": diff,
+        ra, na = ref["arms"][name], new["arms"][name]
+        a, b = ra["mean_main"], na["mean_main"]
+        rs, ns = _by_seed(ra), _by_seed(na)
+        common = [s for s in ns if s in rs]
+        diffs = {s: ns[s][0] - rs[s][0] for s in common}
+        partial = set(ns) < set(rs)
+        if partial:
+            diff, se = max(diffs.values(), key=abs, default=math.nan), math.sqrt(2) * a["std"]
+        else:
+            diff, se = b["mean"] - a["mean"], math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
+        arms[name] = {"ref": a["mean"], "new": b["mean"], "diff": diff, "seeds": common, "partial": partial,
+                      "seed_diffs": diffs,
                       "z": diff / se if se > 0 else (0.0 if diff == 0 else math.inf),
-                      "identical": ref["arms"][name]["tasks"] == new["arms"][name]["tasks"]
-                      and a["values"] == b["values"]}
+                      "identical": bool(common) and set(ns) <= set(rs) and all(ns[s] == rs[s] for s in common)}
+    partial = any(a["partial"] for a in arms.values())
     ref, new = retest(ref), retest(new)  # one version's statistics on both (a report may come from an older clone)
     verdict = lambda t: 0 if t["p_paired_holm"] is None or t["p_paired_holm"] >= 0.05 else (1 if t["delta"] > 0 else -1)
     rt, nt = ({label(t): t for t in report_tests(r)} for r in (ref, new))
-    tests = {k: {"ref_delta": rt[k]["delta"], "new_delta": nt[k]["delta"], "ref_verdict": verdict(rt[k]),
-                 "new_verdict": verdict(nt[k]), "agree": verdict(rt[k]) == verdict(nt[k])} for k in rt if k in nt}
+    tests = {} if partial else {
+        k: {"ref_delta": rt[k]["delta"], "new_delta": nt[k]["delta"], "ref_verdict": verdict(rt[k]),
+            "new_verdict": verdict(nt[k]), "agree": verdict(rt[k]) == verdict(nt[k])} for k in rt if k in nt}
     missing = sorted(set(ref["arms"]) ^ set(new["arms"])) + sorted(set(rt) ^ set(nt))
     if missing or not arms:
         reproduced = "no"
@@ -397,18 +418,24 @@ def compare(ref: dict, new: dict, z_max: float = 3.0) -> dict:
         reproduced = "within noise"
     else:
         reproduced = "no"
-    return {"reproduced": reproduced, "z_max": z_max, "arms": arms, "tests": tests, "only_in_one": missing}
+    return {"reproduced": reproduced, "z_max": z_max, "partial": partial, "arms": arms, "tests": tests,
+            "only_in_one": missing}
 
 
 def compare_table(c: dict) -> str:
     """compare() as markdown: the arms, then the tests whose verdicts differ."""
     out = [f"reproduced: **{c['reproduced']}** (|z| < {c['z_max']:g} on every arm and every verdict equal, or every "
-           "value identical)", "", "| arm | reference | rerun | diff | z | identical |", "|---|---|---|---|---|---|"]
-    out += [f"| {n} | {a['ref']:.4f} | {a['new']:.4f} | {a['diff']:+.4f} | {a['z']:+.2f} | {'yes' if a['identical'] else 'no'} |"
-            for n, a in c["arms"].items()]
-    differ = {k: t for k, t in c["tests"].items() if not t["agree"]}
-    out += ["", f"tests whose verdict differs: {len(differ)} of {len(c['tests'])}"]
-    out += [f"- {k}: Δ {t['ref_delta']:+.3f} -> {t['new_delta']:+.3f}" for k, t in differ.items()]
+           "value identical)"]
+    if c.get("partial"):
+        out += ["", "a partial rerun (some of the reference's seeds): each arm's largest seed difference, z against "
+                "sqrt(2) x the reference's seed std; verdicts not compared"]
+    out += ["", "| arm | seeds | reference | rerun | diff | z | identical |", "|---|---|---|---|---|---|---|"]
+    out += [f"| {n} | {','.join(map(str, a['seeds']))} | {a['ref']:.4f} | {a['new']:.4f} | {a['diff']:+.4f} | "
+            f"{a['z']:+.2f} | {'yes' if a['identical'] else 'no'} |" for n, a in c["arms"].items()]
+    if not c.get("partial"):
+        differ = {k: t for k, t in c["tests"].items() if not t["agree"]}
+        out += ["", f"tests whose verdict differs: {len(differ)} of {len(c['tests'])}"]
+        out += [f"- {k}: Δ {t['ref_delta']:+.3f} -> {t['new_delta']:+.3f}" for k, t in differ.items()]
     if c["only_in_one"]:
         out += ["", "only in one of the reports: " + ", ".join(c["only_in_one"])]
     return "\n".join(out)
