@@ -312,6 +312,7 @@ class TrainParams(_Strict):
     loss: Literal["infonce", "hn-nce", "sigmoid"] = "hn-nce"  # DiHT's; plain CLIP is infonce without distillation
     hn_alpha: float = 1.0     # HN-NCE: scales the positive term in the denominator, in (0, 1]
     hn_beta: float = 0.5      # HN-NCE: hardness of the negative weights, >= 0 (0: InfoNCE); CoVR's reuse, see params
+    hn_detach_weights: bool = False  # HN-NCE: the weights as constants (no gradient through them), see losses.py
     fff_it_threshold: float | None = Field(default=None, ge=-1, le=1)  # sigmoid: FFF mining, image-text cosine
     fff_tt_threshold: float | None = Field(default=None, ge=-1, le=1)  # text-text cosine
     fff_ii_threshold: float | None = Field(default=None, ge=-1, le=1)  # image-image cosine

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 
 from diht_core.train.losses import (ConceptDistillationLoss, ContrastiveLoss, HardNegativeContrastiveLoss, SigmoidLoss,
-                              SoftTargetCrossEntropy, _or_similar_, create_loss, mine_false_negatives)
+                              SoftTargetCrossEntropy, _HardNegativeNCE, _or_similar_, create_loss,
+                              mine_false_negatives)
 
 
 def _feats(n=8, d=16, seed=0):
@@ -114,6 +115,57 @@ def test_hn_nce_gradient_is_exact():
             torch.tensor(3.0, dtype=torch.float64, requires_grad=True))
     for alpha, beta in [(1.0, 0.0), (0.4, 0.0), (0.7, 1.5)]:
         assert torch.autograd.gradcheck(HardNegativeContrastiveLoss(alpha, beta), args)
+
+
+def _hn_nce_torch(img, txt, scale, alpha, beta, detach_weights):
+    """The formula in plain autograd ops (both directions), its weights optionally computed without gradient."""
+    logits = scale * img @ txt.T
+    n = len(img)
+    eye = torch.eye(n, dtype=torch.bool)
+    total = 0
+    for lg in (logits, logits.T):  # image anchors on rows, then text anchors on rows
+        bl = (beta * lg).masked_fill(eye, -math.inf)
+        w = (n - 1) * torch.softmax(bl.detach() if detach_weights else bl, dim=1)
+        den = alpha * lg.diagonal().exp() + (w * lg.exp()).sum(1)
+        total = total + (den.log() - lg.diagonal()).mean()
+    return total / 2
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_hn_nce_gradient_with_and_without_detached_weights(detach):
+    """The fused backward equals autograd of the formula, the weights with gradient (the formula's) or as
+    constants (hn_detach_weights); the loss value is the same either way."""
+    img, txt = _feats(n=6, d=5, seed=4)
+    for alpha, beta in [(1.0, 0.5), (0.7, 1.5)]:
+        scale = torch.tensor(3.0, dtype=torch.float64)
+        ours = _value_and_grads(HardNegativeContrastiveLoss(alpha, beta, detach_weights=detach), img.double(),
+                                txt.double(), scale)
+        ref = _value_and_grads(lambda i, t, s: _hn_nce_torch(i, t, s, alpha, beta, detach), img.double(),
+                               txt.double(), scale)
+        assert ours[0].item() == pytest.approx(_loop_hn_nce(img.double(), txt.double(), 3.0, alpha, beta), rel=1e-9)
+        assert ours[0].item() == pytest.approx(ref[0].item(), rel=1e-12)
+        for a, b in zip(ours[1], ref[1]):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_hn_nce_pulls_its_easiest_negatives_closer():
+    """With gradient through the weights, a negative with (1 + beta) e^l < beta E_q[e^l] has a negative logit
+    gradient (the loss falls as it comes closer); with detached weights every negative is pushed; the summed push
+    over an anchor's negatives is InfoNCE's either way."""
+    img, txt = _feats(n=32, d=16, seed=5)
+    logits = (14.3 * img @ txt.T).double()
+    grads = {}
+    for detach in (False, True):
+        lg = logits.clone().requires_grad_()
+        _HardNegativeNCE.apply(lg, torch.arange(32), 1, 0.0, 0.5, detach).backward()
+        grads[detach] = lg.grad
+    off = ~torch.eye(32, dtype=torch.bool)
+    q = torch.softmax((0.5 * logits).masked_fill(~off, -math.inf), dim=1)
+    tilted = (q * logits.exp()).sum(1, keepdim=True)
+    pulled = (1.5 * logits.exp() < 0.5 * tilted) & off
+    assert pulled.any() and (grads[False][pulled] < 0).all() and (grads[False][off & ~pulled] > 0).all()
+    assert (grads[True][off] > 0).all()
+    torch.testing.assert_close((grads[False] * off).sum(1), (grads[True] * off).sum(1))
 
 
 def _value_and_grads(loss_fn, img, txt, *scalars):

@@ -102,11 +102,17 @@ class _HardNegativeNCE(torch.autograd.Function):
 
         dloss_i/dl_ip = r_p - 1,    dloss_i/dl_ij = (1 + beta) r_j - beta (1 - r_p) q_j   (j != p).
 
+    The second term comes from the weights' own dependence on l: a negative with (1 + beta) e^{l_ij} <
+    beta E_q[e^{l_i.}] has a negative gradient, so the loss pulls it towards the anchor (the easy negatives), while
+    the hard ones are pushed harder; the push summed over the negatives stays InfoNCE's 1 - r_p. With
+    ``detach_weights`` the weights are constants (importance weights, no gradient through them): dloss_i/dl_ij =
+    r_j, every negative pushed.
+
     (A fused function rather than autograd over the ops: a third of the passes over the n x N matrix.)
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, dim: int, log_alpha: float, beta: float):
+    def forward(ctx, logits, labels, dim: int, log_alpha: float, beta: float, detach_weights: bool = False):
         idx = labels.view(-1, 1) if dim == 1 else labels.view(1, -1)
         pos = logits.gather(dim, idx)
         n_neg = logits.shape[dim] - 1
@@ -118,8 +124,8 @@ class _HardNegativeNCE(torch.autograd.Function):
             r = logits.clone()
         r.scatter_(dim, idx, pos + log_alpha)
         r_sum, log_den = _exp_normalizer_(r, dim)           # r becomes exp(terms - max)
-        ctx.dim, ctx.beta = dim, beta
-        ctx.save_for_backward(idx, r, r_sum, q, q_sum)
+        ctx.dim, ctx.beta = dim, 0.0 if detach_weights else beta
+        ctx.save_for_backward(idx, r, r_sum, *((None, None) if detach_weights else (q, q_sum)))
         return (log_den - pos).mean()
 
     @staticmethod
@@ -132,7 +138,7 @@ class _HardNegativeNCE(torch.autograd.Function):
         if q is not None:
             grad.addcmul_(q, (1 - r_pos) * (-beta * c) / q_sum)
         grad.scatter_(dim, idx, (r_pos - 1) * c)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 class HardNegativeContrastiveLoss(nn.Module):
@@ -144,6 +150,8 @@ class HardNegativeContrastiveLoss(nn.Module):
         w_ij = (n-1) * exp(beta * s_ij / tau) / sum_{k != i} exp(beta * s_ik / tau),   s_ij / tau = logit_ij,
 
     so the weights of a row sum to n-1 (n = global batch).  alpha=1, beta=0 is InfoNCE (``ContrastiveLoss``).
+    The gradient flows through the weights, as the formula and its published reuses (HCL, CoVR) have it; that
+    pulls the easiest negatives closer (see ``_HardNegativeNCE``). ``detach_weights=True`` makes them constants.
     (In the report's text->image weight the sum reads k != j; it is the normaliser of text anchor i's negatives,
     k != i, the mirror of the image->text one, as it must be for those weights to sum to n-1.)
     Mean over the batch, averaged over the two directions.  Computed in (at least) fp32 in log space (log-sum-exp
@@ -151,11 +159,11 @@ class HardNegativeContrastiveLoss(nn.Module):
     """
 
     def __init__(self, alpha: float = TrainParams().hn_alpha, beta: float = TrainParams().hn_beta, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, detach_weights: bool = TrainParams().hn_detach_weights):
         super().__init__()
         alpha, beta = float(alpha), float(beta)
         check_hn_nce(alpha, beta)
-        self.alpha, self.beta = alpha, beta
+        self.alpha, self.beta, self.detach_weights = alpha, beta, bool(detach_weights)
         self.rank, self.world_size = rank, world_size
 
     def forward(self, image_features, text_features, logit_scale):
@@ -173,12 +181,13 @@ class HardNegativeContrastiveLoss(nn.Module):
             all_image, all_text = gather_features(image_features, text_features, self.rank, self.world_size)
             logits_per_image = logit_scale * image_features @ all_text.T
             logits_per_text = logit_scale * text_features @ all_image.T
-            return (_HardNegativeNCE.apply(logits_per_image, labels, 1, log_alpha, self.beta)
-                    + _HardNegativeNCE.apply(logits_per_text, labels, 1, log_alpha, self.beta)) / 2
+            return (_HardNegativeNCE.apply(logits_per_image, labels, 1, log_alpha, self.beta, self.detach_weights)
+                    + _HardNegativeNCE.apply(logits_per_text, labels, 1, log_alpha, self.beta,
+                                             self.detach_weights)) / 2
         # one product serves both directions: image anchors are its rows, text anchors its columns
         logits = logit_scale * image_features @ text_features.T
-        return (_HardNegativeNCE.apply(logits, labels, 1, log_alpha, self.beta)
-                + _HardNegativeNCE.apply(logits, labels, 0, log_alpha, self.beta)) / 2
+        return (_HardNegativeNCE.apply(logits, labels, 1, log_alpha, self.beta, self.detach_weights)
+                + _HardNegativeNCE.apply(logits, labels, 0, log_alpha, self.beta, self.detach_weights)) / 2
 
 
 class _SigmoidPairLoss(torch.autograd.Function):
@@ -317,20 +326,21 @@ class ConceptDistillationLoss(nn.Module):
 
 LOSSES = {
     "infonce": ContrastiveLoss,               # kwargs: rank, world_size
-    "hn-nce": HardNegativeContrastiveLoss,    # kwargs: alpha, beta, rank, world_size
+    "hn-nce": HardNegativeContrastiveLoss,    # kwargs: alpha, beta, rank, world_size, detach_weights
     "sigmoid": SigmoidLoss,                   # kwargs: rank, world_size; called with logit_bias (and positives)
 }
 
 
 def create_loss(name: str | TrainParams, **kwargs) -> nn.Module:
     """A contrastive loss by name, one of LOSSES ('infonce', 'hn-nce', 'sigmoid'), or from the `train` params
-    (``train.loss``, with ``train.hn_alpha`` / ``train.hn_beta`` for HN-NCE); kwargs: rank, world_size, ...
+    (``train.loss``, with ``train.hn_alpha`` / ``hn_beta`` / ``hn_detach_weights`` for HN-NCE); kwargs: rank, world_size, ...
 
     Each contrastive loss is the mean over the (local) batch, averaged over the two directions; distributed
     gathering lives apart (``gather_features``, the identity on one process)."""
     if isinstance(name, TrainParams):
         if name.loss == "hn-nce":
-            kwargs = {"alpha": name.hn_alpha, "beta": name.hn_beta, **kwargs}
+            kwargs = {"alpha": name.hn_alpha, "beta": name.hn_beta, "detach_weights": name.hn_detach_weights,
+                      **kwargs}
         name = name.loss
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(LOSSES)}")
