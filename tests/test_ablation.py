@@ -376,7 +376,7 @@ def test_a_subset_config_runs_the_whole_grids_own_runs(subset):
     assert shared, f"{subset.name} shares no run with the whole grid"
     assert all(mine[k] == grid[k] for k in shared)
     assert {arm for arm, _ in set(mine) - shared} <= {"oracle-cat", "oracle-aligned", "oracle-clean", "oracle-junk",
-                                                      "oracle-painted", "fff-text",
+                                                      "oracle-painted", "fff-text", "cat+hn-nce-detached",
                                                       "cat [omit_prob=0.9]", "cat+distill [omit_prob=0.9]"}
 
 

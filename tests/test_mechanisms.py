@@ -11,19 +11,20 @@ import pytest
 import torch
 
 from diht_core.concepts.pseudo_labels import omitted_concept_metrics, omitted_concepts, predicted_concepts
-from diht_core.config import Params, ParamsError, TrainParams, validate_params
+from diht_core.config import DownloadParams, Params, ParamsError, TrainParams, validate_params
 from diht_core.data.loader import make_loader
 from diht_core.data.planted import (CONCEPTS, NO_SCENE, planted_concepts, read_planted_concepts, scene_id,
                                    swap_family)
 from diht_core.data.pseudo_labels import save_shard
 from diht_core.data.scenes import render, sample_scene
 from diht_core.data.shards import encode_jpg, write_shard
+from diht_core.data.synthetic import write_eval_splits
 from diht_core.models import create_model, image_size
 from diht_core.train import batch_indices, load_train_set, train
 from diht_core.train.distributed import DistInfo
-from diht_core.train.losses import hn_negative_weights, mine_false_negatives
-from diht_core.train.mechanisms import (hard_negative_weight_counts, hn_weight_counts, measure, mechanisms_block,
-                                       mining_counts, ratio, threshold_curve)
+from diht_core.train.losses import _HardNegativeNCE, hn_negative_weights, mine_false_negatives
+from diht_core.train.mechanisms import (hard_negative_weight_counts, hn_pulled_negatives, hn_weight_counts, measure,
+                                       mechanisms_block, mining_counts, ratio, threshold_curve)
 
 MAX_PIXELS = 89_478_485  # download.url_list.max_pixels
 ONE = DistInfo(device=torch.device("cpu"))
@@ -185,6 +186,50 @@ def test_fff_thresholds_tool_on_a_model_file(tmp_path, capsys, monkeypatch):
     assert "| image-image | 0.98 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no planted scene ids"):
         fff_thresholds.main(["--model", str(tmp_path / "model.pt"), "--shards", str(tmp_path / "plain")])
+
+
+def test_hn_pulled_negatives_counts_the_negatives_its_gradient_pulls():
+    """One anchor's negatives at logits 5, 0, 0 (beta 1): the tilted mean E_q[e^l] is about e^5, so the two at 0
+    ((1 + beta) e^0 < beta E_q[e^l]) are pulled and the one at 5 pushed; InfoNCE (beta 0) pulls none. The counts
+    equal the signs of the loss's own gradient."""
+    logits = torch.tensor([[9.0, 5.0, 0.0, 0.0], [5.0, 9.0, 0.0, 0.0], [0.0, 0.0, 9.0, 5.0], [0.0, 0.0, 5.0, 9.0]])
+    got = hn_pulled_negatives(logits, beta=1.0)
+    assert got["share"] == pytest.approx(2 / 3) and 0 < got["pull_to_push"] < 1
+    assert hn_pulled_negatives(logits, beta=0.0) == {"share": 0.0, "pull_to_push": 0.0}
+    torch.manual_seed(0)
+    f = torch.nn.functional.normalize(torch.randn(16, 8), dim=-1)
+    logits = 14.3 * f @ torch.nn.functional.normalize(f + 0.5 * torch.randn(16, 8), dim=-1).T
+    grads = []
+    for dim in (1, 0):
+        x = logits.clone().requires_grad_()
+        _HardNegativeNCE.apply(x, torch.arange(16), dim, 0.0, 0.5).backward()
+        grads.append(x.grad[~torch.eye(16, dtype=torch.bool)])
+    g = torch.cat(grads)
+    assert hn_pulled_negatives(logits, beta=0.5)["share"] == pytest.approx(float((g < 0).float().mean()))
+
+
+def test_embedding_geometry_tool_on_model_files(tmp_path, capsys, monkeypatch):
+    """tools/embedding_geometry.py: two arms of model files (random weights of the real architecture, 2 seeds and 1)
+    on a compositional split and training shards: every column per model, a table of the arms' means."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "tools"))
+    import embedding_geometry
+
+    d = DownloadParams(eval={"compositional_items": 12})
+    write_eval_splits(d, 0, tmp_path / "data" / "eval")
+    _train_shards(tmp_path / "data" / "filtered")
+    torch.manual_seed(0)
+    for run, seed in (("a", 0), ("a", 1), ("b", 0)):
+        (tmp_path / run / f"seed{seed}" / "models").mkdir(parents=True)
+        torch.save(create_model("diht-tiny-vit")[0].state_dict(), tmp_path / run / f"seed{seed}" / "models" / "model.pt")
+    embedding_geometry.main([str(tmp_path / "a"), str(tmp_path / "b"), "--data", str(tmp_path / "data"),
+                             "--batch-size", "8", "--batches", "2", "--out", str(tmp_path / "g.json")])
+    got = json.loads((tmp_path / "g.json").read_text())
+    assert len(got) == 3 and all(set(embedding_geometry.COLUMNS) <= set(m) for m in got.values())
+    assert all(0 <= m["hn_pulled_share"] <= 1 and -1 <= m["role_swap_cos"] <= 1 for m in got.values())
+    out = capsys.readouterr().out
+    assert "| a | 2 |" in out and "| b | 1 |" in out
+    with pytest.raises(SystemExit, match="no seed<k>/models/model.pt"):
+        embedding_geometry.main([str(tmp_path / "data"), "--data", str(tmp_path / "data")])
 
 
 def _two_shape(relation, subject, obj, third=None):

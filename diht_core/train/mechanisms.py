@@ -9,12 +9,14 @@ pair of different scene ids is a true negative, and a pair where either id is NO
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..config import TrainParams
 from ..data.planted import NO_SCENE, ratio
 from .distributed import DistInfo, all_mean, gather_no_grad
-from .losses import _at_least_fp32, hn_negative_weights
+from .losses import _at_least_fp32, _HardNegativeNCE, hn_negative_weights
 
 PREFIX = "mechanisms/"  # the history records' (and MLflow's step series') names: mechanisms/<measure>/<value>
 SERIES = {"fff_mining": ("precision", "recall", "mined_pairs", "true_pairs"),
@@ -84,6 +86,25 @@ def hard_negative_weight_counts(logits: torch.Tensor, labels: torch.Tensor, beta
     family, _ = scene_pairs(anchor_families.to(w.device), other_families.to(w.device), anchor_offset)
     sums = _weight_sums(w, *scene_pairs(anchors.to(w.device), others.to(w.device), anchor_offset), family)
     return sums[[2, 0]]
+
+
+def hn_pulled_negatives(logits: torch.Tensor, beta: float, alpha: float = 1.0) -> dict:
+    """HN-NCE's own gradient on each negative logit of a square batch (positives on the diagonal), both directions:
+    ``share`` of the negatives it pulls towards their anchor (a negative gradient: the weights' term, see
+    ``losses._HardNegativeNCE``) and ``pull_to_push``, the pull summed over those against the push summed over the
+    others (0 with beta = 0 or detached weights: InfoNCE pushes every negative)."""
+    n = logits.shape[0]
+    labels, off = torch.arange(n, device=logits.device), ~torch.eye(n, dtype=torch.bool, device=logits.device)
+    pulled = pull = push = 0.0
+    for dim in (1, 0):
+        lg = _at_least_fp32(logits.detach()).clone().requires_grad_()
+        with torch.enable_grad():
+            _HardNegativeNCE.apply(lg, labels, dim, math.log(alpha), float(beta)).backward()
+        g = lg.grad[off]
+        pulled += float((g < 0).sum())
+        pull += float(-g[g < 0].sum())
+        push += float(g[g > 0].sum())
+    return {"share": pulled / (2 * n * (n - 1)), "pull_to_push": pull / push if push > 0 else 0.0}
 
 
 @torch.no_grad()
