@@ -150,7 +150,7 @@ class HardNegativeContrastiveLoss(nn.Module):
         w_ij = (n-1) * exp(beta * s_ij / tau) / sum_{k != i} exp(beta * s_ik / tau),   s_ij / tau = logit_ij,
 
     so the weights of a row sum to n-1 (n = global batch).  alpha=1, beta=0 is InfoNCE (``ContrastiveLoss``).
-    The gradient flows through the weights, as the formula and its published reuses (HCL, CoVR) have it; that
+    The gradient flows through the weights, as the formula and the code of HCL (Robinson et al.) have it; that
     pulls the easiest negatives closer (see ``_HardNegativeNCE``). ``detach_weights=True`` makes them constants.
     (In the report's text->image weight the sum reads k != j; it is the normaliser of text anchor i's negatives,
     k != i, the mirror of the image->text one, as it must be for those weights to sum to n-1.)
