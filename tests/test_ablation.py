@@ -377,6 +377,7 @@ def test_a_subset_config_runs_the_whole_grids_own_runs(subset):
     assert all(mine[k] == grid[k] for k in shared)
     assert {arm for arm, _ in set(mine) - shared} <= {"oracle-cat", "oracle-aligned", "oracle-clean", "oracle-junk",
                                                       "oracle-painted", "fff-text", "cat+hn-nce-detached",
+                                                      "cat [logit_scale_init=100]", "cat+hn-nce [logit_scale_init=100]",
                                                       "cat [omit_prob=0.9]", "cat+distill [omit_prob=0.9]"}
 
 

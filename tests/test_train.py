@@ -10,6 +10,7 @@ from diht_core.models import ConceptHeads, create_model, image_size, list_models
 from diht_core.data.pseudo_labels import densify, sparsify
 from diht_core.config import TrainParams
 from diht_core.train import batch_indices, cosine_lr, load_train_set, train
+from diht_core.train.run import init_kwargs
 
 SIZE = image_size(create_model("diht-tiny-vit")[0])
 MAX_PIXELS = 89_478_485  # download.url_list.max_pixels
@@ -311,3 +312,20 @@ def test_planted_batch_samplers_need_the_planted_scenes_and_the_memory_loader(sa
     cfg = validate_params({"train": {"batch_sampler": sampler, "steps": 1, "batch_size": 2}}).train
     with pytest.raises(ValueError, match=f"{sampler} needs the planted scene"):
         next(data.batches(cfg, 0))
+
+
+@pytest.mark.parametrize("cfg, scale, bias", [({}, 1 / 0.07, None), ({"loss": "sigmoid"}, 10.0, -10.0),
+                                              ({"logit_scale_init": 100.0}, 100.0, None),
+                                              ({"loss": "sigmoid", "logit_scale_init": 30.0}, 30.0, -10.0)])
+def test_training_starts_from_the_logit_scale_train_asks(cfg, scale, bias):
+    """train.logit_scale_init sets the scale at step 0 (the model's own 1/0.07, or SigLIP's 10, without it), and
+    leaves the weights' init alone."""
+    torch.manual_seed(0)
+    model = create_model("diht-tiny-vit", **init_kwargs(TrainParams(**cfg)))[0]
+    assert model.logit_scale.exp().item() == pytest.approx(scale, rel=1e-5)
+    assert (model.logit_bias is None if bias is None else model.logit_bias.item() == pytest.approx(bias))
+    torch.manual_seed(0)
+    plain = create_model("diht-tiny-vit")[0]
+    assert torch.equal(model.visual.conv1.weight, plain.visual.conv1.weight)
+    with pytest.raises(ValueError, match="logit_scale_init"):
+        TrainParams(logit_scale_init=200.0)

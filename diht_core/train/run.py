@@ -10,7 +10,7 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from ..config import Params
+from ..config import Params, TrainParams
 from ..data.files import atomic_path, atomic_torch_save
 from ..models import ConceptHeads, create_model, image_size
 from ..models.open_clip_dir import write_open_clip_dir
@@ -22,6 +22,16 @@ from .loop import train
 from .mechanisms import PREFIX, mechanisms_block
 
 
+def init_kwargs(cfg: TrainParams) -> dict:
+    """open_clip's create_model kwargs for the logit scale (and bias) training starts from: the sigmoid loss where
+    open_clip's SigLIP does (scale 10, bias train.sigmoid_bias_init), the others at the model's own 1/0.07;
+    train.logit_scale_init, when set, overrides the scale."""
+    out = {"init_logit_scale": math.log(10), "init_logit_bias": cfg.sigmoid_bias_init} if cfg.loss == "sigmoid" else {}
+    if cfg.logit_scale_init is not None:
+        out["init_logit_scale"] = math.log(cfg.logit_scale_init)
+    return out
+
+
 def fit(p: Params, checkpoint_dir: Path, log_fn: Callable[[int, dict], None] | None = None) -> dict:
     """Train as the params say (on every rank under torchrun); rank 0 writes models/model.pt (a plain open_clip
     state dict), the same model in open_clip's local-dir layout beside it, models/heads.pt and the loss curve, and
@@ -29,10 +39,8 @@ def fit(p: Params, checkpoint_dir: Path, log_fn: Callable[[int, dict], None] | N
     planted truth."""
     cfg = p.resolved_train()
     info = init_distributed(cfg.device)
-    # the sigmoid loss starts where open_clip's SigLIP does: scale ln(10), bias -10 (train.sigmoid_bias_init)
-    sig = {"init_logit_scale": math.log(10), "init_logit_bias": cfg.sigmoid_bias_init} if cfg.loss == "sigmoid" else {}
     torch.manual_seed(cfg.seed)  # train.seed: the model's init too
-    model, _, tokenizer = create_model(cfg.model, **sig)
+    model, _, tokenizer = create_model(cfg.model, **init_kwargs(cfg))
     distill = cfg.lambda_obj > 0 or cfg.lambda_attr > 0
     sizes = vocab_sizes(p.paths)
     heads = ConceptHeads(model.visual.output_dim, sizes["objects"], sizes["attributes"])
