@@ -193,7 +193,7 @@ def main(argv=None) -> None:
         python -m flows.ablation --dvc-queue  # the same grid as DVC experiments (dvc exp run --queue -S ...)
         python -m flows.ablation --retest metrics/ablation_x/ablation.json  # its tests again, nothing rerun
         python -m flows.ablation --compare metrics/ablation.json rerun/metrics/ablation.json  # reproduced?
-        python -m flows.ablation --set "ablation.seeds=[0]"  # every arm, seed 0 (--compare: seed by seed)
+        python -m flows.ablation --set "ablation.seeds=[0]"  # every arm, seed 0 (--compare: identical or not)
         python -m flows.ablation --status     # which runs are done, per arm; runs nothing
 
     --set KEY=VALUE overrides a param of the file for every run (with --dvc-queue: DVC's -S KEY=VALUE).

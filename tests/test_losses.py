@@ -150,8 +150,8 @@ def test_hn_nce_gradient_with_and_without_detached_weights(detach):
 
 def test_hn_nce_pulls_its_easiest_negatives_closer():
     """With gradient through the weights, a negative with (1 + beta) e^l < beta E_q[e^l] has a negative logit
-    gradient (the loss falls as it comes closer); with detached weights every negative is pushed; the summed push
-    over an anchor's negatives is InfoNCE's either way."""
+    gradient (the loss falls as it comes closer); with detached weights every negative is pushed; the net gradient
+    over an anchor's negatives (push minus pull) is the same either way."""
     img, txt = _feats(n=32, d=16, seed=5)
     logits = (14.3 * img @ txt.T).double()
     grads = {}

@@ -52,8 +52,10 @@ def swap_geometry(img: torch.Tensor, true: torch.Tensor, wrong: torch.Tensor, qt
 
 
 def pulled(model, data, beta: float, batch_size: int, batches: int) -> dict:
-    """hn_pulled_negatives at the model's logit scale on the first ``batches`` batches of the training set (each
-    image with its first caption), averaged."""
+    """hn_pulled_negatives at the model's logit scale on the first ``batches`` batches of the training set in file
+    order (each image with its first caption), averaged."""
+    if len(data) < batch_size:
+        raise SystemExit(f"the training set has {len(data)} images, fewer than a batch of {batch_size}: --batch-size")
     rows = []
     for b in range(min(batches, len(data) // batch_size)):
         idx = list(range(b * batch_size, (b + 1) * batch_size))

@@ -383,9 +383,9 @@ def compare(ref: dict, new: dict, z_max: float = 3.0) -> dict:
     |z| < z_max and every verdict agrees) or "no".
 
     A partial rerun (every arm, some of the reference's seeds: ``--set "ablation.seeds=[0]"``) is compared seed by
-    seed: z = the largest |new_s - ref_s| over its seeds / (sqrt(2) s_ref), i.e. against the difference two seeds of
-    the reference make; the verdicts need every seed and are not compared. "identical" then means every value of
-    the seeds rerun."""
+    seed against the reference's same seeds: "identical" (every value of the seeds rerun) or "no", with each arm's
+    largest seed difference. A seed rerun is not a new draw, so the seeds' spread is no yardstick for it (z is
+    None), and the verdicts need every seed; neither is compared."""
     arms = {}
     for name in [n for n in ref["arms"] if n in new["arms"]]:
         ra, na = ref["arms"][name], new["arms"][name]
@@ -394,14 +394,17 @@ def compare(ref: dict, new: dict, z_max: float = 3.0) -> dict:
         common = [s for s in ns if s in rs]
         diffs = {s: ns[s][0] - rs[s][0] for s in common}
         partial = set(ns) < set(rs)
-        if partial:
-            diff, se = max(diffs.values(), key=abs, default=math.nan), math.sqrt(2) * a["std"]
-        else:
-            diff, se = b["mean"] - a["mean"], math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
-        arms[name] = {"ref": a["mean"], "new": b["mean"], "diff": diff, "seeds": common, "partial": partial,
-                      "seed_diffs": diffs,
-                      "z": diff / se if se > 0 else (0.0 if diff == 0 else math.inf),
-                      "identical": bool(common) and set(ns) <= set(rs) and all(ns[s] == rs[s] for s in common)}
+        identical = bool(common) and set(ns) <= set(rs) and all(ns[s] == rs[s] for s in common)
+        if partial:  # the reference's same seeds, the largest seed difference, no z
+            ref_mean = statistics.fmean(rs[s][0] for s in common) if common else math.nan
+            new_mean = statistics.fmean(ns[s][0] for s in common) if common else math.nan
+            arms[name] = {"ref": ref_mean, "new": new_mean, "diff": max(diffs.values(), key=abs, default=math.nan),
+                          "z": None, "seeds": common, "partial": True, "seed_diffs": diffs, "identical": identical}
+            continue
+        diff, se = b["mean"] - a["mean"], math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
+        arms[name] = {"ref": a["mean"], "new": b["mean"], "diff": diff, "seeds": common, "partial": False,
+                      "seed_diffs": diffs, "z": diff / se if se > 0 else (0.0 if diff == 0 else math.inf),
+                      "identical": identical}
     partial = any(a["partial"] for a in arms.values())
     ref, new = retest(ref), retest(new)  # one version's statistics on both (a report may come from an older clone)
     verdict = lambda t: 0 if t["p_paired_holm"] is None or t["p_paired_holm"] >= 0.05 else (1 if t["delta"] > 0 else -1)
@@ -414,7 +417,7 @@ def compare(ref: dict, new: dict, z_max: float = 3.0) -> dict:
         reproduced = "no"
     elif all(a["identical"] for a in arms.values()):
         reproduced = "identical"
-    elif all(abs(a["z"]) < z_max for a in arms.values()) and all(t["agree"] for t in tests.values()):
+    elif not partial and all(abs(a["z"]) < z_max for a in arms.values()) and all(t["agree"] for t in tests.values()):
         reproduced = "within noise"
     else:
         reproduced = "no"
@@ -427,11 +430,12 @@ def compare_table(c: dict) -> str:
     out = [f"reproduced: **{c['reproduced']}** (|z| < {c['z_max']:g} on every arm and every verdict equal, or every "
            "value identical)"]
     if c.get("partial"):
-        out += ["", "a partial rerun (some of the reference's seeds): each arm's largest seed difference, z against "
-                "sqrt(2) x the reference's seed std; verdicts not compared"]
+        out += ["", "a partial rerun (some of the reference's seeds): against the reference's same seeds, diff = each "
+                "arm's largest seed difference; identical or not (no z, no verdicts)"]
     out += ["", "| arm | seeds | reference | rerun | diff | z | identical |", "|---|---|---|---|---|---|---|"]
     out += [f"| {n} | {','.join(map(str, a['seeds']))} | {a['ref']:.4f} | {a['new']:.4f} | {a['diff']:+.4f} | "
-            f"{a['z']:+.2f} | {'yes' if a['identical'] else 'no'} |" for n, a in c["arms"].items()]
+            f"{'–' if a['z'] is None else format(a['z'], '+.2f')} | {'yes' if a['identical'] else 'no'} |"
+            for n, a in c["arms"].items()]
     if not c.get("partial"):
         differ = {k: t for k, t in c["tests"].items() if not t["agree"]}
         out += ["", f"tests whose verdict differs: {len(differ)} of {len(c['tests'])}"]

@@ -104,9 +104,9 @@ class _HardNegativeNCE(torch.autograd.Function):
 
     The second term comes from the weights' own dependence on l: a negative with (1 + beta) e^{l_ij} <
     beta E_q[e^{l_i.}] has a negative gradient, so the loss pulls it towards the anchor (the easy negatives), while
-    the hard ones are pushed harder; the push summed over the negatives stays InfoNCE's 1 - r_p. With
-    ``detach_weights`` the weights are constants (importance weights, no gradient through them): dloss_i/dl_ij =
-    r_j, every negative pushed.
+    the hard ones are pushed harder; the net gradient over the negatives is 1 - r_p, as in InfoNCE's form (the push
+    exceeds it by the pull). With ``detach_weights`` the weights are constants (importance weights, no gradient
+    through them): dloss_i/dl_ij = r_j, every negative pushed.
 
     (A fused function rather than autograd over the ops: a third of the passes over the n x N matrix.)
     """

@@ -92,7 +92,8 @@ def hn_pulled_negatives(logits: torch.Tensor, beta: float, alpha: float = 1.0) -
     """HN-NCE's own gradient on each negative logit of a square batch (positives on the diagonal), both directions:
     ``share`` of the negatives it pulls towards their anchor (a negative gradient: the weights' term, see
     ``losses._HardNegativeNCE``) and ``pull_to_push``, the pull summed over those against the push summed over the
-    others (0 with beta = 0 or detached weights: InfoNCE pushes every negative)."""
+    others (0 with beta = 0: InfoNCE pushes every negative). It is the formula's gradient
+    (train.hn_detach_weights false) at these logits, whatever the model was trained with."""
     n = logits.shape[0]
     labels, off = torch.arange(n, device=logits.device), ~torch.eye(n, dtype=torch.bool, device=logits.device)
     pulled = pull = push = 0.0
