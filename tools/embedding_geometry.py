@@ -24,7 +24,7 @@ import torch
 from diht_core.config import DownloadParams, TrainParams
 from diht_core.data.eval_datasets import load_synthetic
 from diht_core.data.shards import Faults
-from diht_core.eval.encoders import encode_images, text_encoder
+from diht_core.eval.encoders import encode_images, encode_statements, text_encoder
 from diht_core.eval.registry import get_task
 from diht_core.models import create_model, image_size
 from diht_core.train import load_train_set
@@ -99,10 +99,9 @@ def main(argv=None) -> None:
                                        DownloadParams().url_list.max_pixels)
             encode = text_encoder(model, tokenizer)
             img = encode_images(model, comp["images"])
-            labels = torch.as_tensor(comp["labels"])
-            first, second = encode([s[0] for s in comp["statements"]]), encode([s[1] for s in comp["statements"]])
-            true = torch.where(labels[:, None] == 0, first, second)
-            wrong = torch.where(labels[:, None] == 0, second, first)
+            labels, items = torch.as_tensor(comp["labels"]), torch.arange(len(comp["labels"]))
+            statements = encode_statements(encode, comp["statements"])  # [items, 2, d]: true and swapped
+            true, wrong = statements[items, labels], statements[items, 1 - labels]
             per_model[str(path)] = {"run": str(run), "logit_scale": float(model.logit_scale.detach().exp()),
                                     **swap_geometry(img, true, wrong, comp["qtypes"]),
                                     **pulled(model, train, args.beta, args.batch_size, args.batches)}
