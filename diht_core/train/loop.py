@@ -166,6 +166,7 @@ def train(model, data, cfg: TrainParams, checkpoint_dir: str | Path,
             rec = {"loss": (loss_c + loss_d).item(), "loss_contrastive": loss_c.item(), "loss_distill": loss_d.item(),
                    "lr": lr, "logit_scale": model.logit_scale.exp().item(),
                    "positives_per_image": float(pos.sum(1).float().mean()) if pos is not None else 1.0,
+                   **({"grad_scale": scaler.get_scale()} if scaler.is_enabled() else {}),  # fp16: falls on a skip
                    "samples_per_s": (step + 1 - start) * cfg.batch_size / max(1e-9, time.time() - t0),
                    **measure(cfg, batch.get("scene_id"), img_f, txt_f, out[2], pos if mining(cfg, step) else None,
                              info, batch.get("family_id"))}  # against the planted truth, when the data carry it

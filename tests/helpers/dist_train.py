@@ -49,13 +49,17 @@ def main(out, strategy, loss, accum=1, k=1, opt="sgd", interrupt_at=0):
     cfg = TrainParams(seed=0, steps=3, batch_size=8, lr=0.1 if opt == "sgd" else 1e-3, warmup_steps=1, loss=loss,
                       strategy=strategy, accum_steps=int(accum), captions_per_image=int(k), lambda_obj=0.5,
                       lambda_attr=0.5, checkpoint_every=2, log_every=1,
-                      hn_beta=0.5 if loss == "hn-nce" else 0.0, **fff)
-    torch.backends.cuda.matmul.allow_tf32 = False
+                      hn_beta=0.5 if loss == "hn-nce" else 0.0, precision=os.environ.get("DIHT_PRECISION", "fp32"),
+                      compile=os.environ.get("DIHT_COMPILE", "0") == "1", **fff)
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 on a GPU as on the CPU (the patch embedding is a conv)
+    torch.backends.cudnn.allow_tf32 = False
     summary = train(model, make_data(), cfg, f"{out}.ckpt", heads=heads, dist=info)
     state = full_model_state(model, strategy, info)
     if info.is_main:
         torch.save({"model": state, "init": init, "heads": heads.state_dict(),
-                    "losses": [h["loss"] for h in summary["history"]], "resumed_from": summary["resumed_from_step"]},
+                    "losses": [h["loss"] for h in summary["history"]],
+                    "grad_scale": [h.get("grad_scale", 0.0) for h in summary["history"]],
+                    "resumed_from": summary["resumed_from_step"]},
                    out)
     destroy(info)
 
