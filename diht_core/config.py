@@ -314,6 +314,9 @@ class TrainParams(_Strict):
     hn_beta: float = 0.5      # HN-NCE: hardness of the negative weights, >= 0 (0: InfoNCE); CoVR's reuse, see params
     hn_detach_weights: bool = False  # HN-NCE: the weights as constants (no gradient through them), see losses.py
     logit_scale_init: float | None = Field(default=None, gt=0, le=100)  # 1/temperature at step 0; None: the loss's
+    # a warm start: the model file training starts from (a plain open_clip state dict, e.g. another run's
+    # models/model.pt); "{seed}" in it becomes train.seed; logit_scale_init, when set, replaces the file's scale
+    init_from: str | None = None
     fff_it_threshold: float | None = Field(default=None, ge=-1, le=1)  # sigmoid: FFF mining, image-text cosine
     fff_tt_threshold: float | None = Field(default=None, ge=-1, le=1)  # text-text cosine
     fff_ii_threshold: float | None = Field(default=None, ge=-1, le=1)  # image-image cosine

@@ -1,4 +1,5 @@
 import json
+import math
 
 import numpy as np
 import pytest
@@ -329,3 +330,25 @@ def test_training_starts_from_the_logit_scale_train_asks(cfg, scale, bias):
     assert torch.equal(model.visual.conv1.weight, plain.visual.conv1.weight)
     with pytest.raises(ValueError, match="logit_scale_init"):
         TrainParams(logit_scale_init=200.0)
+
+
+@pytest.mark.parametrize("scale", [None, 50.0])
+def test_a_warm_start_begins_at_the_file_s_weights(tmp_path, scale):
+    """train.init_from ("{seed}" -> train.seed) loads the file's weights; logit_scale_init replaces its scale;
+    a missing file is refused naming the key."""
+    from diht_core.train.run import initial_model
+
+    model = create_model("diht-tiny-vit")[0]
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(20.0))
+        model.visual.proj.mul_(2.0)
+    (tmp_path / "seed3").mkdir()
+    torch.save(model.state_dict(), tmp_path / "seed3" / "model.pt")
+    got = initial_model(TrainParams(init_from=str(tmp_path / "seed{seed}" / "model.pt"), seed=3,
+                                    logit_scale_init=scale))[0]
+    for name, value in model.state_dict().items():
+        if name != "logit_scale":
+            torch.testing.assert_close(got.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    assert got.logit_scale.exp().item() == pytest.approx(scale or 20.0)
+    with pytest.raises(FileNotFoundError, match="train.init_from"):
+        initial_model(TrainParams(init_from=str(tmp_path / "seed{seed}" / "model.pt"), seed=4))

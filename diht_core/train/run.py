@@ -32,6 +32,23 @@ def init_kwargs(cfg: TrainParams) -> dict:
     return out
 
 
+def initial_model(cfg: TrainParams):
+    """(model, tokenizer) training starts from: a fresh init (init_kwargs), or train.init_from's weights with its
+    scale replaced by train.logit_scale_init when that is set."""
+    pretrained = None
+    if cfg.init_from is not None:
+        pretrained = Path(cfg.init_from.replace("{seed}", str(cfg.seed)))
+        if not pretrained.exists():
+            raise FileNotFoundError(f"train.init_from: {pretrained} not found (a model file, such as another run's "
+                                    "models/model.pt)")
+    model, _, tokenizer = create_model(cfg.model, pretrained=None if pretrained is None else str(pretrained),
+                                       **init_kwargs(cfg))
+    if pretrained is not None and cfg.logit_scale_init is not None:
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(cfg.logit_scale_init))
+    return model, tokenizer
+
+
 def fit(p: Params, checkpoint_dir: Path, log_fn: Callable[[int, dict], None] | None = None) -> dict:
     """Train as the params say (on every rank under torchrun); rank 0 writes models/model.pt (a plain open_clip
     state dict), the same model in open_clip's local-dir layout beside it, models/heads.pt and the loss curve, and
@@ -40,7 +57,7 @@ def fit(p: Params, checkpoint_dir: Path, log_fn: Callable[[int, dict], None] | N
     cfg = p.resolved_train()
     info = init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)  # train.seed: the model's init too
-    model, _, tokenizer = create_model(cfg.model, **init_kwargs(cfg))
+    model, tokenizer = initial_model(cfg)
     distill = cfg.lambda_obj > 0 or cfg.lambda_attr > 0
     sizes = vocab_sizes(p.paths)
     heads = ConceptHeads(model.visual.output_dim, sizes["objects"], sizes["attributes"])
