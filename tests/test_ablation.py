@@ -357,6 +357,9 @@ def test_a_run_is_the_same_run_whatever_the_grid_around_it(tmp_path):
     assert all("ablation" not in r["overrides"] for r in three)
 
 
+WARM = "ablation/full/runs/cat/seed{seed}/models/model.pt"  # configs/ablation_hn_warm.yaml
+
+
 def _full_grid_runs(params_path: Path) -> dict:
     """(arm, seed) -> overrides of the full grid a params file plans, loaded as flows/ablation.py loads it."""
     p = load_params(params_path, None)
@@ -376,7 +379,14 @@ def test_a_subset_config_runs_the_whole_grids_own_runs(subset):
     assert {arm for arm, _ in set(mine) - shared} <= {"oracle-cat", "oracle-aligned", "oracle-clean", "oracle-junk",
                                                       "oracle-painted", "fff-text", "cat+hn-nce-detached",
                                                       "cat [logit_scale_init=100]", "cat+hn-nce [logit_scale_init=100]",
-                                                      "cat [omit_prob=0.9]", "cat+distill [omit_prob=0.9]"}
+                                                      "cat [omit_prob=0.9]", "cat+distill [omit_prob=0.9]",
+                                                      f"cat [init_from={WARM}]", f"cat+hn-nce [init_from={WARM}]"}
+
+
+def test_warm_starts_run_after_the_runs_they_start_from():
+    order = [arm for arm, _ in _full_grid_runs(ROOT / "configs" / "ablation_hn_warm.yaml")]
+    warm = [i for i, arm in enumerate(order) if "init_from" in arm]
+    assert len(warm) == 10 and min(warm) > max(i for i, arm in enumerate(order) if arm == "cat")
 
 
 def test_upstream_digest_ignores_the_engine_not_what_is_written():

@@ -232,6 +232,20 @@ def test_embedding_geometry_tool_on_model_files(tmp_path, capsys, monkeypatch):
         embedding_geometry.main([str(tmp_path / "data"), "--data", str(tmp_path / "data")])
 
 
+def test_best_logit_scale_is_where_infonce_is_lowest(monkeypatch):
+    """Cosines 0.5 on the diagonal, 0 elsewhere: sharper is always better, the clamp (100). Add to each row one
+    confusing caption at 0.6: the loss per row is log(1 + e^(0.1 s) + (n-2) e^(-0.5 s)), lowest at
+    s = ln(5 (n-2)) / 0.6 (both directions alike), which the tool finds on its grid."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "tools"))
+    from embedding_geometry import best_logit_scale
+
+    n = 32
+    separated = 0.5 * torch.eye(n)
+    assert best_logit_scale([separated]) == pytest.approx(100.0)
+    confused = separated + 0.6 * torch.roll(torch.eye(n), 1, dims=1)
+    assert best_logit_scale([confused, confused]) == pytest.approx(math.log(5 * (n - 2)) / 0.6, rel=0.02)
+
+
 def _two_shape(relation, subject, obj, third=None):
     shapes = [{"shape": s, "colour": c, "size": "small"} for s, c in (subject, obj, *([third] if third else []))]
     return {"shapes": shapes, "relation": {"type": relation, "subject": 0, "object": 1}}

@@ -3,7 +3,9 @@
 swapped) the text encoder's cosine of the two captions and the image's margin between them; how crowded the space
 is (cosine of an image and its caption, of two unrelated captions, of an image and an unrelated caption); the
 learned logit scale; and, on batches of the training shards, the share of negatives HN-NCE's gradient pulls
-closer (``hn_pulled_negatives``) at that model. Offline, CPU.
+closer (``hn_pulled_negatives``) at that model, the batch's image-to-text top-1 and the logit scale at which
+InfoNCE's loss on those batches is lowest (the temperature training would settle at, at this geometry).
+Offline, CPU.
 
     python tools/embedding_geometry.py --data ablation/full/upstream/<digest>/data \\
         ablation/full/runs/cat ablation/full/runs/cat_hn-nce [--beta 0.5] [--out geometry.json]
@@ -32,7 +34,7 @@ from diht_core.train.mechanisms import hn_pulled_negatives
 
 COLUMNS = ("logit_scale", "cos_image_caption", "cos_caption_caption", "cos_image_other_caption",
            "role_swap_accuracy", "role_swap_cos", "role_swap_margin", "colour_swap_accuracy", "colour_swap_cos",
-           "colour_swap_margin", "hn_pulled_share", "hn_pull_to_push")
+           "colour_swap_margin", "hn_pulled_share", "hn_pull_to_push", "batch_top1", "best_logit_scale")
 
 
 def swap_geometry(img: torch.Tensor, true: torch.Tensor, wrong: torch.Tensor, qtypes: list[str]) -> dict:
@@ -51,21 +53,39 @@ def swap_geometry(img: torch.Tensor, true: torch.Tensor, wrong: torch.Tensor, qt
     return out
 
 
+SCALES = torch.logspace(0, 2, 201)  # 1 ... 100 (CLIP's clamp)
+
+
+def best_logit_scale(sims: list[torch.Tensor]) -> float:
+    """The scale on SCALES at which the mean symmetric InfoNCE loss of these batches' cosine matrices is lowest (in
+    float64; where the loss is flat to that precision, the larger scale)."""
+    sims = [m.double() for m in sims]
+
+    def loss(s):
+        return statistics.fmean(
+            0.5 * float(torch.nn.functional.cross_entropy(s * m, torch.arange(len(m)))
+                        + torch.nn.functional.cross_entropy(s * m.T, torch.arange(len(m)))) for m in sims)
+    return float(min(reversed(SCALES.double()), key=loss))
+
+
 def pulled(model, data, beta: float, batch_size: int, batches: int) -> dict:
     """hn_pulled_negatives at the model's logit scale on the first ``batches`` batches of the training set in file
-    order (each image with its first caption), averaged."""
+    order (each image with its first caption), averaged; the batches' top-1 and best_logit_scale."""
     if len(data) < batch_size:
         raise SystemExit(f"the training set has {len(data)} images, fewer than a batch of {batch_size}: --batch-size")
-    rows = []
+    rows, sims = [], []
     for b in range(min(batches, len(data) // batch_size)):
         idx = list(range(b * batch_size, (b + 1) * batch_size))
         with torch.no_grad():
             img = encode_images(model, data.images[idx])  # unit norm
             tok = data.tokens[[data.caption_index[i][0] for i in idx]]
             txt = torch.nn.functional.normalize(model.encode_text(tok).float(), dim=-1)
-        rows.append(hn_pulled_negatives(model.logit_scale.detach().exp().float() * img @ txt.T, beta))
+        sims.append(img @ txt.T)
+        rows.append(hn_pulled_negatives(model.logit_scale.detach().exp().float() * sims[-1], beta))
     return {"hn_pulled_share": statistics.fmean(r["share"] for r in rows),
-            "hn_pull_to_push": statistics.fmean(r["pull_to_push"] for r in rows)}
+            "hn_pull_to_push": statistics.fmean(r["pull_to_push"] for r in rows),
+            "batch_top1": statistics.fmean(float((m.argmax(1) == torch.arange(len(m))).float().mean()) for m in sims),
+            "best_logit_scale": best_logit_scale(sims)}
 
 
 def models_of(run: Path) -> list[Path]:

@@ -117,8 +117,8 @@ def runs(params: Params, base_overrides: dict, root: Path) -> list[dict]:
                 "train": train, "benchmark": {"checkpoint": None}, "mlflow": {"registered_model": False},
                 "paths": {k: str(root / "runs" / slug(name) / f"seed{seed}" / k) for k in ("models", "metrics", "plots")}})
             out.append({"arm": name, "seed": seed, "overrides": ov, "upstream": upstream, "upstream_digest": up})
-    order = list(dict.fromkeys(r["upstream_digest"] for r in out))
-    return sorted(out, key=lambda r: order.index(r["upstream_digest"]))
+    order = list(dict.fromkeys(r["upstream_digest"] for r in out))  # warm starts after the runs they start from
+    return sorted(out, key=lambda r: (order.index(r["upstream_digest"]), r["overrides"]["train"].get("init_from") is not None))
 
 
 def what_is_written(dump: dict) -> dict:
