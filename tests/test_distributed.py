@@ -16,17 +16,20 @@ from conftest import ROOT, project_env, tiny_params
 HELPER = ROOT / "tests" / "helpers" / "dist_train.py"
 
 
-def _env(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+def _env(tmp_path, **extra):
+    """The helper's environment: the project first on PYTHONPATH, one thread, no torchrun variables, ``extra``
+    (DIHT_* settings, tests/test_gpu.py)."""
+    path = os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
     return env
 
 
-def _run(tmp_path, out, *args, nproc=None):
+def _run(tmp_path, out, *args, nproc=None, **env):
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
                               if nproc else []) + [str(HELPER), str(out), *map(str, args)]
-    proc = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=_env(tmp_path, **env), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out, weights_only=True)
 

@@ -3,34 +3,19 @@ bf16/fp16 autocast and torch.compile train close to it, torchrun joins NCCL, and
 runs end to end on the GPU. One GPU: multi-rank NCCL is not tested here (tests/test_distributed.py tests the ranks'
 arithmetic on gloo). Run: ``pytest -m gpu tests/test_gpu.py``."""
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
 import yaml
 
-from conftest import ROOT
-from test_distributed import _mini_project
+from test_distributed import _mini_project, _run
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-HELPER = ROOT / "tests" / "helpers" / "dist_train.py"
 
 
 def _train(tmp_path, name, strategy, loss, accum=1, k=1, nproc=None, **env):
     """tests/helpers/dist_train.py (three SGD steps on a fixed batch stream) with DIHT_* settings."""
-    out = tmp_path / f"{name}.pt"
-    path = os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)
-    full_env = {**os.environ, "PYTHONPATH": path, **env}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        full_env.pop(key, None)
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-                              if nproc else []) + [str(HELPER), str(out), strategy, loss, str(accum), str(k)]
-    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out, weights_only=True)
+    return _run(tmp_path, tmp_path / f"{name}.pt", strategy, loss, accum, k, nproc=nproc, **env)
 
 
 def _gap(a, b):
