@@ -352,3 +352,19 @@ def test_a_warm_start_begins_at_the_file_s_weights(tmp_path, scale):
     assert got.logit_scale.exp().item() == pytest.approx(scale or 20.0)
     with pytest.raises(FileNotFoundError, match="train.init_from"):
         initial_model(TrainParams(init_from=str(tmp_path / "seed{seed}" / "model.pt"), seed=4))
+
+
+def test_a_sigmoid_warm_start_takes_the_file_s_bias_or_its_own_init(tmp_path):
+    """From an InfoNCE model (no bias in the file) the sigmoid loss starts at train.sigmoid_bias_init, not at
+    open_clip's 0; from a sigmoid model at the file's bias; an InfoNCE run from a sigmoid model loads too."""
+    from diht_core.train.run import initial_model
+
+    torch.save(create_model("diht-tiny-vit")[0].state_dict(), tmp_path / "infonce.pt")
+    got = initial_model(TrainParams(init_from=str(tmp_path / "infonce.pt"), loss="sigmoid", sigmoid_bias_init=-7.0))[0]
+    assert got.logit_bias.item() == -7.0
+    sigmoid = create_model("diht-tiny-vit", init_logit_bias=3.0)[0]
+    torch.save(sigmoid.state_dict(), tmp_path / "sigmoid.pt")
+    got = initial_model(TrainParams(init_from=str(tmp_path / "sigmoid.pt"), loss="sigmoid", sigmoid_bias_init=-7.0))[0]
+    assert got.logit_bias.item() == 3.0
+    got = initial_model(TrainParams(init_from=str(tmp_path / "sigmoid.pt"), loss="infonce"))[0]
+    torch.testing.assert_close(got.visual.proj, sigmoid.visual.proj, rtol=0, atol=0)
