@@ -40,13 +40,16 @@ demo: install
 	@$(DIHT) summary --params params.yaml
 	@echo "MLflow:   make ui   (or: .venv/bin/mlflow ui --backend-store-uri sqlite:///.state/mlflow.db --host 127.0.0.1) then open http://127.0.0.1:$(MLFLOW_PORT)"
 
+# pytest-xdist: TEST_WORKERS processes, a test file each at a time (module fixtures built once); each worker's torch,
+# OpenMP and BLAS on one thread (tests/conftest.py), so the workers do not oversubscribe the cores.
+TEST_WORKERS ?= 2
 test: install
 	@mkdir -p $(STATE)/prefect
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: install
 	@mkdir -p $(STATE)/prefect
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 repro: install
 	dvc repro

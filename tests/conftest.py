@@ -18,6 +18,12 @@ os.environ.update({
     "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # Prefect's 20 s is short on a busy 2-core machine
 })
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` (pytest-xdist): set before torch and Prefect are imported
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # one thread a worker: OpenMP threads
+        os.environ.setdefault(var, "1")  # spin-wait, and two workers of two threads each on 2 cores slow each other
+    _home = Path(os.environ.get("PREFECT_HOME", ROOT / ".state" / "prefect")) / os.environ["PYTEST_XDIST_WORKER"]
+    _home.mkdir(parents=True, exist_ok=True)
+    os.environ["PREFECT_HOME"] = str(_home)  # an ephemeral Prefect server and database a worker
 
 
 def tiny_params() -> dict:
@@ -45,3 +51,10 @@ def project_env(project: Path) -> dict:
     env.pop("PREFECT_API_URL", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with end-to-end (slow) tests first, in their order: under `make test`'s --dist loadfile the long files
+    start first and the short ones fill in, so no worker is left alone with a long file at the end."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
