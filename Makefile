@@ -40,16 +40,17 @@ demo: install
 	@$(DIHT) summary --params params.yaml
 	@echo "MLflow:   make ui   (or: .venv/bin/mlflow ui --backend-store-uri sqlite:///.state/mlflow.db --host 127.0.0.1) then open http://127.0.0.1:$(MLFLOW_PORT)"
 
-# pytest-xdist: TEST_WORKERS processes, a test file each at a time (module fixtures built once); each worker's torch,
-# OpenMP and BLAS on one thread (tests/conftest.py), so the workers do not oversubscribe the cores.
+# pytest-xdist: TEST_WORKERS processes, a test file each at a time (module fixtures built once), in collection order
+# (the files with end-to-end tests first: tests/conftest.py); each worker's torch, OpenMP and BLAS on one thread, so
+# the workers do not oversubscribe the cores.
 TEST_WORKERS ?= 2
 test: install
 	@mkdir -p $(STATE)/prefect
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: install
 	@mkdir -p $(STATE)/prefect
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
 
 repro: install
 	dvc repro
