@@ -100,7 +100,8 @@ def create_model(name: str, pretrained: str | None = None, device: str = "cpu", 
 
     pretrained: a local checkpoint: ours (a plain open_clip state dict), open_clip's, or DiHT's released
     ones (raw OpenAI-CLIP-layout state dicts, GELU, loaded with open_clip's non-QuickGELU configs
-    ``ViT-B-32``, ``ViT-B-16``, ``ViT-L-14``, ``ViT-L-14-336``; their SHA256 is verified).
+    ``ViT-B-32``, ``ViT-B-16``, ``ViT-L-14``, ``ViT-L-14-336``; their SHA256 is verified). A file without a
+    logit bias loaded with ``init_logit_bias`` starts the bias there (open_clip's loader would start it at 0).
     """
     register_configs()
     if name not in open_clip.list_models():
@@ -108,14 +109,20 @@ def create_model(name: str, pretrained: str | None = None, device: str = "cpu", 
                          "plus open_clip's (open_clip.list_models())")
     if pretrained is not None and not Path(pretrained).exists():
         raise FileNotFoundError(f"checkpoint not found: {pretrained}")
+    bias_init = None  # a bias asked for that the file lacks (an InfoNCE model warm-starting a sigmoid run)
     if pretrained is not None:
         verify_checkpoint(pretrained)
         state = torch.load(pretrained, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         if "logit_bias" in state:  # trained with the sigmoid loss: the model carries a bias
             model_kwargs.setdefault("init_logit_bias", 0.0)
+        else:
+            bias_init = model_kwargs.get("init_logit_bias")
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device,
                                                                  **model_kwargs)
+    if bias_init is not None:
+        with torch.no_grad():
+            model.logit_bias.fill_(bias_init)
     tokenizer = open_clip.get_tokenizer(name)
     return model, preprocess, tokenizer
 

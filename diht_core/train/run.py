@@ -35,7 +35,7 @@ def init_kwargs(cfg: TrainParams) -> dict:
 def initial_model(cfg: TrainParams):
     """(model, tokenizer) training starts from: a fresh init (init_kwargs), or train.init_from's weights with its
     scale replaced by train.logit_scale_init when that is set, and for the sigmoid loss from a file without a bias
-    (an InfoNCE model) the bias at train.sigmoid_bias_init (open_clip's loader would start it at 0)."""
+    (an InfoNCE model) the bias at train.sigmoid_bias_init (create_model's init_logit_bias)."""
     pretrained = None
     if cfg.init_from is not None:
         pretrained = Path(cfg.init_from.replace("{seed}", str(cfg.seed)))
@@ -47,16 +47,7 @@ def initial_model(cfg: TrainParams):
     if pretrained is not None and cfg.logit_scale_init is not None:
         with torch.no_grad():
             model.logit_scale.fill_(math.log(cfg.logit_scale_init))
-    if pretrained is not None and cfg.loss == "sigmoid" and "logit_bias" not in saved_keys(pretrained):
-        with torch.no_grad():
-            model.logit_bias.fill_(cfg.sigmoid_bias_init)
     return model, tokenizer
-
-
-def saved_keys(path: Path) -> set[str]:
-    """The parameter names in a model file (memory-mapped: no weights read)."""
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return set(state.get("state_dict", state))
 
 
 def fit(p: Params, checkpoint_dir: Path, log_fn: Callable[[int, dict], None] | None = None) -> dict:
